@@ -1,0 +1,179 @@
+"""The ``protofed`` command.
+
+Bad input (scenario file, flags, data on disk) prints one screen naming the file and the field
+and exits with code 2, never a traceback. A run that fails for another reason exits with 1;
+Ctrl-C with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import RunFailure, UserError
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def _raw_scenario(path: str, strategy: str | None, seed: int | None, sets: Sequence[str]) -> dict[str, Any]:
+    from .scenario import apply_overrides, read_yaml
+
+    raw = read_yaml(path)
+    if sets:
+        raw = apply_overrides(raw, list(sets))
+    if strategy is not None:
+        current = raw.get("strategy") if isinstance(raw.get("strategy"), dict) else {}
+        params = current.get("params", {}) if current.get("name", "proto_avg") == strategy else {}
+        raw["strategy"] = {"name": strategy, "params": params}
+    if seed is not None:
+        raw["seed"] = seed
+    return raw
+
+
+def load_for_cli(path: str, strategy: str | None = None, seed: int | None = None, sets: Sequence[str] = ()):
+    from .scenario import validate_scenario
+
+    return validate_scenario(_raw_scenario(path, strategy, seed, sets), path)
+
+
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and v != v) else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    rows = [
+        ("final average accuracy", summary.get("final_avg_accuracy")),
+        ("average incremental accuracy", summary.get("avg_incremental_accuracy")),
+        ("average forgetting", summary.get("avg_forgetting")),
+        ("backward transfer (BWT)", summary.get("bwt")),
+        ("bytes up / down", f"{summary.get('bytes_up', 0):,} / {summary.get('bytes_down', 0):,}"),
+        ("wall time (s)", summary.get("wall_seconds")),
+    ]
+    print()
+    print(f"summary ({summary.get('protocol', 'global')} protocol)")
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {fmt(value)}")
+    print(f"run directory: {run_dir}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .engine.runner import run_scenario
+
+    scenario = load_for_cli(args.scenario, args.strategy, args.seed, args.set)
+    outcome = run_scenario(
+        scenario,
+        source=args.scenario,
+        run_dir=Path(args.out) if args.out else None,
+        engine=args.engine,
+        verbose=args.verbose,
+        out=sys.stdout,
+    )
+    _print_summary(outcome.summary, outcome.run_dir)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .engine.runner import build_stream_checked
+
+    scenario = load_for_cli(args.scenario, None, None, args.set)
+    stream = build_stream_checked(scenario, args.scenario)
+    print(
+        f"ok: {scenario.name}: {stream.num_tasks} tasks {[len(t) for t in stream.tasks]} classes, "
+        f"{scenario.clients.num_clients} clients, strategy {scenario.strategy.name}"
+    )
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+    from .results import is_run_dir
+
+    target = Path(args.dir)
+    if not target.is_dir():
+        raise UserError.single(args.dir, "", "not a directory")
+    run_dirs = [target] if is_run_dir(target) else sorted(p.parent for p in target.rglob("summary.json"))
+    if not run_dirs:
+        raise UserError.single(args.dir, "", "holds no run directory (no summary.json or metrics.csv)")
+    for rd in run_dirs:
+        try:
+            for p in plot_run(rd):
+                print(p)
+        except FileNotFoundError as exc:
+            raise UserError.single(str(rd), "", str(exc)) from None
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from strategies import STRATEGIES
+
+    from .data.sources import SOURCES
+    from .learner.backbones import BACKBONES
+    from .scenario import PARTITION_SCHEMES
+
+    print("strategies:")
+    for name, cls in sorted(STRATEGIES.items()):
+        params = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items()) or "-"
+        print(f"  {name:<12} {cls.description}  [params: {params}]")
+    print("dataset sources:")
+    for name, spec in sorted(SOURCES.items()):
+        print(f"  {name:<12} {spec.description}")
+    print("partition schemes:")
+    for name in PARTITION_SCHEMES:
+        print(f"  {name}")
+    print("backbones:")
+    for name, b in sorted(BACKBONES.items()):
+        print(f"  {name:<12} {b.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="protofed", description="Federated class-incremental learning with prototypes.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario key, e.g. training.lr=0.01")
+
+    r = sub.add_parser("run", help="run one scenario")
+    r.add_argument("scenario")
+    r.add_argument("--strategy", help="strategy name (overrides strategy.name)")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--engine", choices=["ray", "inline"])
+    r.add_argument("--out", help="run directory (default <output.dir>/<name>/<strategy>/seed-<seed>)")
+    r.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    common(r)
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate", help="check a scenario file (and its data) without running it")
+    v.add_argument("scenario")
+    common(v)
+    v.set_defaults(func=cmd_validate)
+
+    pl = sub.add_parser("plot", help="(re)draw the plots of a run directory (or of every run under a folder)")
+    pl.add_argument("dir")
+    pl.set_defaults(func=cmd_plot)
+
+    ls = sub.add_parser("list", help="strategies, dataset sources, partition schemes, backbones")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    except RunFailure as exc:
+        print(f"error: the run failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

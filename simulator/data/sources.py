@@ -1,0 +1,399 @@
+"""Dataset sources: a registry of loaders that turn a scenario's ``dataset`` section into arrays.
+
+Every source returns an :class:`ArrayDataset` with float32 inputs standardised by one scalar
+mean/std computed on the training split, and int64 labels ``0..C-1``. Each source owns a small
+pydantic model for its own keys (``dataset.path`` for ``npz``, ...), which the scenario loader
+uses to validate them. This module knows nothing of Flower, Ray or torch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .. import seeding
+from ..errors import FieldError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..scenario import DatasetConfig
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm"})
+
+
+# --------------------------------------------------------------------------- containers
+@dataclass
+class ArrayDataset:
+    """A whole dataset in memory: standardised float32 inputs, int64 labels ``0..C-1``."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    mean: float = 0.0  # the scalar mean/std used to standardise (computed on the train split)
+    std: float = 1.0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One registered dataset source."""
+
+    name: str
+    description: str
+    params_model: type[BaseModel]
+    load: Callable[[Any, float, int], ArrayDataset]  # (validated params, test_fraction, seed)
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- helpers
+def _finish(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    class_names: list[str],
+) -> ArrayDataset:
+    """Standardise with a scalar mean/std of the train split and fix dtypes."""
+    x_train = np.asarray(x_train, dtype=np.float64)
+    x_test = np.asarray(x_test, dtype=np.float64)
+    mean = float(x_train.mean()) if x_train.size else 0.0
+    std = float(x_train.std()) if x_train.size else 1.0
+    if not np.isfinite(std) or std <= 1e-12:
+        std = 1.0
+    return ArrayDataset(
+        x_train=((x_train - mean) / std).astype(np.float32),
+        y_train=np.asarray(y_train, dtype=np.int64),
+        x_test=((x_test - mean) / std).astype(np.float32),
+        y_test=np.asarray(y_test, dtype=np.int64),
+        class_names=list(class_names),
+        mean=mean,
+        std=std,
+    )
+
+
+def stratified_split(
+    y: np.ndarray,
+    test_fraction: float,
+    seed: int,
+    class_names: list[str] | None = None,
+    field: str = "dataset.path",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class train/test split of labels ``y`` (ints ``0..C-1``).
+
+    Per class with ``n`` samples: ``n_test = max(1, round(n * test_fraction))``, capped so that
+    at least one sample stays in train. Returns sorted ``(train_idx, test_idx)`` (int64).
+    Raises :class:`FieldError` on ``field`` if a class has fewer than 2 samples.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    n = len(y)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    counts = np.bincount(y)
+    present = np.flatnonzero(counts)
+    small = present[counts[present] < 2]
+    if len(small):
+        c = int(small[0])
+        name = class_names[c] if class_names is not None else str(c)
+        raise FieldError(
+            field,
+            f"class {name!r} has only {int(counts[c])} sample; the train/test split "
+            f"(dataset.test_fraction) needs at least 2 per class so that train and test both get one",
+        )
+    gen = seeding.rng(seed, "data")
+    keys = gen.random(n)
+    order = np.lexsort((keys, y))  # grouped by class, random order inside each class
+    n_test = np.maximum(1, np.round(counts * test_fraction)).astype(np.int64)
+    n_test = np.minimum(n_test, counts - 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    sorted_labels = y[order]
+    rank = np.arange(n) - starts[sorted_labels]
+    is_test = rank < n_test[sorted_labels]
+    return np.sort(order[~is_test]), np.sort(order[is_test])
+
+
+def _split_and_finish(
+    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, names: list[str], field: str
+) -> ArrayDataset:
+    train, test = stratified_split(y, test_fraction, seed, names, field)
+    return _finish(x[train], y[train], x[test], y[test], names)
+
+
+# --------------------------------------------------------------------------- mnist1d
+class Mnist1dParams(_Params):
+    num_samples: int = Field(4000, ge=100, le=10_000_000, description="total samples (train + test)")
+    data_seed: int = Field(42, ge=0, le=2**32 - 1, description="seed of the mnist1d generator")
+
+
+def _load_mnist1d(params: Mnist1dParams, test_fraction: float, seed: int) -> ArrayDataset:
+    """Generate MNIST-1D offline with its own generator (never the download path)."""
+    from mnist1d.data import get_dataset_args, make_dataset  # imported lazily: pulls in matplotlib
+
+    args = get_dataset_args()
+    args.num_samples = int(params.num_samples)
+    args.seed = int(params.data_seed)
+    args.train_split = 1.0 - float(test_fraction)
+    # make_dataset seeds the global numpy / random generators; leave them as we found them
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    x_tr, y_tr = np.asarray(data["x"])[:, None, :], np.asarray(data["y"], dtype=np.int64)
+    x_te, y_te = np.asarray(data["x_test"])[:, None, :], np.asarray(data["y_test"], dtype=np.int64)
+    for split, ys in (("train", y_tr), ("test", y_te)):
+        missing = sorted(set(range(10)) - set(np.unique(ys).tolist()))
+        if missing:
+            raise FieldError(
+                "dataset.num_samples",
+                f"the mnist1d {split} split has no sample of class(es) {missing}; "
+                f"raise dataset.num_samples or adjust dataset.test_fraction",
+            )
+    return _finish(x_tr, y_tr, x_te, y_te, [str(i) for i in range(10)])
+
+
+# --------------------------------------------------------------------------- digits
+class DigitsParams(_Params):
+    pass
+
+
+def _load_digits(params: DigitsParams, test_fraction: float, seed: int) -> ArrayDataset:
+    """scikit-learn's 8x8 handwritten digits (1797 images, shipped with the package)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = np.asarray(bunch.images, dtype=np.float64)[:, None, :, :]
+    y = np.asarray(bunch.target, dtype=np.int64)
+    return _split_and_finish(x, y, test_fraction, seed, [str(i) for i in range(10)], "dataset.test_fraction")
+
+
+# --------------------------------------------------------------------------- synthetic
+class SyntheticParams(_Params):
+    num_classes: int = Field(10, ge=2, le=100_000)
+    dim: int = Field(32, ge=1, le=100_000)
+    samples_per_class: int = Field(200, ge=2, le=10_000_000)
+    noise: float = Field(1.0, gt=0.0, description="per-dimension std of the samples around their class mean")
+    class_sep: float = Field(3.0, gt=0.0, description="typical (RMS) distance between two class means")
+    data_seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the class means and the samples")
+
+
+def _load_synthetic(params: SyntheticParams, test_fraction: float, seed: int) -> ArrayDataset:
+    """Gaussian blobs: class means ~ N(0, class_sep^2 / (2 dim) I), samples = mean + noise * N(0, I).
+
+    The scale of the means makes the expected distance between two class means ``class_sep``
+    whatever ``dim`` is, so ``class_sep / noise`` sets the difficulty. The data depend on
+    ``data_seed`` only; the train/test split on the scenario seed.
+    """
+    gen = np.random.default_rng(seeding.derive_seed(int(params.data_seed), "data", 1))
+    c, d, m = params.num_classes, params.dim, params.samples_per_class
+    means = gen.standard_normal((c, d)) * (params.class_sep / np.sqrt(2.0 * d))
+    y = np.repeat(np.arange(c, dtype=np.int64), m)
+    x = means[y] + params.noise * gen.standard_normal((c * m, d))
+    return _split_and_finish(x, y, test_fraction, seed, [str(i) for i in range(c)], "dataset.samples_per_class")
+
+
+# --------------------------------------------------------------------------- npz
+class NpzParams(_Params):
+    path: str = Field(..., min_length=1, description="a .npz file with arrays x, y (and optionally x_test, y_test)")
+
+
+def _labels(arr: np.ndarray, name: str) -> np.ndarray:
+    """Integer labels as int64 (integral floats accepted), 1-D."""
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise FieldError("dataset.path", f"array {name!r} must be 1-D (one label per sample), got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        return arr.astype(np.int64)
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+        return arr.astype(np.int64)
+    if np.issubdtype(arr.dtype, np.floating) and arr.size == 0:
+        return arr.astype(np.int64)
+    raise FieldError("dataset.path", f"array {name!r} must hold integer class labels, got dtype {arr.dtype}")
+
+
+def _inputs(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.ndim == 0:
+        raise FieldError("dataset.path", f"array {name!r} must have one row per sample, got a scalar")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise FieldError("dataset.path", f"array {name!r} must be numeric, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise FieldError("dataset.path", f"array {name!r} contains NaN or infinite values")
+    return arr
+
+
+def _load_npz(params: NpzParams, test_fraction: float, seed: int) -> ArrayDataset:
+    """Arrays from a NumPy ``.npz`` file; labels remapped to ``0..C-1`` in sorted order."""
+    path = Path(params.path).expanduser()
+    if not path.exists():
+        raise FieldError("dataset.path", f"file not found: {path} (relative paths start at the current directory {Path.cwd()})")
+    if not path.is_file():
+        raise FieldError("dataset.path", f"not a file: {path}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a readable .npz"
+        raise FieldError("dataset.path", f"{path} is not a valid .npz file: {exc}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise FieldError("dataset.path", f"{path} is not a valid .npz file: it holds a single array, not arrays x, y")
+    with archive:
+        names = set(archive.files)
+        for key in ("x", "y"):
+            if key not in names:
+                raise FieldError(
+                    "dataset.path",
+                    f"{path} has no array {key!r} (found: {', '.join(sorted(names)) or 'none'}); "
+                    "expected arrays x, y and optionally x_test, y_test",
+                )
+        if ("x_test" in names) != ("y_test" in names):
+            have, lack = ("x_test", "y_test") if "x_test" in names else ("y_test", "x_test")
+            raise FieldError("dataset.path", f"{path} has {have!r} but no {lack!r}; give both or neither")
+        try:
+            arrays = {k: archive[k] for k in ("x", "y", "x_test", "y_test") if k in names}
+        except Exception as exc:  # noqa: BLE001
+            raise FieldError("dataset.path", f"{path} is not a valid .npz file: {exc}") from None
+
+    x, y = _inputs(arrays["x"], "x"), _labels(arrays["y"], "y")
+    if len(x) != len(y):
+        raise FieldError("dataset.path", f"{path}: x has {len(x)} samples but y has {len(y)} labels")
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise FieldError("dataset.path", f"{path}: y holds {len(classes)} distinct label(s); at least 2 classes are needed")
+    names_ = [str(int(c)) for c in classes]
+    y = np.searchsorted(classes, y).astype(np.int64)
+    if "x_test" not in arrays:
+        return _split_and_finish(x, y, test_fraction, seed, names_, "dataset.path")
+
+    x_te, y_te = _inputs(arrays["x_test"], "x_test"), _labels(arrays["y_test"], "y_test")
+    if len(x_te) != len(y_te):
+        raise FieldError("dataset.path", f"{path}: x_test has {len(x_te)} samples but y_test has {len(y_te)} labels")
+    if x_te.shape[1:] != x.shape[1:]:
+        raise FieldError(
+            "dataset.path", f"{path}: x_test samples have shape {x_te.shape[1:]} but x samples have shape {x.shape[1:]}"
+        )
+    unknown = np.setdiff1d(np.unique(y_te), classes)
+    if len(unknown):
+        raise FieldError("dataset.path", f"{path}: y_test has labels that never occur in y: {_short(unknown)}")
+    untested = np.setdiff1d(classes, y_te)
+    if len(untested):
+        raise FieldError(
+            "dataset.path", f"{path}: y_test has no sample of label(s) {_short(untested)}; every class needs test samples"
+        )
+    return _finish(x, y, x_te, np.searchsorted(classes, y_te).astype(np.int64), names_)
+
+
+def _short(values: Any, limit: int = 10) -> str:
+    vals = [int(v) for v in values]
+    text = ", ".join(str(v) for v in vals[:limit])
+    return f"[{text}{f', ... ({len(vals) - limit} more)' if len(vals) > limit else ''}]"
+
+
+# --------------------------------------------------------------------------- folder
+class FolderParams(_Params):
+    path: str = Field(..., min_length=1, description="root folder with one sub-folder of images per class")
+    image_size: int = Field(28, ge=1, le=4096, description="images are resized to image_size x image_size")
+    grayscale: bool = Field(True, description="convert to one channel (else RGB, three channels)")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+
+
+def _load_folder(params: FolderParams, test_fraction: float, seed: int) -> ArrayDataset:
+    """Images in an ImageFolder layout: ``root/<class name>/<image files>``."""
+    from PIL import Image
+
+    root = Path(params.path).expanduser()
+    if not root.exists():
+        raise FieldError("dataset.path", f"folder not found: {root} (relative paths start at the current directory {Path.cwd()})")
+    if not root.is_dir():
+        raise FieldError("dataset.path", f"not a directory: {root}; expected a folder with one sub-folder per class")
+    class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    if not class_dirs:
+        raise FieldError("dataset.path", f"{root} has no class sub-folders; expected one sub-folder of images per class")
+    if len(class_dirs) < 2:
+        raise FieldError("dataset.path", f"{root} has only one class sub-folder ({class_dirs[0].name!r}); at least 2 classes are needed")
+
+    mode = "L" if params.grayscale else "RGB"
+    size = (params.image_size, params.image_size)
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    names = [d.name for d in class_dirs]
+    for label, cdir in enumerate(class_dirs):
+        files = _image_files(cdir)
+        if not files:
+            raise FieldError(
+                "dataset.path",
+                f"class folder {cdir} has no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})",
+            )
+        if len(files) < 2:
+            raise FieldError(
+                "dataset.path",
+                f"class {cdir.name!r} has only 1 image; the train/test split (dataset.test_fraction) "
+                "needs at least 2 per class so that train and test both get one",
+            )
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert(mode).resize(size, Image.Resampling.BILINEAR)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                raise FieldError("dataset.path", f"cannot read image {f}: {exc}") from None
+            xs.append(arr[None, :, :] if arr.ndim == 2 else np.transpose(arr, (2, 0, 1)))
+            ys.append(label)
+    x = np.stack(xs)
+    y = np.asarray(ys, dtype=np.int64)
+    return _split_and_finish(x, y, test_fraction, seed, names, "dataset.path")
+
+
+# --------------------------------------------------------------------------- registry
+SOURCES: dict[str, SourceSpec] = {
+    spec.name: spec
+    for spec in (
+        SourceSpec("mnist1d", "MNIST-1D, generated offline (10 classes, 1x40 signals)", Mnist1dParams, _load_mnist1d),
+        SourceSpec("digits", "scikit-learn 8x8 handwritten digits (10 classes, 1797 images)", DigitsParams, _load_digits),
+        SourceSpec(
+            "synthetic", "Gaussian class blobs (num_classes, dim, samples_per_class, noise, class_sep)",
+            SyntheticParams, _load_synthetic,
+        ),
+        SourceSpec("npz", "NumPy .npz file with arrays x, y (and optionally x_test, y_test)", NpzParams, _load_npz),
+        SourceSpec("folder", "image folder, one sub-folder per class (ImageFolder layout)", FolderParams, _load_folder),
+    )
+}
+
+
+def load_dataset(cfg: "DatasetConfig", seed: int) -> ArrayDataset:
+    """Load the dataset a scenario's ``dataset`` section describes (split seeded by ``seed``)."""
+    spec = SOURCES.get(cfg.source)
+    if spec is None:
+        raise FieldError("dataset.source", f"unknown dataset source {cfg.source!r}; allowed: {', '.join(sorted(SOURCES))}")
+    try:
+        params = spec.params_model.model_validate(cfg.params())
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise FieldError(f"dataset.{loc}" if loc else "dataset", f"{err['msg']}{more}") from None
+    return spec.load(params, float(cfg.test_fraction), int(seed))

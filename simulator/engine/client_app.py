@@ -1,0 +1,216 @@
+"""The ClientApp: Flower message handlers that drive the learner for one client.
+
+train:    load client state -> strategy objective receives the global knowledge -> task change
+          bookkeeping (replay memory, distillation teacher) -> local training -> prototypes
+          recomputed in eval mode after training -> reply (upload + metrics) -> save state
+evaluate: load client state -> receive global knowledge -> predict the test samples of every
+          seen task -> reply per-class correct / total counts
+query:    reply this node's partition id (used once by the server to map nodes to clients)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..learner.evaluation import per_class_correct, predict
+from ..learner.replay import memory_indices, update_memory
+from ..learner.training import NonFiniteLoss, TrainConfig, compute_prototypes, train_local
+from ..objective import ClientInfo
+from ..records import CONFIG, GLOBAL, METRICS, UPLOAD
+from ..seeding import derive_seed, rng
+from .runtime import RunSetup, Runtime, runtime_for
+from .state_store import to_cpu
+
+
+class ClientFailure(RuntimeError):
+    """A client could not finish its work; the message names the client, task and round."""
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def _fresh_state(rt: Runtime) -> dict[str, Any]:
+    return {
+        "model": None,
+        "teacher": None,
+        "memory": {},
+        "task": None,
+        "first_task": None,
+        "class_counts": np.zeros(rt.stream.dataset.num_classes, dtype=np.int64),
+    }
+
+
+def _load(rt: Runtime, pid: int):
+    state = rt.store.load(pid) or _fresh_state(rt)
+    model = rt.new_model()
+    if state["model"] is not None:
+        model.load_state_dict(state["model"])
+    model.to(rt.device)
+    objective = rt.strategy_cls.Objective(
+        rt.params,
+        ClientInfo(pid, rt.stream.dataset.num_classes, rt.scenario.model.embedding_dim, rt.device),
+    )
+    return state, model, objective
+
+
+def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, task: int, continual: bool) -> None:
+    """Bookkeeping when this client meets a new task: remember exemplars of the task it just
+    finished, snapshot the model as the distillation teacher, count its classes."""
+    prev = state["task"]
+    cfg = rt.scenario.continual
+    if prev is not None and continual and cfg.memory_per_class > 0:
+        idx = rt.stream.train_indices[prev][pid]
+        labels = rt.stream.dataset.y_train[idx]
+        state["memory"] = update_memory(
+            state["memory"], idx, labels, cfg.memory_per_class, rng(rt.scenario.seed, "memory", pid, prev)
+        )
+    if state["first_task"] is None:
+        state["first_task"] = task
+    state["teacher"] = None
+    if continual and cfg.feature_distillation > 0 and task > state["first_task"]:
+        state["teacher"] = to_cpu(model.state_dict())
+    idx = rt.stream.train_indices[task][pid]
+    state["class_counts"] = state["class_counts"] + np.bincount(
+        rt.stream.dataset.y_train[idx], minlength=rt.stream.dataset.num_classes
+    )
+    state["task"] = task
+
+
+def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
+    rt = runtime_for(setup)
+    rt.set_threads()
+    pid = _partition_id(context)
+    config: ConfigRecord = msg.content[CONFIG]
+    task, rnd, server_round = int(config["task"]), int(config["round"]), int(config["server_round"])
+    seen = [int(c) for c in config["seen_classes"]]
+    state, model, objective = _load(rt, pid)
+    objective.receive(msg.content[GLOBAL], model)
+    continual = objective.uses_continual
+    if state["task"] != task:
+        _begin_task(rt, pid, state, model, task, continual)
+
+    data = rt.stream.dataset
+    task_idx = rt.stream.train_indices[task][pid]
+    mem_idx = memory_indices(state["memory"]) if continual else np.zeros(0, np.int64)
+    all_idx = np.concatenate([task_idx, mem_idx])
+    x, y = data.x_train[all_idx], data.y_train[all_idx]
+
+    s = rt.scenario
+    teacher = None
+    if state["teacher"] is not None:
+        teacher = copy.deepcopy(model)
+        teacher.load_state_dict(state["teacher"])
+        teacher.to(rt.device)
+    freeze = (
+        continual
+        and s.continual.backbone == "freeze_after_first_task"
+        and task > state["first_task"]
+    )
+    tcfg = TrainConfig(
+        epochs=s.training.local_epochs,
+        batch_size=s.training.batch_size,
+        lr=s.training.lr,
+        momentum=s.training.momentum,
+        weight_decay=s.training.weight_decay,
+        classifier=objective.classifier,
+        freeze_backbone=freeze,
+        distill_weight=s.continual.feature_distillation if continual else 0.0,
+    )
+    try:
+        stats = train_local(
+            model,
+            x,
+            y,
+            tcfg,
+            seen_classes=seen,
+            num_classes=data.num_classes,
+            known=objective.known_prototypes(),
+            teacher=teacher,
+            hooks=[objective],
+            seed=derive_seed(s.seed, "client_train", pid, task, rnd),
+            device=rt.device,
+        )
+    except NonFiniteLoss as exc:
+        raise ClientFailure(
+            f"client {pid}, task {task}, round {rnd + 1}: {exc}; try a smaller training.lr "
+            f"or smaller strategy loss weights"
+        ) from None
+    local_protos = compute_prototypes(model, x, y, rt.device)
+    upload = objective.upload(model, local_protos)
+    state["model"] = to_cpu(model.state_dict())
+    rt.store.save(pid, state)
+    meta = context.state.config_records.get("meta", ConfigRecord({"rounds": 0}))
+    meta["rounds"] = int(meta["rounds"]) + 1
+    meta["task"] = task
+    context.state["meta"] = meta
+    metrics = MetricRecord(
+        {
+            "partition_id": pid,
+            "num_examples": int(len(task_idx)),
+            "train_loss": float(stats.loss),
+            "steps": int(stats.steps),
+            "proto.counts": [int(c) for c in local_protos.counts],
+            "server_round": server_round,
+        }
+    )
+    return Message(RecordDict({UPLOAD: ArrayRecord(upload), METRICS: metrics}), reply_to=msg)
+
+
+def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
+    rt = runtime_for(setup)
+    rt.set_threads()
+    pid = _partition_id(context)
+    config: ConfigRecord = msg.content[CONFIG]
+    seen = [int(c) for c in config["seen_classes"]]
+    eval_tasks = int(config["task"]) + 1
+    state, model, objective = _load(rt, pid)
+    objective.receive(msg.content[GLOBAL], model)
+    data = rt.stream.dataset
+    idx = np.concatenate([rt.stream.test_indices[t] for t in range(eval_tasks)])
+    x, y = data.x_test[idx], data.y_test[idx]
+    pred = predict(
+        model,
+        x,
+        classifier=objective.classifier,
+        seen_classes=seen,
+        protos=objective.inference_prototypes(None),
+        device=rt.device,
+    )
+    correct, total = per_class_correct(pred, y, data.num_classes)
+    metrics = MetricRecord(
+        {
+            "partition_id": pid,
+            "correct": [int(v) for v in correct],
+            "total": [int(v) for v in total],
+            "train_counts": [int(v) for v in state["class_counts"]],
+        }
+    )
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def _query(setup: RunSetup, msg: Message, context: Context) -> Message:
+    return Message(RecordDict({METRICS: MetricRecord({"partition_id": _partition_id(context)})}), reply_to=msg)
+
+
+def build_client_app(setup: RunSetup) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return _train(setup, msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return _evaluate(setup, msg, context)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return _query(setup, msg, context)
+
+    return app

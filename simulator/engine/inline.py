@@ -1,0 +1,87 @@
+"""The inline engine: the same ServerApp loop and ClientApp handlers, run in this process and
+sequentially through a Grid of our own. For debugging, fast tests, and as the reference for
+measuring the Ray engine's overhead (same seed -> same accuracy matrix)."""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+from typing import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+INLINE_RUN_ID = 1
+CLIENT_ERROR_CODE = 2
+
+
+class InlineGrid(Grid):
+    """Delivers each message by calling the ClientApp directly, in order, in this process.
+
+    Node ids are 1..N and node ``i`` holds partition ``i - 1``; each node keeps its own
+    Flower ``Context`` (with ``context.state``) across rounds, as a SuperNode would."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+        self.client_app = client_app
+        self.contexts = {
+            i + 1: Context(
+                run_id=INLINE_RUN_ID,
+                node_id=i + 1,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(num_nodes)
+        }
+        self._run = Run.create_empty(INLINE_RUN_ID)
+        self._ids = itertools.count(1)
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def _deliver(self, msg: Message) -> Message:
+        ctx = self.contexts[msg.metadata.dst_node_id]
+        try:
+            return self.client_app(msg, ctx)
+        except Exception as exc:  # a failing client becomes an error reply, as on Ray
+            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            return Message(Error(code=CLIENT_ERROR_CODE, reason=reason), reply_to=msg)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            reply = self._deliver(msg)
+            key = f"reply-{next(self._ids)}"
+            self._replies[key] = reply
+            ids.append(key)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def set_server_identity() -> None:
+    """Flower stamps new messages with the identity of the running task; in-process runs set
+    it to a fixed server identity (node 0 of run 1), as Flower's own runtime does."""
+    TaskIdentity.run_id = INLINE_RUN_ID
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = INLINE_RUN_ID

@@ -1,0 +1,134 @@
+"""Collects what the server loop measures: per-round rows, the accuracy matrices (global and
+local protocol), per-client accuracies, bytes, and prints progress."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+import numpy as np
+from flwr.app import MetricRecord
+
+
+@dataclass
+class EvalScores:
+    """Accuracies of one evaluation pass after training through ``task``."""
+
+    global_acc: np.ndarray  # [task + 1] mean over clients
+    local_acc: np.ndarray  # [task + 1] mean over clients holding the task's classes (NaN: nobody)
+    per_client: list[dict[str, Any]]
+
+
+def score_evaluation(replies: list[MetricRecord], tasks: list[list[int]], task: int) -> EvalScores:
+    """Turn per-client, per-class counts into the two protocols' accuracies (DESIGN §5 and the
+    README): global = each client on the global test set of every seen task, averaged over
+    clients; local = each client on the test samples of the classes in its own training data so
+    far, weighted by its own class frequencies, averaged over the clients that hold the task."""
+    replies = sorted(replies, key=lambda m: int(m["partition_id"]))
+    g = np.zeros((len(replies), task + 1))
+    loc = np.full((len(replies), task + 1), np.nan)
+    rows = []
+    for i, m in enumerate(replies):
+        correct = np.asarray(m["correct"], dtype=np.float64)
+        total = np.asarray(m["total"], dtype=np.float64)
+        counts = np.asarray(m["train_counts"], dtype=np.float64)
+        for j in range(task + 1):
+            cls = np.asarray(tasks[j])
+            tot = total[cls].sum()
+            g[i, j] = correct[cls].sum() / tot if tot > 0 else np.nan
+            w = counts[cls]
+            held = (w > 0) & (total[cls] > 0)
+            if held.any():
+                acc_c = correct[cls][held] / total[cls][held]
+                loc[i, j] = float((w[held] * acc_c).sum() / w[held].sum())
+            rows.append(
+                {
+                    "client": int(m["partition_id"]),
+                    "eval_task": j,
+                    "accuracy": g[i, j],
+                    "local_accuracy": loc[i, j],
+                }
+            )
+    with np.errstate(all="ignore"):
+        local_mean = np.array(
+            [np.nanmean(loc[:, j]) if np.isfinite(loc[:, j]).any() else np.nan for j in range(task + 1)]
+        )
+    return EvalScores(np.nanmean(g, axis=0), local_mean, rows)
+
+
+@dataclass
+class RunRecorder:
+    num_tasks: int
+    rounds_per_task: int
+    num_clients: int
+    out: TextIO | None = field(default_factory=lambda: sys.stdout)
+    on_task_end: Callable[["RunRecorder"], None] | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    client_rows: list[dict[str, Any]] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    eval_bytes: int = 0
+    tasks_done: int = 0
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.matrix = np.full((self.num_tasks, self.num_tasks), np.nan)
+        self.local_matrix = np.full((self.num_tasks, self.num_tasks), np.nan)
+
+    def say(self, text: str) -> None:
+        if self.out is not None:
+            print(text, file=self.out, flush=True)
+
+    def record_round(
+        self,
+        task: int,
+        rnd: int,
+        server_round: int,
+        train: dict[str, Any],
+        scores: EvalScores | None,
+        seconds: float,
+    ) -> None:
+        base = {
+            "task": task,
+            "round": rnd,
+            "global_round": server_round,
+            "clients_trained": train.get("clients_ok", 0),
+            "clients_failed": train.get("clients_failed", 0),
+            "train_loss": train.get("train_loss", np.nan),
+            "bytes_up": train.get("bytes_up", 0),
+            "bytes_down": train.get("bytes_down", 0),
+            "seconds": round(seconds, 4),
+        }
+        if scores is None:
+            self.rows.append({**base, "eval_task": np.nan, "accuracy": np.nan, "local_accuracy": np.nan})
+        else:
+            for j in range(task + 1):
+                self.rows.append(
+                    {
+                        **base,
+                        "eval_task": j,
+                        "accuracy": float(scores.global_acc[j]),
+                        "local_accuracy": float(scores.local_acc[j]),
+                    }
+                )
+            for r in scores.per_client:
+                self.client_rows.append({"task": task, "round": rnd, "global_round": server_round, **r})
+            if rnd == self.rounds_per_task - 1:
+                self.matrix[task, : task + 1] = scores.global_acc
+                self.local_matrix[task, : task + 1] = scores.local_acc
+        acc = f" · acc {np.nanmean(scores.global_acc):.3f}" if scores is not None else ""
+        loss = train.get("train_loss")
+        loss_s = f" · loss {loss:.3f}" if loss is not None and np.isfinite(loss) else ""
+        failed = train.get("clients_failed", 0)
+        fail_s = f" ({failed} failed)" if failed else ""
+        self.say(
+            f"task {task + 1}/{self.num_tasks} · round {rnd + 1}/{self.rounds_per_task} · "
+            f"{train.get('clients_ok', 0)}/{train.get('clients_sampled', 0)} clients{fail_s}{loss_s}{acc} · "
+            f"{seconds:.1f}s"
+        )
+        if rnd == self.rounds_per_task - 1:
+            self.tasks_done = task + 1
+            if self.on_task_end is not None:
+                self.on_task_end(self)

@@ -1,0 +1,207 @@
+"""Run one scenario end to end: data -> engine (Ray or inline) -> run directory."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from ..errors import FieldError, UserError
+from ..scenario import Scenario
+from ..seeding import seed_table
+from .recorder import RunRecorder
+from .runtime import RunSetup, release_runtime, runtime_for, write_stream
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    summary: dict[str, Any]
+    matrix: np.ndarray
+
+
+def default_run_dir(scenario: Scenario) -> Path:
+    return Path(scenario.output.dir) / scenario.name / scenario.strategy.name / f"seed-{scenario.seed}"
+
+
+def build_stream_checked(scenario: Scenario, source: str):
+    """Build the federated data stream; problems with the data become the user's clear error."""
+    from ..data.stream import build_stream
+
+    try:
+        return build_stream(scenario)
+    except FieldError as exc:
+        raise UserError.single(source, exc.field, exc.message) from None
+
+
+def check_writable(run_dir: Path, source: str = "--out") -> None:
+    """Fail before any work when the run directory cannot be created or written."""
+    probe = run_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError.single(source, "output.dir", f"{probe} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError.single(source, "output.dir", f"cannot write to {probe} (permission denied)")
+
+
+def _summary(scenario: Scenario, rec: RunRecorder, engine: str, wall: float, completed: bool) -> dict[str, Any]:
+    from ..metrics import summarize
+
+    done = rec.tasks_done
+    summ: dict[str, Any] = {
+        "scenario": scenario.name,
+        "strategy": scenario.strategy.name,
+        "seed": scenario.seed,
+        "engine": engine,
+        "num_tasks": rec.num_tasks,
+        "num_clients": rec.num_clients,
+    }
+    if done > 0:
+        g = summarize(rec.matrix[:done, :done])
+        loc = summarize(rec.local_matrix[:done, :done]) if np.isfinite(np.diag(rec.local_matrix[:done, :done])).all() else {}
+    else:
+        g, loc = {}, {}
+    for key in ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt"):
+        glob_v, loc_v = g.get(key, math.nan), loc.get(key, math.nan)
+        if scenario.evaluation.protocol == "local":  # the selected protocol fills the standard keys
+            glob_v, loc_v = loc_v, glob_v
+            summ[key], summ[f"global_{key}"] = glob_v, loc_v
+        else:
+            summ[key], summ[f"local_{key}"] = glob_v, loc_v
+    rounds = max(1, done * scenario.training.rounds_per_task)
+    summ.update(
+        bytes_up=rec.bytes_up,
+        bytes_down=rec.bytes_down,
+        bytes_per_round=(rec.bytes_up + rec.bytes_down) / rounds,
+        eval_bytes=rec.eval_bytes,
+        wall_seconds=round(wall, 3),
+        completed=completed,
+        tasks_completed=done,
+        protocol=scenario.evaluation.protocol,
+    )
+    return summ
+
+
+def run_scenario(
+    scenario: Scenario,
+    *,
+    source: str = "<scenario>",
+    run_dir: Path | None = None,
+    engine: str | None = None,
+    verbose: bool = False,
+    out: TextIO | None = None,
+    plots: bool = True,
+) -> RunOutcome:
+    """Run ``scenario`` and write its run directory. Bad input raises :class:`UserError`
+    before anything is written."""
+    from ..plots import plot_run
+    from ..results import RunWriter
+
+    engine = engine or scenario.resources.engine
+    scenario = scenario.model_copy(deep=True)
+    scenario.resources.engine = engine  # type: ignore[assignment]
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario)
+    stream = build_stream_checked(scenario, source)
+    check_writable(run_dir)
+
+    started = time.time()
+    state_dir = Path(tempfile.mkdtemp(prefix="protofed-state-"))
+    setup = RunSetup(scenario=scenario.resolved(), state_dir=str(state_dir), verbose=verbose)
+    writer = RunWriter(run_dir)
+    resolved = scenario.resolved()
+    resolved["derived_seeds"] = seed_table(scenario.seed)
+    writer.write_config(resolved)
+    writer.write_table("clients", _clients_table(stream))
+
+    def on_task_end(rec: RunRecorder) -> None:
+        writer.write_metrics(rec.rows)
+        writer.write_matrix(rec.matrix)
+
+    rec = RunRecorder(
+        num_tasks=stream.num_tasks,
+        rounds_per_task=scenario.training.rounds_per_task,
+        num_clients=scenario.clients.num_clients,
+        out=out,
+        on_task_end=on_task_end,
+    )
+    rec.say(
+        f"protofed · {scenario.name} · strategy {scenario.strategy.name} · seed {scenario.seed} · "
+        f"{stream.num_tasks} tasks x {scenario.training.rounds_per_task} rounds · "
+        f"{scenario.clients.num_clients} clients · engine {engine}"
+    )
+    completed = False
+    try:
+        write_stream(stream, state_dir)
+        _launch(setup, rec, engine, scenario, verbose)
+        completed = True
+    finally:
+        wall = time.time() - started
+        summary = _summary(scenario, rec, engine, wall, completed)
+        if rec.rows:
+            writer.write_metrics(rec.rows)
+        if rec.client_rows:
+            import pandas as pd
+
+            writer.write_table("client_metrics", pd.DataFrame(rec.client_rows))
+        writer.write_matrix(rec.matrix)
+        if rec.tasks_done > 0 and np.isfinite(rec.local_matrix[: rec.tasks_done, : rec.tasks_done][np.tril_indices(rec.tasks_done)]).all():
+            writer.write_table("local_accuracy_matrix", _matrix_frame(rec.local_matrix))
+        writer.write_summary(summary)
+        if plots and rec.tasks_done > 0:
+            try:
+                plot_run(run_dir)
+            except Exception as exc:  # plotting must never lose a finished run
+                rec.say(f"warning: plotting failed: {exc}")
+        release_runtime(setup)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return RunOutcome(run_dir, summary, rec.matrix)
+
+
+def _matrix_frame(matrix: np.ndarray):
+    import pandas as pd
+
+    df = pd.DataFrame(matrix, columns=[f"task_{j}" for j in range(len(matrix))])
+    df.insert(0, "trained_through", range(len(matrix)))
+    return df
+
+
+def _clients_table(stream):
+    import pandas as pd
+
+    return pd.DataFrame(stream.summary_rows())
+
+
+def _launch(setup: RunSetup, rec: RunRecorder, engine: str, scenario: Scenario, verbose: bool) -> None:
+    from .client_app import build_client_app
+    from .server_app import build_server_app, server_loop
+
+    client_app = build_client_app(setup)
+    if engine == "inline":
+        from .inline import InlineGrid, set_server_identity
+        from .ray_engine import quiet_logs
+
+        quiet_logs(verbose)
+        runtime_for(setup)  # build once, in this process
+        set_server_identity()
+        server_loop(setup, rec, InlineGrid(client_app, scenario.clients.num_clients))
+        return
+    from .ray_engine import run_ray
+
+    run_ray(
+        build_server_app(setup, rec),
+        client_app,
+        scenario.clients.num_clients,
+        scenario.resources.num_cpus_per_client,
+        scenario.resources.num_gpus_per_client,
+        verbose,
+    )

@@ -1,0 +1,92 @@
+"""What every process of a run (the driver and each Ray actor) needs, built once per process.
+
+The driver builds the federated data stream once and pickles it into the run's private state
+folder; actors load that file instead of regenerating data, so every process sees exactly the
+same samples and partitions.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.stream import FederatedStream
+from ..learner.backbones import ProtoModel, build_model
+from ..scenario import Scenario
+from ..seeding import derive_seed
+from .device import select_device
+from .state_store import ClientStateStore
+
+STREAM_FILE = "stream.pkl"
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Small and picklable: shipped to every Ray actor inside the ClientApp closure."""
+
+    scenario: dict[str, Any]  # resolved scenario (validated again on the other side)
+    state_dir: str
+    verbose: bool = False
+
+
+class Runtime:
+    def __init__(self, setup: RunSetup) -> None:
+        from ..scenario import validate_scenario
+
+        self.setup = setup
+        self.scenario: Scenario = validate_scenario(setup.scenario)
+        self.store = ClientStateStore(Path(setup.state_dir) / "clients")
+        from strategies import STRATEGIES
+
+        self.strategy_cls = STRATEGIES[self.scenario.strategy.name]
+        self.params = self.strategy_cls.Params.model_validate(self.scenario.strategy.params)
+        self.device = select_device(self.scenario.resources.num_gpus_per_client)
+        self.threads = self.scenario.resources.num_cpus_per_client
+
+    @cached_property
+    def stream(self) -> FederatedStream:
+        with open(Path(self.setup.state_dir) / STREAM_FILE, "rb") as fh:
+            return pickle.load(fh)
+
+    @property
+    def with_head(self) -> bool:
+        return self.strategy_cls.Objective.classifier == "head"
+
+    def new_model(self) -> ProtoModel:
+        s = self.scenario
+        return build_model(
+            s.model.backbone,
+            self.stream.dataset.input_shape,
+            s.model.embedding_dim,
+            self.stream.dataset.num_classes,
+            self.with_head,
+            derive_seed(s.seed, "model_init"),
+        )
+
+    def set_threads(self) -> None:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+
+
+_RUNTIMES: dict[str, Runtime] = {}
+
+
+def runtime_for(setup: RunSetup) -> Runtime:
+    rt = _RUNTIMES.get(setup.state_dir)
+    if rt is None:
+        rt = _RUNTIMES[setup.state_dir] = Runtime(setup)
+    return rt
+
+
+def release_runtime(setup: RunSetup) -> None:
+    _RUNTIMES.pop(setup.state_dir, None)
+
+
+def write_stream(stream: FederatedStream, state_dir: Path) -> None:
+    with open(state_dir / STREAM_FILE, "wb") as fh:
+        pickle.dump(stream, fh, protocol=pickle.HIGHEST_PROTOCOL)

@@ -1,0 +1,128 @@
+"""The ServerApp main loop: for each task, for each round, the strategy configures training,
+the grid delivers the messages, the strategy merges the replies; then evaluation."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from ..errors import RunFailure
+from ..records import CONFIG, METRICS, record_bytes, weights_to_arrays
+from .recorder import RunRecorder, score_evaluation
+from .runtime import RunSetup, runtime_for
+
+NODE_WAIT_SECONDS = 120.0
+
+
+def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
+    """Wait for every node, then ask each one for its partition id (node ids are random)."""
+    deadline = time.time() + NODE_WAIT_SECONDS
+    while len(node_ids := sorted(grid.get_node_ids())) < num_clients:
+        if time.time() > deadline:
+            raise RunFailure(f"only {len(node_ids)} of {num_clients} client nodes came up")
+        time.sleep(0.02)
+    msgs = [
+        Message(RecordDict({CONFIG: ConfigRecord({"hello": 1})}), dst_node_id=n, message_type=MessageType.QUERY, group_id="0")
+        for n in node_ids
+    ]
+    mapping: dict[int, int] = {}
+    for reply in grid.send_and_receive(msgs):
+        if reply.has_error():
+            raise RunFailure(f"a client node failed to start: {reply.error.reason[:500]}")
+        mapping[int(reply.content[METRICS]["partition_id"])] = reply.metadata.src_node_id
+    if sorted(mapping) != list(range(num_clients)):
+        raise RunFailure(f"client nodes reported partitions {sorted(mapping)}, expected 0..{num_clients - 1}")
+    return mapping
+
+
+def _failure_reason(replies: list[Message]) -> str | None:
+    for r in replies:
+        if r.has_error():
+            text = r.error.reason
+            marker = "ClientFailure"
+            if marker in text:
+                return text[text.index(marker) :].split("\n")[0][:500]
+    return None
+
+
+def server_loop(setup: RunSetup, recorder: RunRecorder, grid: Grid) -> None:
+    rt = runtime_for(setup)
+    s = rt.scenario
+    stream = rt.stream
+    from strategies import RunInfo
+
+    partitions = discover_partitions(grid, s.clients.num_clients)
+    strategy = rt.strategy_cls(
+        rt.params,
+        RunInfo(
+            seed=s.seed,
+            participation=s.clients.participation,
+            num_classes=stream.dataset.num_classes,
+            embedding_dim=s.model.embedding_dim,
+            partitions=partitions,
+        ),
+    )
+    init_model = rt.new_model()
+    arrays = strategy.initial_arrays(weights_to_arrays(init_model, include_head=rt.with_head))
+    server_round = 0
+    for task in range(stream.num_tasks):
+        seen = stream.seen_classes(task)
+        for rnd in range(s.training.rounds_per_task):
+            server_round += 1
+            t0 = time.time()
+            config = ConfigRecord(
+                {
+                    "task": task,
+                    "round": rnd,
+                    "server_round": server_round,
+                    "seen_classes": [int(c) for c in seen],
+                    "task_classes": [int(c) for c in stream.tasks[task]],
+                }
+            )
+            msgs = list(strategy.configure_train(server_round, arrays, config, grid))
+            down = sum(record_bytes(m.content) for m in msgs)
+            replies = list(grid.send_and_receive(msgs))
+            up = sum(record_bytes(r.content) for r in replies if r.has_content())
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            train = dict(train_metrics or MetricRecord())
+            if train.get("clients_ok", 0) == 0 and msgs:
+                reason = _failure_reason(replies)
+                if reason is not None:
+                    raise RunFailure(reason)
+            train.update(bytes_up=up, bytes_down=down, clients_sampled=len(msgs))
+            recorder.bytes_up += up
+            recorder.bytes_down += down
+            last = rnd == s.training.rounds_per_task - 1
+            scores = None
+            if last or s.evaluation.every == "round":
+                eval_msgs = list(strategy.configure_evaluate(server_round, arrays, config, grid))
+                eval_replies = list(grid.send_and_receive(eval_msgs))
+                recorder.eval_bytes += sum(record_bytes(m.content) for m in eval_msgs)
+                good = [r.content[METRICS] for r in eval_replies if r.has_content()]
+                strategy.aggregate_evaluate(server_round, eval_replies)
+                if not good:
+                    raise RunFailure(
+                        f"every client failed to evaluate after task {task}, round {rnd + 1}: "
+                        + (eval_replies[0].error.reason[:300] if eval_replies else "no replies")
+                    )
+                scores = score_evaluation(good, stream.tasks, task)
+            recorder.record_round(task, rnd, server_round, train, scores, time.time() - t0)
+
+
+def build_server_app(setup: RunSetup, recorder: RunRecorder) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server_loop(setup, recorder, grid)
+
+    return app
+
+
+def matrix_is_complete(matrix: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(matrix[np.tril_indices(len(matrix))])))

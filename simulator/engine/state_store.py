@@ -1,0 +1,54 @@
+"""Per-run client state store: one file per client (keyed by partition id) in a run-private
+folder, written atomically, deleted when the run ends.
+
+Model weights, the task-start teacher and the replay memory live here; only a few counters
+travel in Flower's ``context.state`` (which is shipped to the actor and back on every call).
+Tensors are saved on the CPU and moved to the client's device on load, so GPU memory does not
+grow with the number of clients.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ClientStateStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, partition_id: int) -> Path:
+        return self.root / f"client-{int(partition_id):06d}.pt"
+
+    def load(self, partition_id: int) -> dict[str, Any] | None:
+        p = self.path(partition_id)
+        if not p.exists():
+            return None
+        return torch.load(p, map_location="cpu", weights_only=False)
+
+    def save(self, partition_id: int, state: dict[str, Any]) -> None:
+        p = self.path(partition_id)
+        fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=self.root)
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.glob("client-*.pt"))
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def to_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}

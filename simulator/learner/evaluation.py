@@ -1,0 +1,44 @@
+"""Class-incremental inference and accuracy: no task id at test time; predictions range over
+every class seen so far."""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from .backbones import ProtoModel
+from .prototypes import PrototypeSet, nearest_prototype
+from .training import embed
+
+
+@torch.no_grad()
+def predict(
+    model: ProtoModel,
+    x: np.ndarray,
+    *,
+    classifier: Literal["prototype", "head"],
+    seen_classes: Sequence[int],
+    protos: PrototypeSet | None = None,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Predicted class ids for ``x``: nearest prototype among the seen classes, or the argmax of
+    the head restricted to the seen classes."""
+    feats = embed(model, x, device)
+    seen = np.asarray(list(seen_classes), dtype=np.int64)
+    if classifier == "head":
+        assert model.head is not None
+        logits = model.head(feats)[:, torch.as_tensor(seen, device=feats.device)]
+        return seen[logits.argmax(1).cpu().numpy()]
+    if protos is None or len(protos) == 0:
+        raise ValueError("prototype inference needs prototypes")
+    return nearest_prototype(feats, protos.select(seen))
+
+
+def per_class_correct(pred: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Correct predictions and totals per class id (arrays of length ``num_classes``)."""
+    y = np.asarray(y, dtype=np.int64)
+    correct = np.bincount(y[pred == y], minlength=num_classes)
+    total = np.bincount(y, minlength=num_classes)
+    return correct.astype(np.int64), total.astype(np.int64)

@@ -1,0 +1,221 @@
+"""Continual-learning metrics computed from the accuracy matrix (DESIGN.md section 5).
+
+The accuracy matrix ``a`` is a ``T x T`` float array: ``a[k][j]`` is the accuracy on task ``j``'s
+test set after training through task ``k``; entries above the diagonal (``j > k``) are NaN (any
+value found there is ignored by every metric).
+
+Definitions (exact):
+
+- average accuracy after task k:  ``A_k = mean_{j<=k} a[k][j]``
+- final average accuracy:         ``A_{T-1}``
+- average incremental accuracy:   ``mean_k A_k``
+- forgetting (Chaudhry et al. 2018): ``f_j = max_{j<=l<=T-2} a[l][j] - a[T-1][j]`` for ``j < T-1``
+  (the maximum runs over EARLIER rows only, so ``f_j`` is negative when the last row is the best)
+- average forgetting:             ``mean_j f_j`` (NaN when ``T == 1``)
+- backward transfer (Lopez-Paz & Ranzato 2017): ``mean_{j<T-1} (a[T-1][j] - a[j][j])``
+  (NaN when ``T == 1``)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "validate_matrix",
+    "average_accuracy",
+    "final_average_accuracy",
+    "average_incremental_accuracy",
+    "forgetting_per_task",
+    "average_forgetting",
+    "backward_transfer",
+    "summarize",
+    "select_protocol",
+    "matrix_from_long",
+    "SUMMARY_METRICS",
+]
+
+SUMMARY_METRICS = ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt")
+
+_LONG_COLUMNS = ("task", "round", "eval_task", "accuracy")
+
+
+def validate_matrix(matrix: Any) -> np.ndarray:
+    """Return ``matrix`` as a float array after checking it is a valid accuracy matrix.
+
+    Raises ``ValueError`` unless it is a non-empty square 2-D array, every value is in
+    ``[0, 1]`` or NaN, and no entry on or below the diagonal is NaN.
+    """
+    try:
+        a = np.asarray(matrix, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"accuracy matrix must be numeric: {exc}") from None
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"accuracy matrix must be square (T x T), got shape {a.shape}")
+    if a.shape[0] == 0:
+        raise ValueError("accuracy matrix is empty (T == 0)")
+    finite = a[~np.isnan(a)]
+    if np.isinf(finite).any() or ((finite < 0) | (finite > 1)).any():
+        bad = finite[np.isinf(finite) | (finite < 0) | (finite > 1)]
+        raise ValueError(
+            "accuracy matrix values must be in [0, 1] or NaN "
+            f"(got {bad[0]!r}; accuracies are fractions, not percentages)"
+        )
+    lower = np.tril(np.ones_like(a, dtype=bool))
+    missing = np.argwhere(np.isnan(a) & lower)
+    if len(missing):
+        cells = ", ".join(f"a[{k}][{j}]" for k, j in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(
+            f"accuracy matrix has NaN on or below the diagonal: {cells}{more} "
+            "(every task j <= k must be evaluated after task k)"
+        )
+    return a
+
+
+def _avg_acc(a: np.ndarray, k: int) -> float:
+    return float(np.mean(a[k, : k + 1]))
+
+
+def average_accuracy(matrix: Any, k: int) -> float:
+    """``A_k``: mean accuracy over tasks ``0..k`` after training through task ``k``."""
+    a = validate_matrix(matrix)
+    t = a.shape[0]
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k < t:
+        raise ValueError(f"k must be an integer in [0, {t - 1}], got {k!r}")
+    return _avg_acc(a, int(k))
+
+
+def final_average_accuracy(matrix: Any) -> float:
+    """``A_{T-1}``: average accuracy over all tasks after the last one."""
+    a = validate_matrix(matrix)
+    return _avg_acc(a, a.shape[0] - 1)
+
+
+def average_incremental_accuracy(matrix: Any) -> float:
+    """Mean of ``A_k`` over ``k = 0..T-1``."""
+    a = validate_matrix(matrix)
+    return float(np.mean([_avg_acc(a, k) for k in range(a.shape[0])]))
+
+
+def forgetting_per_task(matrix: Any) -> np.ndarray:
+    """``f_j = max_{j<=l<=T-2} a[l][j] - a[T-1][j]`` for ``j < T-1`` (length ``T-1``; empty if T == 1)."""
+    a = validate_matrix(matrix)
+    t = a.shape[0]
+    return np.array([np.max(a[j : t - 1, j]) - a[t - 1, j] for j in range(t - 1)], dtype=float)
+
+
+def average_forgetting(matrix: Any) -> float:
+    """Mean of :func:`forgetting_per_task`; NaN when ``T == 1``."""
+    f = forgetting_per_task(matrix)
+    return float(np.mean(f)) if f.size else math.nan
+
+
+def backward_transfer(matrix: Any) -> float:
+    """``mean_{j<T-1} (a[T-1][j] - a[j][j])``; NaN when ``T == 1``."""
+    a = validate_matrix(matrix)
+    t = a.shape[0]
+    if t == 1:
+        return math.nan
+    return float(np.mean([a[t - 1, j] - a[j, j] for j in range(t - 1)]))
+
+
+def summarize(matrix: Any) -> dict[str, float]:
+    """The four headline metrics, keyed as in ``summary.json``."""
+    a = validate_matrix(matrix)
+    return {
+        "final_avg_accuracy": final_average_accuracy(a),
+        "avg_incremental_accuracy": average_incremental_accuracy(a),
+        "avg_forgetting": average_forgetting(a),
+        "bwt": backward_transfer(a),
+    }
+
+
+def select_protocol(df: pd.DataFrame, protocol: str | None = None) -> pd.DataFrame:
+    """Keep the rows of one evaluation protocol when ``df`` has a ``protocol`` column.
+
+    ``protocol=None`` keeps everything if only one protocol is present, and otherwise picks
+    ``"global"`` (the class-incremental default, DESIGN.md section 5). Without a ``protocol``
+    column, ``df`` is returned unchanged (an explicit ``protocol`` is then an error).
+    """
+    if "protocol" not in df.columns:
+        if protocol is not None:
+            raise ValueError(f"protocol={protocol!r} requested but the table has no 'protocol' column")
+        return df
+    present = [p for p in pd.unique(df["protocol"].dropna())]
+    if protocol is None:
+        if len(present) <= 1:
+            return df
+        if "global" not in present:
+            raise ValueError(
+                f"metrics mix evaluation protocols {sorted(map(str, present))}; pass protocol=..."
+            )
+        protocol = "global"
+    # rows without a protocol (e.g. training-only rows) are kept: they carry no accuracy
+    keep = (df["protocol"] == protocol) | df["protocol"].isna()
+    if not (df["protocol"] == protocol).any():
+        raise ValueError(f"no rows with protocol {protocol!r} (present: {sorted(map(str, present))})")
+    return df[keep]
+
+
+def _as_int_column(values: pd.Series, name: str) -> np.ndarray:
+    v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(v) | (v != np.round(v))
+    if bad.any():
+        raise ValueError(f"column '{name}' must hold integers (found {values.to_numpy()[bad][0]!r})")
+    return v.astype(int)
+
+
+def matrix_from_long(df: pd.DataFrame, num_tasks: int, protocol: str | None = None) -> np.ndarray:
+    """Build the ``T x T`` accuracy matrix from ``metrics.csv``-style long rows.
+
+    Uses columns ``task, round, eval_task, accuracy``. Rows whose ``eval_task`` is NaN (e.g.
+    training-only rows) are ignored. For each task ``k`` the LAST round evaluated within task
+    ``k`` (the largest ``round`` among its evaluation rows) gives row ``k``. Evaluations of
+    tasks not yet trained (``eval_task > task``) are ignored. Cells never evaluated stay NaN
+    (an unfinished run); :func:`validate_matrix` rejects such a matrix. See
+    :func:`select_protocol` for ``protocol``. Raises ``ValueError`` on missing columns,
+    task ids outside ``[0, num_tasks)``, accuracies outside ``[0, 1]`` and duplicate rows
+    for one ``(task, round, eval_task)``.
+    """
+    if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+    missing = [c for c in _LONG_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"metrics table lacks column(s) {missing}; needs {list(_LONG_COLUMNS)}")
+    df = select_protocol(df, protocol)
+    ev = df[df["eval_task"].notna()]
+    out = np.full((num_tasks, num_tasks), np.nan)
+    if ev.empty:
+        return out
+    task = _as_int_column(ev["task"], "task")
+    rnd = pd.to_numeric(ev["round"], errors="coerce").to_numpy(dtype=float)
+    if np.isnan(rnd).any():
+        raise ValueError("column 'round' has missing or non-numeric values in evaluation rows")
+    eval_task = _as_int_column(ev["eval_task"], "eval_task")
+    acc = pd.to_numeric(ev["accuracy"], errors="coerce").to_numpy(dtype=float)
+    for name, ids in (("task", task), ("eval_task", eval_task)):
+        bad = ids[(ids < 0) | (ids >= num_tasks)]
+        if bad.size:
+            raise ValueError(f"{name} {bad[0]} outside [0, {num_tasks - 1}] (num_tasks={num_tasks})")
+    tidy = pd.DataFrame({"task": task, "round": rnd, "eval_task": eval_task, "accuracy": acc})
+    tidy = tidy[tidy["eval_task"] <= tidy["task"]]
+    last = tidy.groupby("task")["round"].transform("max")
+    tidy = tidy[tidy["round"] == last]
+    dup = tidy.duplicated(["task", "eval_task"], keep=False)
+    if dup.any():
+        r = tidy[dup].iloc[0]
+        raise ValueError(
+            f"several rows for task {int(r['task'])}, round {r['round']:g}, eval_task "
+            f"{int(r['eval_task'])}; filter the table first (e.g. by protocol or client)"
+        )
+    vals = tidy["accuracy"].to_numpy()
+    if np.isnan(vals).any():
+        raise ValueError("accuracy is missing in an evaluation row of the last round of a task")
+    if ((vals < 0) | (vals > 1)).any():
+        raise ValueError(f"accuracy values must be in [0, 1], got {vals[(vals < 0) | (vals > 1)][0]!r}")
+    out[tidy["task"].to_numpy(), tidy["eval_task"].to_numpy()] = vals
+    return out

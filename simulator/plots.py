@@ -1,0 +1,262 @@
+"""Plots of a run that explain themselves: forgetting curves and the accuracy-matrix heatmap.
+
+Uses matplotlib's Agg backend (no display needed); every figure is rendered to memory and
+written atomically (temporary file in the target folder + ``os.replace``), then closed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from simulator.metrics import matrix_from_long, select_protocol, summarize  # noqa: E402
+from simulator.results import atomic_write_bytes, read_matrix  # noqa: E402
+
+__all__ = ["plot_forgetting", "plot_accuracy_matrix", "plot_run"]
+
+DPI = 120
+FORGETTING_SIZE = (9.0, 5.0)
+MATRIX_SIZE = (6.0, 5.0)
+_MISSING_COLOR = "#e6e6e6"
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    """Render ``fig`` as PNG and write it atomically to ``path``; always closes the figure."""
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI)
+        atomic_write_bytes(Path(path), buf.getvalue())
+    finally:
+        plt.close(fig)
+
+
+def _task_label(j: int, task_labels: Mapping[int, Any] | None) -> str:
+    if not task_labels:
+        return f"task {j}"
+    lab = task_labels.get(j, task_labels.get(str(j)))  # type: ignore[arg-type]
+    if lab is None:
+        return f"task {j}"
+    if isinstance(lab, (list, tuple, np.ndarray)):
+        lab = "classes " + ", ".join(str(c) for c in lab)
+    return f"task {j} ({lab})"
+
+
+def _with_global_round(df: pd.DataFrame) -> pd.DataFrame:
+    """Add column ``_x``: the global round (from ``global_round``, else from ``task`` and ``round``)."""
+    df = df.copy()
+    if "global_round" in df.columns and df["global_round"].notna().any():
+        df["_x"] = pd.to_numeric(df["global_round"], errors="coerce")
+        return df[df["_x"].notna()]
+    df = df[df["task"].notna() & df["round"].notna()]
+    pairs = df[["task", "round"]].drop_duplicates().sort_values(["task", "round"]).reset_index(drop=True)
+    order = {(t, r): i + 1 for i, (t, r) in enumerate(zip(pairs["task"], pairs["round"]))}
+    df["_x"] = [order[(t, r)] for t, r in zip(df["task"], df["round"])]
+    return df
+
+
+def _colors(n: int) -> list:
+    if n <= 10:
+        cmap = plt.get_cmap("tab10")
+        return [cmap(i) for i in range(n)]
+    if n <= 20:
+        cmap = plt.get_cmap("tab20")  # strong colours first, then their light partners
+        order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+        return [cmap(i) for i in order[:n]]
+    cmap = plt.get_cmap("turbo")
+    return [cmap(x) for x in np.linspace(0.05, 0.95, n)]
+
+
+def plot_forgetting(
+    metrics: pd.DataFrame,
+    path: Path,
+    title: str = "",
+    task_labels: Mapping[int, str | Sequence[int]] | None = None,
+    protocol: str | None = None,
+) -> None:
+    """Accuracy on each task's test set over training, one line per evaluated task.
+
+    x is the global round (column ``global_round`` if present, else built from ``task`` and
+    ``round``); dashed lines mark task boundaries, labelled "task k" on top; a thick black line
+    shows the average over the tasks evaluated at that round. ``task_labels`` maps task ids to a
+    description (a string, or the list of its classes). ``protocol`` selects one evaluation
+    protocol when ``metrics`` has a ``protocol`` column (see :func:`metrics.select_protocol`).
+    """
+    missing = [c for c in ("task", "round", "eval_task", "accuracy") if c not in metrics.columns]
+    if missing:
+        raise ValueError(f"metrics table lacks column(s) {missing}")
+    df = _with_global_round(select_protocol(metrics, protocol))
+    ev = df[df["eval_task"].notna() & df["accuracy"].notna()].copy()
+    ev["eval_task"] = ev["eval_task"].astype(int)
+
+    fig, ax = plt.subplots(figsize=FORGETTING_SIZE, layout="constrained")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("accuracy on the task's test set")
+    ax.set_xlabel("round (tasks trained in order)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+    if ev.empty:
+        ax.text(0.5, 0.5, "no evaluation rows in the metrics", ha="center", va="center", transform=ax.transAxes)
+    else:
+        # task boundaries and "task k" labels on a top axis
+        spans = df.groupby("task")["_x"].agg(["min", "max"]).sort_index()
+        lo, hi = spans["min"].to_numpy(float), spans["max"].to_numpy(float)
+        for k in range(1, len(spans)):
+            ax.axvline((hi[k - 1] + lo[k]) / 2, color="0.45", linestyle="--", linewidth=1, zorder=1)
+        top = ax.secondary_xaxis("top")
+        top.set_xticks((lo + hi) / 2, [f"task {int(k)}" for k in spans.index])
+        top.tick_params(length=0, labelsize=9 if len(spans) <= 12 else 7)
+        pad = 0.5 if (hi - lo).max() == 0 else 0.6
+        ax.set_xlim(lo.min() - pad, hi.max() + pad)
+
+        curves = ev.groupby(["eval_task", "_x"])["accuracy"].mean()
+        tasks = sorted(ev["eval_task"].unique())
+        n_points = curves.groupby(level=0).size().max()
+        marker = "o" if n_points <= 40 else None
+        for color, j in zip(_colors(len(tasks)), tasks):
+            c = curves.loc[j]
+            ax.plot(c.index, c.to_numpy(), color=color, marker=marker, markersize=4, linewidth=1.6,
+                    label=_task_label(int(j), task_labels), zorder=3)
+        avg = curves.groupby(level=1).mean()
+        ax.plot(avg.index, avg.to_numpy(), color="black", linewidth=3.0, marker=marker, markersize=5,
+                label="average over seen tasks", zorder=2, alpha=0.85)
+        ncol = 1 if len(tasks) < 18 else 2
+        fig.legend(loc="outside right upper", title="accuracy on", fontsize=8, title_fontsize=9, ncol=ncol,
+                   frameon=False)
+    if title:
+        ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_accuracy_matrix(matrix: np.ndarray, path: Path, title: str = "") -> None:
+    """Annotated heatmap of ``a[k][j]``: rows = after training task k, columns = evaluated task j.
+
+    Cells above the diagonal are masked (light grey); a subtitle gives the final average
+    accuracy and the average forgetting (see :mod:`simulator.metrics`).
+    """
+    a = np.asarray(matrix, dtype=float)
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
+        raise ValueError(f"accuracy matrix must be a non-empty T x T array, got shape {a.shape}")
+    t = a.shape[0]
+    try:
+        s = summarize(a)
+        forg = "n/a (one task)" if math.isnan(s["avg_forgetting"]) else f"{s['avg_forgetting']:.2f}"
+        subtitle = f"final average accuracy {s['final_avg_accuracy']:.2f} · average forgetting {forg}"
+    except ValueError as exc:
+        subtitle = "incomplete matrix: metrics not defined" if "NaN" in str(exc) else f"invalid matrix: {exc}"
+
+    scale = max(1.0, t / 8)
+    fig, ax = plt.subplots(figsize=(MATRIX_SIZE[0] * scale, MATRIX_SIZE[1] * scale), layout="constrained")
+    upper = np.triu(np.ones_like(a, dtype=bool), k=1)
+    shown = np.ma.masked_array(np.clip(np.nan_to_num(a, nan=0.0), 0, 1), mask=upper | np.isnan(a))
+    cmap = plt.get_cmap("viridis").with_extremes(bad=_MISSING_COLOR)
+    im = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, aspect="equal")
+    fontsize = max(5.0, min(10.0, 100.0 / t))
+    for k in range(t):
+        for j in range(k + 1):
+            v = a[k, j]
+            if np.isnan(v):
+                ax.text(j, k, "n/a", ha="center", va="center", fontsize=fontsize, color="0.3")
+            else:
+                ax.text(j, k, f"{v:.2f}", ha="center", va="center", fontsize=fontsize,
+                        color="white" if v < 0.6 else "black")
+    ticks = np.arange(t)
+    step = 1 if t <= 20 else int(math.ceil(t / 20))
+    ax.set_xticks(ticks[::step], [str(j) for j in ticks[::step]])
+    ax.set_yticks(ticks[::step], [str(k) for k in ticks[::step]])
+    ax.set_xlabel("evaluated on task j")
+    ax.set_ylabel("after training task k")
+    ax.set_xticks(np.arange(-0.5, t, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, t, 1), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1)
+    ax.tick_params(which="minor", length=0)
+    cbar = fig.colorbar(im, ax=ax, label="accuracy", shrink=0.9)
+    cbar.set_ticks(np.linspace(0, 1, 6))
+    if title:
+        fig.suptitle(title)
+    ax.set_title(subtitle, fontsize=9)
+    _save(fig, path)
+
+
+def _read_optional_yaml(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _read_optional_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _run_title(run_dir: Path, summary: dict, config: dict) -> str:
+    scenario = summary.get("scenario", config.get("name"))
+    strategy = summary.get("strategy")
+    if strategy is None and isinstance(config.get("strategy"), dict):
+        strategy = config["strategy"].get("name")
+    seed = summary.get("seed", config.get("seed"))
+    if scenario is None and strategy is None:
+        return run_dir.name
+    parts = [str(scenario if scenario is not None else "?"), str(strategy if strategy is not None else "?")]
+    if seed is not None:
+        parts.append(f"seed {seed}")
+    return " · ".join(parts)
+
+
+def _task_labels(summary: dict, config: dict) -> dict[int, Any] | None:
+    """Optional ``task_classes`` (mapping or list: task id -> its classes) from summary or config."""
+    raw = summary.get("task_classes", config.get("task_classes"))
+    if isinstance(raw, list):
+        return dict(enumerate(raw))
+    if isinstance(raw, dict):
+        try:
+            return {int(k): v for k, v in raw.items()}
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Draw ``plots/forgetting.png`` and ``plots/accuracy_matrix.png`` of a run directory.
+
+    Reads ``metrics.csv`` (required), ``accuracy_matrix.csv`` (rebuilt from the metrics when
+    absent) and, for the title and task labels, ``summary.json`` / ``config.yaml`` if present.
+    Returns the two paths.
+    """
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.csv"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(2, f"run directory {run_dir} has no metrics.csv", str(metrics_path))
+    metrics = pd.read_csv(metrics_path)
+    summary = _read_optional_json(run_dir / "summary.json")
+    config = _read_optional_yaml(run_dir / "config.yaml")
+    matrix_path = run_dir / "accuracy_matrix.csv"
+    if matrix_path.is_file():
+        matrix = read_matrix(matrix_path)
+    else:
+        num_tasks = summary.get("num_tasks") or int(pd.to_numeric(metrics["task"]).max()) + 1
+        matrix = matrix_from_long(metrics, int(num_tasks))
+    title = _run_title(run_dir, summary, config)
+    labels = _task_labels(summary, config)
+    out = run_dir / "plots"
+    paths = [out / "forgetting.png", out / "accuracy_matrix.png"]
+    plot_forgetting(metrics, paths[0], title=title, task_labels=labels)
+    plot_accuracy_matrix(matrix, paths[1], title=title)
+    return paths

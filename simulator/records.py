@@ -1,0 +1,136 @@
+"""How prototypes, weights and settings travel in Flower records, and how bytes are counted.
+
+Conventions (a contract between the engine and the strategies):
+
+* server -> client: ``RecordDict({"global": ArrayRecord, "config": ConfigRecord})``
+* client -> server after training: ``RecordDict({"upload": ArrayRecord, "metrics": MetricRecord})``
+* client -> server after evaluation: ``RecordDict({"metrics": MetricRecord})``
+
+Prototypes travel as one ``[classes x dim]`` float32 array (``proto.vectors``) plus the class
+ids (``proto.classes``); their sample counts go in the MetricRecord (``proto.counts``) of
+uploads and in ``proto.counts`` arrays of global state. Weights travel as ``w.<state_dict key>``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from .learner.prototypes import PrototypeSet
+
+GLOBAL = "global"
+CONFIG = "config"
+UPLOAD = "upload"
+METRICS = "metrics"
+WEIGHT_PREFIX = "w."
+
+
+# --------------------------------------------------------------------------- prototypes
+def protos_to_arrays(protos: PrototypeSet, prefix: str = "proto", with_counts: bool = False) -> dict[str, Array]:
+    out = {
+        f"{prefix}.classes": Array(np.ascontiguousarray(protos.classes, dtype=np.int64)),
+        f"{prefix}.vectors": Array(np.ascontiguousarray(protos.vectors, dtype=np.float32)),
+    }
+    if with_counts:
+        out[f"{prefix}.counts"] = Array(np.ascontiguousarray(protos.counts, dtype=np.int64))
+    return out
+
+
+def protos_from_arrays(
+    arrays: ArrayRecord, prefix: str = "proto", counts: Iterable[int] | None = None
+) -> PrototypeSet | None:
+    """Read a PrototypeSet; counts from ``counts`` (an upload's MetricRecord) or from the
+    ``<prefix>.counts`` array of global state. None if the record holds no prototypes."""
+    key = f"{prefix}.classes"
+    if key not in arrays:
+        return None
+    classes = arrays[key].numpy()
+    vectors = arrays[f"{prefix}.vectors"].numpy()
+    if counts is not None:
+        cnt = np.asarray(list(counts), dtype=np.int64)
+    elif f"{prefix}.counts" in arrays:
+        cnt = arrays[f"{prefix}.counts"].numpy()
+    else:
+        cnt = np.ones(len(classes), dtype=np.int64)
+    return PrototypeSet(classes, vectors.reshape(len(classes), -1), cnt)
+
+
+# --------------------------------------------------------------------------- weights
+def shared_state(model: torch.nn.Module, include_head: bool) -> dict[str, torch.Tensor]:
+    """The tensors of a model that weight-sharing strategies average (float tensors only:
+    BatchNorm's integer step counter stays local)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if not include_head and k.startswith("head."):
+            continue
+        if not torch.is_floating_point(v):
+            continue
+        out[k] = v
+    return out
+
+
+def weights_to_arrays(model: torch.nn.Module, include_head: bool) -> dict[str, Array]:
+    return {
+        WEIGHT_PREFIX + k: Array(np.ascontiguousarray(v.detach().cpu().numpy()))
+        for k, v in shared_state(model, include_head).items()
+    }
+
+
+def has_weights(arrays: ArrayRecord) -> bool:
+    return any(k.startswith(WEIGHT_PREFIX) for k in arrays.keys())
+
+
+def load_weights(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    """Copy every ``w.*`` array of ``arrays`` into the model (other tensors stay)."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for key in arrays.keys():
+            if not key.startswith(WEIGHT_PREFIX):
+                continue
+            name = key[len(WEIGHT_PREFIX) :]
+            if name not in state:
+                raise KeyError(f"received weights for {name!r}, which this model does not have")
+            state[name].copy_(torch.as_tensor(arrays[key].numpy()))
+
+
+def weighted_average(records: list[ArrayRecord], weights: list[float], prefix: str = WEIGHT_PREFIX) -> dict[str, Array]:
+    """Sample-weighted mean of the ``prefix`` arrays of several records (FedAvg), in a fixed order."""
+    total = float(sum(weights))
+    if not records or total <= 0:
+        return {}
+    acc: dict[str, np.ndarray] = {}
+    for rec, w in zip(records, weights):
+        factor = w / total
+        for key in rec.keys():
+            if not key.startswith(prefix):
+                continue
+            value = rec[key].numpy().astype(np.float64) * factor
+            if key in acc:
+                acc[key] += value
+            else:
+                acc[key] = value
+    return {k: Array(v.astype(np.float32)) for k, v in acc.items()}
+
+
+# --------------------------------------------------------------------------- bytes
+def record_bytes(content: RecordDict) -> int:
+    """Bytes of payload in a RecordDict: array buffers, 8 bytes per metric/config number,
+    the UTF-8 length of strings and bytes values."""
+    total = 0
+    for rec in content.values():
+        if isinstance(rec, ArrayRecord):
+            total += sum(len(a.data) for a in rec.values())
+        elif isinstance(rec, (MetricRecord, ConfigRecord)):
+            for v in rec.values():
+                items = v if isinstance(v, list) else [v]
+                for item in items:
+                    if isinstance(item, (bytes, bytearray)):
+                        total += len(item)
+                    elif isinstance(item, str):
+                        total += len(item.encode())
+                    else:
+                        total += 8
+    return total

@@ -1,0 +1,321 @@
+"""The scenario file: pydantic schema, YAML loading, ``--set`` overrides and clear errors.
+
+A scenario is validated in two stages. The schema below checks every common key (unknown keys
+are errors). Then the keys that belong to one dataset source (``dataset.path`` for ``npz``, ...)
+and the strategy's ``strategy.params`` are validated by the source and the strategy themselves,
+so that each plugin owns its parameters. All problems are collected and reported together as a
+:class:`~simulator.errors.UserError` naming the file and the dotted field path.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import Problem, UserError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+# --------------------------------------------------------------------------- dataset
+class DatasetConfig(BaseModel):
+    """Common dataset keys; source-specific keys are checked by the source's own schema."""
+
+    model_config = ConfigDict(extra="allow")
+    source: str = "mnist1d"
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        from .data.sources import SOURCES
+
+        if v not in SOURCES:
+            raise ValueError(f"unknown dataset source {v!r}; allowed: {', '.join(sorted(SOURCES))}")
+        return v
+
+    def params(self) -> dict[str, Any]:
+        """The source-specific keys (everything except ``source`` and ``test_fraction``)."""
+        return dict(self.model_extra or {})
+
+
+# --------------------------------------------------------------------------- tasks
+class TasksConfig(Strict):
+    initial_classes: int | None = Field(None, ge=1)
+    classes_per_task: int | None = Field(None, ge=1)
+    num_tasks: int | None = Field(None, ge=1)
+    class_order: Literal["seeded", "sorted"] | list[int] = "seeded"
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "TasksConfig":
+        if self.classes_per_task is not None and self.num_tasks is not None:
+            raise ValueError("give either classes_per_task or num_tasks, not both")
+        if self.classes_per_task is None and self.num_tasks is None:
+            self.classes_per_task = 2
+        return self
+
+
+# --------------------------------------------------------------------------- clients
+class IidPartition(Strict):
+    scheme: Literal["iid"] = "iid"
+
+
+class DirichletPartition(Strict):
+    scheme: Literal["dirichlet"]
+    alpha: float = Field(0.5, gt=0.0, le=1e6)
+    min_size: int = Field(1, ge=0, description="fewest training samples a client may get per task")
+
+
+class PathologicalPartition(Strict):
+    scheme: Literal["pathological"]
+    classes_per_client: int = Field(1, ge=1)
+
+
+Partition = Annotated[
+    Union[IidPartition, DirichletPartition, PathologicalPartition],
+    Field(discriminator="scheme"),
+]
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
+
+
+class ClientsConfig(Strict):
+    num_clients: int = Field(10, ge=1, le=100_000)
+    partition: Partition = Field(default_factory=IidPartition)
+    participation: float = Field(1.0, gt=0.0, le=1.0)
+
+
+# --------------------------------------------------------------------------- training
+class TrainingConfig(Strict):
+    rounds_per_task: int = Field(3, ge=1, le=10_000)
+    local_epochs: int = Field(1, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=1_000_000)
+    lr: float = Field(0.01, gt=0.0, le=100.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class ModelConfig(Strict):
+    backbone: str = "cnn1d"
+    embedding_dim: int = Field(64, ge=1, le=65_536)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        from .learner.backbones import BACKBONES
+
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone {v!r}; allowed: {', '.join(sorted(BACKBONES))}")
+        return v
+
+
+class ContinualConfig(Strict):
+    backbone: Literal["train", "freeze_after_first_task"] = "train"
+    feature_distillation: float = Field(0.0, ge=0.0, le=1e6)
+    memory_per_class: int = Field(0, ge=0, le=1_000_000)
+
+
+class StrategyConfig(Strict):
+    name: str = "proto_avg"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        from strategies import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; allowed: {', '.join(sorted(STRATEGIES))}")
+        return v
+
+
+class EvaluationConfig(Strict):
+    protocol: Literal["global", "local"] = "global"
+    every: Literal["round", "task"] = Field(
+        "round", description="evaluate after every round (smooth curves) or only at task ends"
+    )
+
+
+class ResourcesConfig(Strict):
+    engine: Literal["ray", "inline"] = "ray"
+    num_cpus_per_client: int = Field(1, ge=1, le=1024)
+    num_gpus_per_client: float = Field(0.0, ge=0.0, le=64.0)
+
+
+class OutputConfig(Strict):
+    dir: str = "results"
+
+
+class Scenario(Strict):
+    name: str = Field("scenario", pattern=NAME_PATTERN)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def resolved(self) -> dict[str, Any]:
+        """The fully resolved scenario as plain data (what ``config.yaml`` records)."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- errors
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("iid", "dirichlet", "pathological") and parts and parts[-1].endswith("partition"):
+            continue  # discriminator tag inserted by pydantic, not a user key
+        elif isinstance(item, str) and (item.startswith("function-") or "[" in item):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _explain(err: dict[str, Any]) -> str:
+    kind = err.get("type", "")
+    got = err.get("input")
+    msg = str(err.get("msg", "invalid value"))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; see `protofed validate --help` and the README's scenario reference)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        return f"unknown value {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        return f"missing key 'scheme'; allowed schemes: {', '.join(PARTITION_SCHEMES)}"
+    shown = repr(got)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"expected a mapping of keys (got {shown})"
+    return f"{msg} (got {shown})"
+
+
+def problems_from_validation(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[Problem]:
+    out: list[Problem] = []
+    for err in exc.errors():
+        out.append(Problem(_loc_to_path(prefix + tuple(err["loc"])), _explain(err)))
+    return out
+
+
+# --------------------------------------------------------------------------- overrides
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw scenario mapping."""
+    data = copy.deepcopy(raw)
+    problems: list[Problem] = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(Problem(item, "expected KEY=VALUE, e.g. --set clients.num_clients=20"))
+            continue
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            problems.append(Problem(key or item, "not a dotted key path such as training.lr"))
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(Problem(key, f"{part!r} is not a mapping in the scenario"))
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise UserError("--set", problems)
+    return data
+
+
+# --------------------------------------------------------------------------- loading
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise UserError.single(str(path), "", "file not found")
+    if p.is_dir():
+        raise UserError.single(str(path), "", "is a directory, expected a YAML scenario file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError.single(str(path), "", f"cannot read the file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError.single(str(path), where, f"not valid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError.single(str(path), "", f"expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario:
+    """Validate a raw mapping into a :class:`Scenario`, with source and strategy params resolved."""
+    try:
+        scenario = Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(source, problems_from_validation(exc)) from None
+    except RecursionError:
+        raise UserError.single(source, "", "the file nests too deeply") from None
+
+    problems: list[Problem] = []
+    from strategies import STRATEGIES
+
+    from .data.sources import SOURCES
+
+    src = SOURCES[scenario.dataset.source]
+    try:
+        params = src.params_model.model_validate(scenario.dataset.params())
+        scenario.dataset = DatasetConfig(
+            source=scenario.dataset.source,
+            test_fraction=scenario.dataset.test_fraction,
+            **params.model_dump(mode="json"),
+        )
+    except ValidationError as exc:
+        problems += problems_from_validation(exc, ("dataset",))
+
+    spec = STRATEGIES[scenario.strategy.name]
+    try:
+        sparams = spec.Params.model_validate(scenario.strategy.params)
+        scenario.strategy.params = sparams.model_dump(mode="json")
+    except ValidationError as exc:
+        problems += problems_from_validation(exc, ("strategy", "params"))
+    if problems:
+        raise UserError(source, problems)
+    return scenario
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    raw = read_yaml(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate_scenario(raw, str(path))

@@ -1,0 +1,185 @@
+"""Shared server-side machinery for protofed strategies (Flower Message-API ``Strategy``).
+
+A strategy module defines three things: ``Params`` (pydantic, its ``strategy.params``), an
+``Objective`` (its client half, a :class:`simulator.objective.ClientObjective`) and a server
+class derived from :class:`FederatedStrategy` that implements ``merge``.
+
+The base class does what every method needs the same way: seeded client sampling over
+partition ids (so runs are reproducible and independent of Flower's random node ids), message
+creation, dropping failed replies, ordering replies by partition id before merging (so float
+sums do not depend on arrival order), and holding the global prototypes and weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from pydantic import BaseModel, ConfigDict
+
+from simulator import seeding
+from simulator.learner.prototypes import PrototypeSet
+from simulator.objective import ClientObjective
+from simulator.records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_from_arrays, protos_to_arrays
+
+
+class StrategyParams(BaseModel):
+    """Base of every strategy's parameter schema: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class RunInfo:
+    """What the engine tells a strategy about the run."""
+
+    seed: int
+    participation: float
+    num_classes: int
+    embedding_dim: int
+    partitions: dict[int, int] = field(default_factory=dict)  # partition id -> node id
+
+
+@dataclass
+class Upload:
+    """One successful client reply, decoded."""
+
+    partition_id: int
+    num_examples: int
+    arrays: ArrayRecord
+    metrics: MetricRecord
+    protos: PrototypeSet | None
+
+
+class FederatedStrategy(Strategy):
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+    Objective: ClassVar[type[ClientObjective]] = ClientObjective
+
+    def __init__(self, params: StrategyParams, run: RunInfo) -> None:
+        self.params = params
+        self.run = run
+        self.global_protos = PrototypeSet.empty(run.embedding_dim)
+        self.global_weights: dict[str, Array] = {}
+        self.last_failed = 0
+        self.last_ok = 0
+
+    @property
+    def shares_weights(self) -> bool:
+        return bool(getattr(self.params, "share_weights", False))
+
+    # ------------------------------------------------------------------ global state
+    def initial_arrays(self, initial_weights: dict[str, Array]) -> ArrayRecord:
+        """Global state before round 1; weight-sharing methods start every client from the
+        same initial weights."""
+        if self.shares_weights:
+            self.global_weights = dict(initial_weights)
+        return self.global_arrays()
+
+    def global_arrays(self) -> ArrayRecord:
+        content: dict[str, Array] = {}
+        if len(self.global_protos):
+            content.update(protos_to_arrays(self.global_protos, with_counts=True))
+        content.update(self.global_weights)
+        return ArrayRecord(content)
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, server_round: int) -> list[int]:
+        """Seeded sample of partition ids for this round (``clients.participation``)."""
+        pids = sorted(self.run.partitions)
+        k = max(1, int(round(self.run.participation * len(pids))))
+        if k >= len(pids):
+            return pids
+        rng = seeding.rng(self.run.seed, "sampling", server_round)
+        return sorted(int(p) for p in rng.choice(pids, size=k, replace=False))
+
+    def _messages(
+        self, pids: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str, server_round: int
+    ) -> list[Message]:
+        return [
+            Message(
+                RecordDict({GLOBAL: arrays, CONFIG: config}),
+                dst_node_id=self.run.partitions[p],
+                message_type=kind,
+                group_id=str(server_round),
+            )
+            for p in pids
+        ]
+
+    # ------------------------------------------------------------------ Flower hooks
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._messages(self.sample(server_round), arrays, config, MessageType.TRAIN, server_round)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        pids = config["eval_clients"] if "eval_clients" in config else sorted(self.run.partitions)
+        return self._messages(list(pids), arrays, config, MessageType.EVALUATE, server_round)
+
+    def decode(self, replies: Iterable[Message]) -> list[Upload]:
+        """Successful replies, decoded and ordered by partition id; failures are counted."""
+        ok: list[Upload] = []
+        failed = 0
+        for msg in replies:
+            if msg.has_error() or not msg.has_content() or UPLOAD not in msg.content:
+                failed += 1
+                continue
+            arrays = msg.content[UPLOAD]
+            metrics = msg.content[METRICS]
+            counts = metrics["proto.counts"] if "proto.counts" in metrics else None
+            ok.append(
+                Upload(
+                    partition_id=int(metrics["partition_id"]),
+                    num_examples=int(metrics["num_examples"]),
+                    arrays=arrays,
+                    metrics=metrics,
+                    protos=protos_from_arrays(arrays, counts=counts),
+                )
+            )
+        ok.sort(key=lambda u: u.partition_id)
+        self.last_failed, self.last_ok = failed, len(ok)
+        return ok
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        uploads = self.decode(replies)
+        stats = MetricRecord({"clients_ok": len(uploads), "clients_failed": self.last_failed})
+        if not uploads:
+            return None, stats  # nothing to merge: the global state stays as it was
+        self.merge(server_round, uploads)
+        n = sum(u.num_examples for u in uploads)
+        if n > 0:
+            stats["train_loss"] = float(
+                sum(float(u.metrics["train_loss"]) * u.num_examples for u in uploads) / n
+            )
+        stats["num_examples"] = n
+        return self.global_arrays(), stats
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None  # accuracy is computed by the engine from the per-class counts
+
+    def merge(self, server_round: int, uploads: list[Upload]) -> None:
+        raise NotImplementedError
+
+    def summary(self) -> None:
+        return None
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "protos": (self.global_protos.classes, self.global_protos.vectors, self.global_protos.counts),
+            "weights": {k: v.numpy() for k, v in self.global_weights.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        c, v, n = state["protos"]
+        self.global_protos = PrototypeSet(c, v, n)
+        self.global_weights = {k: Array(np.asarray(a)) for k, a in state["weights"].items()}

@@ -1,0 +1,43 @@
+"""``fedavg``: FedAvg of the whole model (backbone + linear head over all classes), trained with
+cross-entropy over the classes seen so far and evaluated with the head's argmax over them.
+
+The usual lower bound for federated class-incremental learning: nothing but the replay memory
+(if ``continual.memory_per_class`` is set) protects old classes.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from simulator.objective import ClientObjective
+from simulator.records import weighted_average
+
+from .base import FederatedStrategy, StrategyParams, Upload
+
+
+class Params(StrategyParams):
+    pass
+
+
+class HeadObjective(ClientObjective):
+    classifier: ClassVar[Literal["prototype", "head"]] = "head"
+
+    @property
+    def share_weights(self) -> bool:
+        return True
+
+
+class FedAvg(FederatedStrategy):
+    name = "fedavg"
+    description = "FedAvg of backbone + linear head, cross-entropy (lower bound)"
+    Params = Params
+    Objective = HeadObjective
+
+    @property
+    def shares_weights(self) -> bool:
+        return True
+
+    def merge(self, server_round: int, uploads: list[Upload]) -> None:
+        avg = weighted_average([u.arrays for u in uploads], [float(u.num_examples) for u in uploads])
+        if avg:
+            self.global_weights = avg
