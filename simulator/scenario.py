@@ -101,6 +101,7 @@ class TrainingConfig(Strict):
     lr: float = Field(0.01, gt=0.0, le=100.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float = Field(10.0, ge=0.0, description="max gradient norm per step (0 = off)")
 
 
 class ModelConfig(Strict):

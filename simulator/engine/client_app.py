@@ -118,6 +118,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
         lr=s.training.lr,
         momentum=s.training.momentum,
         weight_decay=s.training.weight_decay,
+        grad_clip=s.training.grad_clip,
         classifier=objective.classifier,
         freeze_backbone=freeze,
         distill_weight=s.continual.feature_distillation if continual else 0.0,

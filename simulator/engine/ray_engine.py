@@ -14,6 +14,7 @@ def quiet_logs(verbose: bool) -> None:
     by protofed itself, per round)."""
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     level = logging.INFO if verbose else logging.CRITICAL
     logging.getLogger("flwr").setLevel(level)
 

@@ -43,6 +43,7 @@ class TrainConfig:
     classifier: Literal["prototype", "head"] = "prototype"
     freeze_backbone: bool = False
     distill_weight: float = 0.0
+    grad_clip: float = 10.0  # max gradient norm per step; 0 disables
 
 
 @dataclass
@@ -176,6 +177,8 @@ def train_local(
             if loss.requires_grad:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
             total += value
             steps += 1
