@@ -31,8 +31,8 @@ class DatasetConfig(BaseModel):
     """Common dataset keys; source-specific keys are checked by the source's own schema."""
 
     model_config = ConfigDict(extra="allow")
-    source: str = "mnist1d"
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    source: str = Field("mnist1d", description="dataset source (registry name; `protofed list`)")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class held out for testing (sources without a test split)")
 
     @field_validator("source")
     @classmethod
@@ -50,10 +50,10 @@ class DatasetConfig(BaseModel):
 
 # --------------------------------------------------------------------------- tasks
 class TasksConfig(Strict):
-    initial_classes: int | None = Field(None, ge=1)
-    classes_per_task: int | None = Field(None, ge=1)
-    num_tasks: int | None = Field(None, ge=1)
-    class_order: Literal["seeded", "sorted"] | list[int] = "seeded"
+    initial_classes: int | None = Field(None, ge=1, description="size of a larger first (base) task; unset: same as the others")
+    classes_per_task: int | None = Field(None, ge=1, description="classes per task after the first (default 2 when num_tasks is unset)")
+    num_tasks: int | None = Field(None, ge=1, description="total number of tasks (instead of classes_per_task)")
+    class_order: Literal["seeded", "sorted"] | list[int] = Field("seeded", description="class order: seeded shuffle, sorted, or an explicit permutation of the class ids")
 
     @model_validator(mode="after")
     def _one_size(self) -> "TasksConfig":
@@ -71,13 +71,13 @@ class IidPartition(Strict):
 
 class DirichletPartition(Strict):
     scheme: Literal["dirichlet"]
-    alpha: float = Field(0.5, gt=0.0, le=1e6)
+    alpha: float = Field(0.5, gt=0.0, le=1e6, description="Dirichlet concentration per task; smaller = more label skew")
     min_size: int = Field(1, ge=0, description="fewest training samples a client may get per task")
 
 
 class PathologicalPartition(Strict):
     scheme: Literal["pathological"]
-    classes_per_client: int = Field(1, ge=1)
+    classes_per_client: int = Field(1, ge=1, description="classes of each task that one client holds")
 
 
 Partition = Annotated[
@@ -88,25 +88,25 @@ PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
 
 
 class ClientsConfig(Strict):
-    num_clients: int = Field(10, ge=1, le=100_000)
-    partition: Partition = Field(default_factory=IidPartition)
-    participation: float = Field(1.0, gt=0.0, le=1.0)
+    num_clients: int = Field(10, ge=1, le=100_000, description="number of clients (Flower SuperNodes)")
+    partition: Partition = Field(default_factory=IidPartition, description="how each task's training samples are split among clients")
+    participation: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients sampled each round (seeded)")
 
 
 # --------------------------------------------------------------------------- training
 class TrainingConfig(Strict):
-    rounds_per_task: int = Field(3, ge=1, le=10_000)
-    local_epochs: int = Field(1, ge=1, le=10_000)
-    batch_size: int = Field(32, ge=1, le=1_000_000)
-    lr: float = Field(0.01, gt=0.0, le=100.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    rounds_per_task: int = Field(3, ge=1, le=10_000, description="federated rounds per task")
+    local_epochs: int = Field(1, ge=1, le=10_000, description="passes over the local data per round")
+    batch_size: int = Field(32, ge=1, le=1_000_000, description="local mini-batch size")
+    lr: float = Field(0.01, gt=0.0, le=100.0, description="SGD learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="SGD weight decay")
     grad_clip: float = Field(10.0, ge=0.0, description="max gradient norm per step (0 = off)")
 
 
 class ModelConfig(Strict):
-    backbone: str = "cnn1d"
-    embedding_dim: int = Field(64, ge=1, le=65_536)
+    backbone: str = Field("cnn1d", description="feature extractor (registry name; `protofed list`)")
+    embedding_dim: int = Field(64, ge=1, le=65_536, description="dimension of embeddings and prototypes")
 
     @field_validator("backbone")
     @classmethod
@@ -119,14 +119,14 @@ class ModelConfig(Strict):
 
 
 class ContinualConfig(Strict):
-    backbone: Literal["train", "freeze_after_first_task"] = "train"
-    feature_distillation: float = Field(0.0, ge=0.0, le=1e6)
-    memory_per_class: int = Field(0, ge=0, le=1_000_000)
+    backbone: Literal["train", "freeze_after_first_task"] = Field("train", description="keep training the backbone, or freeze it after the client's first task")
+    feature_distillation: float = Field(0.0, ge=0.0, le=1e6, description="weight of an MSE pull towards the features of the model at task start")
+    memory_per_class: int = Field(0, ge=0, le=1_000_000, description="exemplars kept per class per client for replay (0 = exemplar-free)")
 
 
 class StrategyConfig(Strict):
-    name: str = "proto_avg"
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field("proto_avg", description="merging strategy (registry name; `protofed list`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the strategy's own parameters (validated by the strategy)")
 
     @field_validator("name")
     @classmethod
@@ -139,25 +139,25 @@ class StrategyConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    protocol: Literal["global", "local"] = "global"
+    protocol: Literal["global", "local"] = Field("global", description="which protocol fills the standard summary keys (both are recorded)")
     every: Literal["round", "task"] = Field(
         "round", description="evaluate after every round (smooth curves) or only at task ends"
     )
 
 
 class ResourcesConfig(Strict):
-    engine: Literal["ray", "inline"] = "ray"
-    num_cpus_per_client: int = Field(1, ge=1, le=1024)
-    num_gpus_per_client: float = Field(0.0, ge=0.0, le=64.0)
+    engine: Literal["ray", "inline"] = Field("ray", description="Ray actors through Flower's simulation engine, or in-process and sequential")
+    num_cpus_per_client: int = Field(1, ge=1, le=1024, description="CPUs per Ray actor (and torch threads per client)")
+    num_gpus_per_client: float = Field(0.0, ge=0.0, le=64.0, description="GPU share per Ray actor (fractional allowed); >0 trains on cuda")
 
 
 class OutputConfig(Strict):
-    dir: str = "results"
+    dir: str = Field("results", description="results go to <dir>/<name>/<strategy>/seed-<seed>/")
 
 
 class Scenario(Strict):
-    name: str = Field("scenario", pattern=NAME_PATTERN)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    name: str = Field("scenario", pattern=NAME_PATTERN, description="run name (letters, digits, . _ -); part of the results path")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="the one seed every random stream is derived from")
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)

@@ -18,11 +18,13 @@ from __future__ import annotations
 from simulator.learner.prototypes import merge_class_means
 from simulator.records import weighted_average
 
+from pydantic import Field
+
 from .base import FederatedStrategy, StrategyParams, Upload
 
 
 class Params(StrategyParams):
-    share_weights: bool = False
+    share_weights: bool = Field(False, description="also FedAvg the backbone weights each round (one shared feature space)")
 
 
 class ProtoAvg(FederatedStrategy):

@@ -185,9 +185,9 @@ def _load_digits(params: DigitsParams, test_fraction: float, seed: int) -> Array
 
 # --------------------------------------------------------------------------- synthetic
 class SyntheticParams(_Params):
-    num_classes: int = Field(10, ge=2, le=100_000)
-    dim: int = Field(32, ge=1, le=100_000)
-    samples_per_class: int = Field(200, ge=2, le=10_000_000)
+    num_classes: int = Field(10, ge=2, le=100_000, description="number of classes")
+    dim: int = Field(32, ge=1, le=100_000, description="feature dimension of each sample")
+    samples_per_class: int = Field(200, ge=2, le=10_000_000, description="samples per class (train + test)")
     noise: float = Field(1.0, gt=0.0, description="per-dimension std of the samples around their class mean")
     class_sep: float = Field(3.0, gt=0.0, description="typical (RMS) distance between two class means")
     data_seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the class means and the samples")

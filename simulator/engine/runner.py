@@ -54,7 +54,9 @@ def check_writable(run_dir: Path, source: str = "--out") -> None:
         raise UserError.single(source, "output.dir", f"cannot write to {probe} (permission denied)")
 
 
-def _summary(scenario: Scenario, rec: RunRecorder, engine: str, wall: float, completed: bool) -> dict[str, Any]:
+def _summary(
+    scenario: Scenario, rec: RunRecorder, engine: str, wall: float, completed: bool, tasks: list[list[int]]
+) -> dict[str, Any]:
     from ..metrics import summarize
 
     done = rec.tasks_done
@@ -88,6 +90,7 @@ def _summary(scenario: Scenario, rec: RunRecorder, engine: str, wall: float, com
         completed=completed,
         tasks_completed=done,
         protocol=scenario.evaluation.protocol,
+        task_classes=[[int(c) for c in t] for t in tasks],
     )
     return summ
 
@@ -146,7 +149,7 @@ def run_scenario(
         completed = True
     finally:
         wall = time.time() - started
-        summary = _summary(scenario, rec, engine, wall, completed)
+        summary = _summary(scenario, rec, engine, wall, completed, stream.tasks)
         if rec.rows:
             writer.write_metrics(rec.rows)
         if rec.client_rows:
