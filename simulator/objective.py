@@ -4,18 +4,27 @@ The engine's client handler runs the one local training loop
 (:func:`simulator.learner.training.train_local`) and asks the strategy's objective for:
 
 * ``receive(global_arrays, model)`` - read the server's knowledge (prototypes, anchors, weights);
-* ``classifier`` - "prototype" (nearest prototype) or "head" (linear head over seen classes);
+* ``train_loss`` - the task loss: "prototype" (prototypical loss) or "head" (cross-entropy of a
+  linear head over the seen classes); ``inference`` - "prototype" (nearest prototype) or "head";
+* ``before_training(model, x, y)`` - look at the local data before training (e.g. local gaps);
 * ``known_prototypes()`` - prototypes of other classes used by the prototypical loss;
 * ``extra_loss(features, labels, model)`` - the method's own loss terms, added each batch;
 * ``upload(model, local_protos)`` - the ArrayRecord sent back (prototypes, weights, ...);
-* ``inference_prototypes(local_protos)`` - the prototypes used at test time.
+* ``inference_prototypes(local_protos)`` - the prototypes used at test time;
+* ``state_dict()`` / ``load_state_dict()`` - per-client state kept between rounds (in the client
+  state store, next to the model weights).
+
+Class attributes say how the engine treats the method: ``uses_continual`` (replay, distillation
+and freezing apply), ``data_scope`` ("task": the client's data of its current task; "all": every
+training sample of every task, for the centralised upper bound).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from pydantic import BaseModel
@@ -37,9 +46,10 @@ class ClientObjective:
     """Default behaviour: prototype classifier, global prototypes received and used, local
     prototypes uploaded, backbone weights shared when ``share_weights`` is set."""
 
-    classifier: ClassVar[Literal["prototype", "head"]] = "prototype"
-    # whether continual mechanisms (replay, distillation, freezing) apply to this method
+    train_loss: ClassVar[Literal["prototype", "head"]] = "prototype"
+    inference: ClassVar[Literal["prototype", "head"]] = "prototype"
     uses_continual: ClassVar[bool] = True
+    data_scope: ClassVar[Literal["task", "all"]] = "task"
 
     def __init__(self, params: BaseModel, info: ClientInfo) -> None:
         self.params = params
@@ -56,7 +66,21 @@ class ClientObjective:
         if has_weights(arrays):
             load_weights(model, arrays)
 
+    @classmethod
+    def needs_head(cls) -> bool:
+        return cls.train_loss == "head" or cls.inference == "head"
+
+    # ---- per-client state (kept in the client state store between rounds)
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
     # ---- training
+    def before_training(self, model: ProtoModel, x: np.ndarray, y: np.ndarray) -> None:
+        return None
+
     def known_prototypes(self) -> PrototypeSet | None:
         return self.global_protos
 
@@ -67,7 +91,7 @@ class ClientObjective:
     def upload(self, model: ProtoModel, local_protos: PrototypeSet) -> dict[str, Array]:
         out = dict(protos_to_arrays(local_protos))
         if self.share_weights:
-            out.update(weights_to_arrays(model, include_head=self.classifier == "head"))
+            out.update(weights_to_arrays(model, include_head=self.inference == "head"))
         return out
 
     # ---- inference

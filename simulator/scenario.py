@@ -307,7 +307,7 @@ def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scena
     spec = STRATEGIES[scenario.strategy.name]
     try:
         sparams = spec.Params.model_validate(scenario.strategy.params)
-        scenario.strategy.params = sparams.model_dump(mode="json")
+        scenario.strategy.params = sparams.model_dump(mode="json", by_alias=True)
     except ValidationError as exc:
         problems += problems_from_validation(exc, ("strategy", "params"))
     if problems:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from .base import FederatedStrategy, RunInfo, StrategyParams
 from .fedavg import FedAvg
+from .fedproto import FedProto
+from .finetune import Finetune
+from .joint import Joint
+from .local import Local
 from .proto_avg import ProtoAvg
 
-
 STRATEGIES: dict[str, type[FederatedStrategy]] = {
-    cls.name: cls for cls in (ProtoAvg, FedAvg)
+    cls.name: cls for cls in (ProtoAvg, FedAvg, FedProto, Finetune, Local, Joint)
 }
 
 __all__ = ["STRATEGIES", "FederatedStrategy", "RunInfo", "StrategyParams"]

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from simulator import seeding
 from simulator.learner.prototypes import PrototypeSet
 from simulator.objective import ClientObjective
-from simulator.records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_from_arrays, protos_to_arrays
+from simulator.records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_from_arrays, protos_to_arrays, weighted_average
 
 
 class StrategyParams(BaseModel):
@@ -117,11 +117,14 @@ class FederatedStrategy(Strategy):
     ) -> Iterable[Message]:
         return self._messages(self.sample(server_round), arrays, config, MessageType.TRAIN, server_round)
 
+    def eval_partitions(self) -> list[int]:
+        """Clients evaluated after a round (all of them by default)."""
+        return sorted(self.run.partitions)
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        pids = config["eval_clients"] if "eval_clients" in config else sorted(self.run.partitions)
-        return self._messages(list(pids), arrays, config, MessageType.EVALUATE, server_round)
+        return self._messages(self.eval_partitions(), arrays, config, MessageType.EVALUATE, server_round)
 
     def decode(self, replies: Iterable[Message]) -> list[Upload]:
         """Successful replies, decoded and ordered by partition id; failures are counted."""
@@ -168,6 +171,13 @@ class FederatedStrategy(Strategy):
 
     def merge(self, server_round: int, uploads: list[Upload]) -> None:
         raise NotImplementedError
+
+    def merge_weights(self, uploads: list[Upload]) -> None:
+        """FedAvg: the sample-weighted mean of the uploaded weights becomes the global weights
+        (kept unchanged when no upload carries samples)."""
+        avg = weighted_average([u.arrays for u in uploads], [float(u.num_examples) for u in uploads])
+        if avg:
+            self.global_weights = avg
 
     def summary(self) -> None:
         return None

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from simulator.objective import ClientObjective
-from simulator.records import weighted_average
 
 from .base import FederatedStrategy, StrategyParams, Upload
 
@@ -20,7 +19,8 @@ class Params(StrategyParams):
 
 
 class HeadObjective(ClientObjective):
-    classifier: ClassVar[Literal["prototype", "head"]] = "head"
+    train_loss: ClassVar[Literal["prototype", "head"]] = "head"
+    inference: ClassVar[Literal["prototype", "head"]] = "head"
 
     @property
     def share_weights(self) -> bool:
@@ -38,6 +38,4 @@ class FedAvg(FederatedStrategy):
         return True
 
     def merge(self, server_round: int, uploads: list[Upload]) -> None:
-        avg = weighted_average([u.arrays for u in uploads], [float(u.num_examples) for u in uploads])
-        if avg:
-            self.global_weights = avg
+        self.merge_weights(uploads)

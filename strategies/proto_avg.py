@@ -16,7 +16,6 @@ averaged across different feature spaces, which the simulator shows rather than 
 from __future__ import annotations
 
 from simulator.learner.prototypes import merge_class_means
-from simulator.records import weighted_average
 
 from pydantic import Field
 
@@ -36,6 +35,4 @@ class ProtoAvg(FederatedStrategy):
         merged = merge_class_means([u.protos for u in uploads if u.protos is not None], "samples")
         self.global_protos = self.global_protos.updated_with(merged)
         if self.shares_weights:
-            avg = weighted_average([u.arrays for u in uploads], [float(u.num_examples) for u in uploads])
-            if avg:
-                self.global_weights = avg
+            self.merge_weights(uploads)

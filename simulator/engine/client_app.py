@@ -43,6 +43,7 @@ def _fresh_state(rt: Runtime) -> dict[str, Any]:
         "task": None,
         "first_task": None,
         "class_counts": np.zeros(rt.stream.dataset.num_classes, dtype=np.int64),
+        "objective": {},
     }
 
 
@@ -56,14 +57,24 @@ def _load(rt: Runtime, pid: int):
         rt.params,
         ClientInfo(pid, rt.stream.dataset.num_classes, rt.scenario.model.embedding_dim, rt.device),
     )
+    objective.load_state_dict(state.get("objective") or {})
     return state, model, objective
 
 
-def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, task: int, continual: bool) -> None:
+def _task_indices(rt: Runtime, objective, task: int, pid: int) -> np.ndarray:
+    """This client's training samples for ``task``; every sample of every task for methods
+    whose data scope is "all" (the centralised upper bound)."""
+    if objective.data_scope == "all":
+        return np.sort(np.concatenate([i for per_task in rt.stream.train_indices for i in per_task]))
+    return rt.stream.train_indices[task][pid]
+
+
+def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, task: int) -> None:
     """Bookkeeping when this client meets a new task: remember exemplars of the task it just
     finished, snapshot the model as the distillation teacher, count its classes."""
     prev = state["task"]
     cfg = rt.scenario.continual
+    continual = objective.uses_continual
     if prev is not None and continual and cfg.memory_per_class > 0:
         idx = rt.stream.train_indices[prev][pid]
         labels = rt.stream.dataset.y_train[idx]
@@ -75,7 +86,7 @@ def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, task: int, 
     state["teacher"] = None
     if continual and cfg.feature_distillation > 0 and task > state["first_task"]:
         state["teacher"] = to_cpu(model.state_dict())
-    idx = rt.stream.train_indices[task][pid]
+    idx = _task_indices(rt, objective, task, pid)
     state["class_counts"] = state["class_counts"] + np.bincount(
         rt.stream.dataset.y_train[idx], minlength=rt.stream.dataset.num_classes
     )
@@ -93,10 +104,10 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     objective.receive(msg.content[GLOBAL], model)
     continual = objective.uses_continual
     if state["task"] != task:
-        _begin_task(rt, pid, state, model, task, continual)
+        _begin_task(rt, pid, state, model, objective, task)
 
     data = rt.stream.dataset
-    task_idx = rt.stream.train_indices[task][pid]
+    task_idx = _task_indices(rt, objective, task, pid)
     mem_idx = memory_indices(state["memory"]) if continual else np.zeros(0, np.int64)
     all_idx = np.concatenate([task_idx, mem_idx])
     x, y = data.x_train[all_idx], data.y_train[all_idx]
@@ -119,10 +130,11 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
         momentum=s.training.momentum,
         weight_decay=s.training.weight_decay,
         grad_clip=s.training.grad_clip,
-        classifier=objective.classifier,
+        classifier=objective.train_loss,
         freeze_backbone=freeze,
         distill_weight=s.continual.feature_distillation if continual else 0.0,
     )
+    objective.before_training(model, x, y)
     try:
         stats = train_local(
             model,
@@ -145,6 +157,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     local_protos = compute_prototypes(model, x, y, rt.device)
     upload = objective.upload(model, local_protos)
     state["model"] = to_cpu(model.state_dict())
+    state["objective"] = objective.state_dict()
     rt.store.save(pid, state)
     meta = context.state.config_records.get("meta", ConfigRecord({"rounds": 0}))
     meta["rounds"] = int(meta["rounds"]) + 1
@@ -178,7 +191,7 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
     pred = predict(
         model,
         x,
-        classifier=objective.classifier,
+        classifier=objective.inference,
         seen_classes=seen,
         protos=objective.inference_prototypes(None),
         device=rt.device,

@@ -113,9 +113,10 @@ def run_scenario(
     engine = engine or scenario.resources.engine
     scenario = scenario.model_copy(deep=True)
     scenario.resources.engine = engine  # type: ignore[assignment]
+    out_source = "--out" if run_dir is not None else source  # where the run directory came from
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario)
     stream = build_stream_checked(scenario, source)
-    check_writable(run_dir)
+    check_writable(run_dir, out_source)
 
     started = time.time()
     state_dir = Path(tempfile.mkdtemp(prefix="protofed-state-"))

@@ -55,7 +55,7 @@ class Runtime:
 
     @property
     def with_head(self) -> bool:
-        return self.strategy_cls.Objective.classifier == "head"
+        return self.strategy_cls.Objective.needs_head()
 
     def new_model(self) -> ProtoModel:
         s = self.scenario

@@ -66,7 +66,7 @@ def server_loop(setup: RunSetup, recorder: RunRecorder, grid: Grid) -> None:
         ),
     )
     init_model = rt.new_model()
-    arrays = strategy.initial_arrays(weights_to_arrays(init_model, include_head=rt.with_head))
+    arrays = strategy.initial_arrays(weights_to_arrays(init_model, include_head=rt.strategy_cls.Objective.inference == "head"))
     server_round = 0
     for task in range(stream.num_tasks):
         seen = stream.seen_classes(task)
