@@ -75,6 +75,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import labels_arg, run_compare, seeds_arg
+
+    df, _ = run_compare(
+        args.scenario,
+        labels_arg(args.strategies),
+        seeds_arg(args.seeds),
+        out_dir=args.out,
+        engine=args.engine,
+        sets=args.set,
+        verbose=args.verbose,
+    )
+    return 0 if (df["status"] != "failed").all() else 1
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from .engine.runner import build_stream_checked
 
@@ -103,6 +118,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
                 print(p)
         except FileNotFoundError as exc:
             raise UserError.single(str(rd), "", str(exc)) from None
+    table = target / "comparison.csv"
+    if table.exists():  # a compare directory: redraw its two comparison plots as well
+        import pandas as pd
+
+        from .plots import plot_compare
+
+        df = pd.read_csv(table)
+        ok = df[df["status"] != "failed"]
+        for p in plot_compare(df, [Path(x) for x in ok["run_dir"]], list(ok["label"]), target):
+            print(p)
     return 0
 
 
@@ -145,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     common(r)
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compare", help="run several strategies (or compare: labels) over several seeds")
+    c.add_argument("scenario")
+    c.add_argument("--strategies", required=True, help="comma-separated strategy names or labels from the scenario's compare: section")
+    c.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    c.add_argument("--engine", choices=["ray", "inline"])
+    c.add_argument("--out", help="output folder (default <output.dir>/<name>)")
+    c.add_argument("--verbose", action="store_true")
+    common(c)
+    c.set_defaults(func=cmd_compare)
 
     v = sub.add_parser("validate", help="check a scenario file (and its data) without running it")
     v.add_argument("scenario")

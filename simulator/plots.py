@@ -260,3 +260,71 @@ def plot_run(run_dir: Path) -> list[Path]:
     plot_forgetting(metrics, paths[0], title=title, task_labels=labels)
     plot_accuracy_matrix(matrix, paths[1], title=title)
     return paths
+
+
+# --------------------------------------------------------------------------- comparisons
+def plot_compare(df: pd.DataFrame, run_dirs: Sequence[Path], labels: Sequence[str], out_dir: Path) -> list[Path]:
+    """``comparison.png`` (final average accuracy and average forgetting per strategy, mean with
+    std error bars across seeds) and ``forgetting_curves.png`` (average accuracy over the tasks
+    seen so far after each task, one line per strategy, shaded mean ± std across seeds)."""
+    out_dir = Path(out_dir)
+    ok = df[df["status"] != "failed"].copy()
+    order = list(dict.fromkeys(ok["label"]))
+    paths = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.1 * len(order) + 4), 4.6))
+    for ax, col, title in (
+        (axes[0], "final_avg_accuracy", "final average accuracy (higher is better)"),
+        (axes[1], "avg_forgetting", "average forgetting (lower is better)"),
+    ):
+        vals = [pd.to_numeric(ok[ok["label"] == lab][col], errors="coerce").dropna() for lab in order]
+        means = [v.mean() if len(v) else np.nan for v in vals]
+        stds = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]
+        colors = _colors(len(order))
+        ax.bar(range(len(order)), means, yerr=stds, capsize=4, color=colors, edgecolor="black", linewidth=0.5)
+        for i, (m, sd) in enumerate(zip(means, stds)):
+            if np.isfinite(m):
+                ax.text(i, max(m, 0) + (sd if np.isfinite(sd) else 0) + 0.02, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, rotation=30, ha="right")
+        ax.set_ylim(min(0.0, np.nanmin(means) - 0.1) if np.isfinite(np.nanmin(means)) else 0, 1.1)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    seeds = sorted(set(int(s) for s in ok["seed"]))
+    fig.suptitle(f"strategies compared · mean ± std over seeds {seeds}", fontsize=11)
+    fig.tight_layout()
+    p = out_dir / "comparison.png"
+    _save(fig, p)
+    paths.append(p)
+
+    from simulator.compare import average_accuracy_curve
+
+    curves: dict[str, list[np.ndarray]] = {}
+    for rd, lab in zip(run_dirs, labels):
+        try:
+            m = read_matrix(Path(rd) / "accuracy_matrix.csv")
+        except (OSError, ValueError):
+            continue
+        curves.setdefault(lab, []).append(average_accuracy_curve(m))
+    fig, ax = plt.subplots(figsize=FORGETTING_SIZE)
+    for color, lab in zip(_colors(len(order)), order):
+        if lab not in curves:
+            continue
+        arr = np.vstack(curves[lab])
+        x = np.arange(arr.shape[1])
+        mean = np.nanmean(arr, axis=0)
+        std = np.nanstd(arr, axis=0, ddof=1) if len(arr) > 1 else np.zeros_like(mean)
+        ax.plot(x, mean, marker="o", color=color, label=f"{lab} (n={len(arr)})")
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15)
+    ax.set_xlabel("after training task k")
+    ax.set_ylabel("average accuracy over tasks 0..k")
+    ax.set_ylim(-0.02, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.set_title("average accuracy over seen tasks, per strategy (shaded: ± std across seeds)", fontsize=10)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    p = out_dir / "forgetting_curves.png"
+    _save(fig, p)
+    paths.append(p)
+    return paths

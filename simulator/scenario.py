@@ -138,6 +138,15 @@ class StrategyConfig(Strict):
         return v
 
 
+class CompareEntry(Strict):
+    """One labelled entry of the ``compare:`` section: a strategy name and its params."""
+
+    name: str = Field(description="strategy registry name")
+    params: dict[str, Any] = Field(default_factory=dict, description="that strategy's params")
+
+    _known_strategy = field_validator("name")(StrategyConfig._known_strategy.__func__)  # type: ignore[attr-defined]
+
+
 class EvaluationConfig(Strict):
     protocol: Literal["global", "local"] = Field("global", description="which protocol fills the standard summary keys (both are recorded)")
     every: Literal["round", "task"] = Field(
@@ -168,6 +177,18 @@ class Scenario(Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    compare: dict[str, CompareEntry] = Field(
+        default_factory=dict,
+        description="labels -> {name, params} usable in `protofed compare --strategies` (one strategy may appear under several labels)",
+    )
+
+    @field_validator("compare")
+    @classmethod
+    def _labels(cls, v: dict[str, CompareEntry]) -> dict[str, CompareEntry]:
+        for label in v:
+            if not re.fullmatch(NAME_PATTERN, str(label)):
+                raise ValueError(f"label {label!r} must use letters, digits, . _ - only")
+        return v
 
     def resolved(self) -> dict[str, Any]:
         """The fully resolved scenario as plain data (what ``config.yaml`` records)."""
@@ -310,6 +331,11 @@ def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scena
         scenario.strategy.params = sparams.model_dump(mode="json", by_alias=True)
     except ValidationError as exc:
         problems += problems_from_validation(exc, ("strategy", "params"))
+    for label, entry in scenario.compare.items():
+        try:
+            entry.params = STRATEGIES[entry.name].Params.model_validate(entry.params).model_dump(mode="json", by_alias=True)
+        except ValidationError as exc:
+            problems += problems_from_validation(exc, ("compare", label, "params"))
     if problems:
         raise UserError(source, problems)
     return scenario
