@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -59,17 +60,55 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print(f"run directory: {run_dir}")
 
 
+def _resume_target(args: argparse.Namespace):
+    """The scenario recorded in a run directory, for ``--resume``."""
+    from .engine.checkpoint import has_checkpoint
+    from .scenario import read_yaml, validate_scenario
+
+    run_dir = Path(args.resume)
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        raise UserError.single(args.resume, "--resume", "not a run directory (no config.yaml)")
+    if args.scenario or args.strategy or args.seed is not None or args.set or args.out:
+        raise UserError.single(
+            "--resume", "--resume", "resumes with the scenario recorded in the run directory; give no SCENARIO, --strategy, --seed, --set or --out"
+        )
+    raw = read_yaml(config)
+    raw.pop("versions", None)
+    raw.pop("derived_seeds", None)
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        import json
+
+        if json.loads(summary.read_text()).get("completed"):
+            return None, run_dir
+    if not has_checkpoint(run_dir):
+        print(f"no checkpoint in {run_dir} (no task finished yet): starting the run again", file=sys.stderr)
+    return validate_scenario(raw, str(config)), run_dir
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .engine.runner import run_scenario
 
-    scenario = load_for_cli(args.scenario, args.strategy, args.seed, args.set)
+    if args.resume:
+        scenario, run_dir = _resume_target(args)
+        if scenario is None:
+            print(f"{run_dir} is already complete: nothing to resume")
+            return 0
+        source = str(run_dir / "config.yaml")
+    else:
+        if not args.scenario:
+            raise UserError.single("protofed run", "SCENARIO", "give a scenario file (or --resume RUN_DIR)")
+        scenario = load_for_cli(args.scenario, args.strategy, args.seed, args.set)
+        run_dir, source = (Path(args.out) if args.out else None), args.scenario
     outcome = run_scenario(
         scenario,
-        source=args.scenario,
-        run_dir=Path(args.out) if args.out else None,
+        source=source,
+        run_dir=run_dir,
         engine=args.engine,
         verbose=args.verbose,
         out=sys.stdout,
+        resume=bool(args.resume),
     )
     _print_summary(outcome.summary, outcome.run_dir)
     return 0
@@ -162,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario key, e.g. training.lr=0.01")
 
     r = sub.add_parser("run", help="run one scenario")
-    r.add_argument("scenario")
+    r.add_argument("scenario", nargs="?")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last task checkpoint")
     r.add_argument("--strategy", help="strategy name (overrides strategy.name)")
     r.add_argument("--seed", type=int)
     r.add_argument("--engine", choices=["ray", "inline"])
@@ -195,8 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so that every ``finally`` writes what was finished."""
+
+
+def _on_sigterm(signum, frame) -> None:  # pragma: no cover - exercised through a subprocess test
+    raise Terminated()
+
+
+def _stop_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -204,11 +261,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except RunFailure as exc:
         print(f"error: the run failed: {exc}", file=sys.stderr)
+        print("results so far are kept in the run directory", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        code = 143 if isinstance(exc, Terminated) else 130
+        print(
+            "\ninterrupted: finished tasks are kept; continue with `protofed run --resume RUN_DIR`",
+            file=sys.stderr,
+        )
+        _stop_ray()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # Flower's server thread may still wait on replies that will never come
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

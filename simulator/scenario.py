@@ -87,10 +87,25 @@ Partition = Annotated[
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
 
 
+class FaultSpec(Strict):
+    client: int = Field(ge=0, description="partition id of the client")
+    round: int = Field(ge=1, description="global round (1-based) in which it fails")
+    mode: Literal["raise", "exit"] = Field("raise", description="raise an exception, or kill the worker process (os._exit; on the inline engine: raise)")
+
+
 class ClientsConfig(Strict):
     num_clients: int = Field(10, ge=1, le=100_000, description="number of clients (Flower SuperNodes)")
     partition: Partition = Field(default_factory=IidPartition, description="how each task's training samples are split among clients")
     participation: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients sampled each round (seeded)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a sampled client fails during a round (seeded); the round merges the survivors")
+    fault_injection: list[FaultSpec] = Field(default_factory=list, description="chosen clients fail at chosen rounds (robustness studies, tests)")
+
+    @model_validator(mode="after")
+    def _fault_clients_exist(self) -> "ClientsConfig":
+        bad = sorted({f.client for f in self.fault_injection if f.client >= self.num_clients})
+        if bad:
+            raise ValueError(f"fault_injection names clients {bad}, but there are only {self.num_clients} (ids 0..{self.num_clients - 1})")
+        return self
 
 
 # --------------------------------------------------------------------------- training

@@ -11,6 +11,7 @@ query:    reply this node's partition id (used once by the server to map nodes t
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,32 @@ from .runtime import RunSetup, Runtime, runtime_for
 from .state_store import to_cpu
 
 
+FATAL_MARK = "[protofed-fatal] "
+
+
 class ClientFailure(RuntimeError):
-    """A client could not finish its work; the message names the client, task and round."""
+    """A client could not finish its work in a way that must stop the run (e.g. a non-finite
+    loss); the message names the client, task and round. The mark lets the server find it in
+    an error reply whatever the engine wrapped around it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(FATAL_MARK + message)
+
+
+class ClientDropout(RuntimeError):
+    """A simulated fault (``clients.dropout`` or ``clients.fault_injection``): the reply is an
+    error and the round merges the other clients."""
+
+
+def _maybe_fail(rt: Runtime, pid: int, server_round: int) -> None:
+    s = rt.scenario
+    for fault in s.clients.fault_injection:
+        if fault.client == pid and fault.round == server_round:
+            if fault.mode == "exit" and s.resources.engine != "inline":
+                os._exit(17)  # the worker process dies mid-round
+            raise ClientDropout(f"client {pid}: injected fault in round {server_round}")
+    if s.clients.dropout > 0 and rng(s.seed, "dropout", pid, server_round).random() < s.clients.dropout:
+        raise ClientDropout(f"client {pid} dropped out of round {server_round}")
 
 
 def _partition_id(context: Context) -> int:
@@ -100,6 +125,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     config: ConfigRecord = msg.content[CONFIG]
     task, rnd, server_round = int(config["task"]), int(config["round"]), int(config["server_round"])
     seen = [int(c) for c in config["seen_classes"]]
+    _maybe_fail(rt, pid, server_round)
     state, model, objective = _load(rt, pid)
     objective.receive(msg.content[GLOBAL], model)
     continual = objective.uses_continual
@@ -151,7 +177,8 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
         )
     except NonFiniteLoss as exc:
         raise ClientFailure(
-            f"client {pid}, task {task}, round {rnd + 1}: {exc}; try a smaller training.lr "
+            f"client {pid} (task {task}, round {rnd} of the task, global round {server_round}): {exc}; "
+            f"try a smaller training.lr "
             f"or smaller strategy loss weights"
         ) from None
     local_protos = compute_prototypes(model, x, y, rt.device)

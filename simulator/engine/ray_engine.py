@@ -30,18 +30,53 @@ def run_ray(
     from flwr.simulation import run_simulation
 
     quiet_logs(verbose)
+    start_ray(verbose)
     backend_config = {
-        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
+        # max_restarts: Ray restarts an actor whose process died, so one crashed client costs
+        # one failed reply instead of every later message routed to the dead actor
+        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client, "max_restarts": -1},
         "init_args": {
             "logging_level": logging.INFO if verbose else logging.ERROR,
             "log_to_driver": verbose,
             "include_dashboard": False,
         },
     }
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_clients,
-        backend_config=backend_config,
-        verbose_logging=verbose,
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_clients,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def start_ray(verbose: bool) -> None:
+    """Start Ray ourselves (Flower's backend then reuses it), so that our SIGTERM handler,
+    which ``ray.init`` replaces with one that exits at once, can be put back: an interrupted run
+    must write what it finished and shut Ray down."""
+    import signal
+    import sys
+    import threading
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    pythonpath = os.pathsep.join(sys.path)  # actors import the project as the driver does
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    ray.init(
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        log_to_driver=verbose,
+        include_dashboard=False,
     )
+    if threading.current_thread() is threading.main_thread() and callable(handler):
+        signal.signal(signal.SIGTERM, handler)

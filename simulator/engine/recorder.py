@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 from flwr.app import MetricRecord
@@ -64,7 +64,6 @@ class RunRecorder:
     rounds_per_task: int
     num_clients: int
     out: TextIO | None = field(default_factory=lambda: sys.stdout)
-    on_task_end: Callable[["RunRecorder"], None] | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
     client_rows: list[dict[str, Any]] = field(default_factory=list)
     bytes_up: int = 0
@@ -76,6 +75,15 @@ class RunRecorder:
     def __post_init__(self) -> None:
         self.matrix = np.full((self.num_tasks, self.num_tasks), np.nan)
         self.local_matrix = np.full((self.num_tasks, self.num_tasks), np.nan)
+
+    _STATE_FIELDS = ("rows", "client_rows", "bytes_up", "bytes_down", "eval_bytes", "tasks_done", "matrix", "local_matrix")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._STATE_FIELDS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self._STATE_FIELDS:
+            setattr(self, k, state[k])
 
     def say(self, text: str) -> None:
         if self.out is not None:
@@ -130,5 +138,3 @@ class RunRecorder:
         )
         if rnd == self.rounds_per_task - 1:
             self.tasks_done = task + 1
-            if self.on_task_end is not None:
-                self.on_task_end(self)

@@ -104,11 +104,14 @@ def run_scenario(
     verbose: bool = False,
     out: TextIO | None = None,
     plots: bool = True,
+    resume: bool = False,
 ) -> RunOutcome:
     """Run ``scenario`` and write its run directory. Bad input raises :class:`UserError`
-    before anything is written."""
+    before anything is written. With ``resume``, continue from the checkpoint in ``run_dir``
+    (written at the end of every task) instead of starting over."""
     from ..plots import plot_run
     from ..results import RunWriter
+    from .checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 
     engine = engine or scenario.resources.engine
     scenario = scenario.model_copy(deep=True)
@@ -121,35 +124,47 @@ def run_scenario(
     started = time.time()
     state_dir = Path(tempfile.mkdtemp(prefix="protofed-state-"))
     setup = RunSetup(scenario=scenario.resolved(), state_dir=str(state_dir), verbose=verbose)
+    clients_dir = state_dir / "clients"
     writer = RunWriter(run_dir)
-    resolved = scenario.resolved()
-    resolved["derived_seeds"] = seed_table(scenario.seed)
-    writer.write_config(resolved)
-    writer.write_table("clients", _clients_table(stream))
-
-    def on_task_end(rec: RunRecorder) -> None:
-        writer.write_metrics(rec.rows)
-        writer.write_matrix(rec.matrix)
-
     rec = RunRecorder(
         num_tasks=stream.num_tasks,
         rounds_per_task=scenario.training.rounds_per_task,
         num_clients=scenario.clients.num_clients,
         out=out,
-        on_task_end=on_task_end,
     )
+    start_task, strategy_state, wall_before = 0, None, 0.0
+    if resume and has_checkpoint(run_dir):
+        ckpt = load_checkpoint(run_dir, clients_dir)
+        rec.load_state_dict(ckpt["recorder"])
+        start_task, strategy_state = int(ckpt["task"]) + 1, ckpt["strategy"]
+        wall_before = float(ckpt.get("wall_seconds", 0.0))
+    else:
+        resolved = scenario.resolved()
+        resolved["derived_seeds"] = seed_table(scenario.seed)
+        writer.write_config(resolved)
+        writer.write_table("clients", _clients_table(stream))
+
+    def on_task_end(task: int, strategy) -> None:
+        writer.write_metrics(rec.rows)
+        writer.write_matrix(rec.matrix)
+        save_checkpoint(
+            run_dir, task, strategy.state_dict(), rec.state_dict(), clients_dir, wall_before + time.time() - started
+        )
+
+    what = f"resuming at task {start_task + 1}" if start_task else f"engine {engine}"
     rec.say(
         f"protofed · {scenario.name} · strategy {scenario.strategy.name} · seed {scenario.seed} · "
         f"{stream.num_tasks} tasks x {scenario.training.rounds_per_task} rounds · "
-        f"{scenario.clients.num_clients} clients · engine {engine}"
+        f"{scenario.clients.num_clients} clients · {what}"
     )
     completed = False
     try:
         write_stream(stream, state_dir)
-        _launch(setup, rec, engine, scenario, verbose)
+        if start_task < stream.num_tasks:
+            _launch(setup, rec, engine, scenario, verbose, start_task=start_task, strategy_state=strategy_state, on_task_end=on_task_end)
         completed = True
     finally:
-        wall = time.time() - started
+        wall = wall_before + time.time() - started
         summary = _summary(scenario, rec, engine, wall, completed, stream.tasks)
         if rec.rows:
             writer.write_metrics(rec.rows)
@@ -161,6 +176,8 @@ def run_scenario(
         if rec.tasks_done > 0 and np.isfinite(rec.local_matrix[: rec.tasks_done, : rec.tasks_done][np.tril_indices(rec.tasks_done)]).all():
             writer.write_table("local_accuracy_matrix", _matrix_frame(rec.local_matrix))
         writer.write_summary(summary)
+        if completed:
+            remove_checkpoint(run_dir)
         if plots and rec.tasks_done > 0:
             try:
                 plot_run(run_dir)
@@ -185,7 +202,7 @@ def _clients_table(stream):
     return pd.DataFrame(stream.summary_rows())
 
 
-def _launch(setup: RunSetup, rec: RunRecorder, engine: str, scenario: Scenario, verbose: bool) -> None:
+def _launch(setup: RunSetup, rec: RunRecorder, engine: str, scenario: Scenario, verbose: bool, **loop_kwargs: Any) -> None:
     from .client_app import build_client_app
     from .server_app import build_server_app, server_loop
 
@@ -197,12 +214,12 @@ def _launch(setup: RunSetup, rec: RunRecorder, engine: str, scenario: Scenario, 
         quiet_logs(verbose)
         runtime_for(setup)  # build once, in this process
         set_server_identity()
-        server_loop(setup, rec, InlineGrid(client_app, scenario.clients.num_clients))
+        server_loop(setup, rec, InlineGrid(client_app, scenario.clients.num_clients), **loop_kwargs)
         return
     from .ray_engine import run_ray
 
     run_ray(
-        build_server_app(setup, rec),
+        build_server_app(setup, rec, **loop_kwargs),
         client_app,
         scenario.clients.num_clients,
         scenario.resources.num_cpus_per_client,

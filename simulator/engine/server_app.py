@@ -4,6 +4,7 @@ the grid delivers the messages, the strategy merges the replies; then evaluation
 from __future__ import annotations
 
 import time
+from typing import Any, Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -38,17 +39,32 @@ def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
     return mapping
 
 
-def _failure_reason(replies: list[Message]) -> str | None:
+def _fatal_failure(replies: list[Message]) -> str | None:
+    """The first reply whose error must stop the run (a ClientFailure: e.g. a non-finite loss)."""
+    from .client_app import FATAL_MARK
+
     for r in replies:
-        if r.has_error():
+        if r.has_error() and FATAL_MARK in r.error.reason:
             text = r.error.reason
-            marker = "ClientFailure"
-            if marker in text:
-                return text[text.index(marker) :].split("\n")[0][:500]
+            return text[text.index(FATAL_MARK) + len(FATAL_MARK) :].split("\n")[0].rstrip("'\" ")[:500]
     return None
 
 
-def server_loop(setup: RunSetup, recorder: RunRecorder, grid: Grid) -> None:
+TaskEndHook = Callable[[int, Any], None]
+
+
+def server_loop(
+    setup: RunSetup,
+    recorder: RunRecorder,
+    grid: Grid,
+    *,
+    start_task: int = 0,
+    strategy_state: dict[str, Any] | None = None,
+    on_task_end: TaskEndHook | None = None,
+) -> None:
+    """Run tasks ``start_task..T-1``; with ``strategy_state`` the strategy continues from a
+    checkpoint taken at the end of task ``start_task - 1``. ``on_task_end(task, strategy)`` is
+    called after each task's evaluation (the runner writes results and a checkpoint there)."""
     rt = runtime_for(setup)
     s = rt.scenario
     stream = rt.stream
@@ -67,8 +83,11 @@ def server_loop(setup: RunSetup, recorder: RunRecorder, grid: Grid) -> None:
     )
     init_model = rt.new_model()
     arrays = strategy.initial_arrays(weights_to_arrays(init_model, include_head=rt.strategy_cls.Objective.inference == "head"))
-    server_round = 0
-    for task in range(stream.num_tasks):
+    if strategy_state is not None:
+        strategy.load_state_dict(strategy_state)
+        arrays = strategy.global_arrays()
+    server_round = start_task * s.training.rounds_per_task
+    for task in range(start_task, stream.num_tasks):
         seen = stream.seen_classes(task)
         for rnd in range(s.training.rounds_per_task):
             server_round += 1
@@ -90,10 +109,9 @@ def server_loop(setup: RunSetup, recorder: RunRecorder, grid: Grid) -> None:
             if new_arrays is not None:
                 arrays = new_arrays
             train = dict(train_metrics or MetricRecord())
-            if train.get("clients_ok", 0) == 0 and msgs:
-                reason = _failure_reason(replies)
-                if reason is not None:
-                    raise RunFailure(reason)
+            reason = _fatal_failure(replies)
+            if reason is not None:
+                raise RunFailure(reason)
             train.update(bytes_up=up, bytes_down=down, clients_sampled=len(msgs))
             recorder.bytes_up += up
             recorder.bytes_down += down
@@ -112,14 +130,16 @@ def server_loop(setup: RunSetup, recorder: RunRecorder, grid: Grid) -> None:
                     )
                 scores = score_evaluation(good, stream.tasks, task)
             recorder.record_round(task, rnd, server_round, train, scores, time.time() - t0)
+        if on_task_end is not None:
+            on_task_end(task, strategy)
 
 
-def build_server_app(setup: RunSetup, recorder: RunRecorder) -> ServerApp:
+def build_server_app(setup: RunSetup, recorder: RunRecorder, **loop_kwargs: Any) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server_loop(setup, recorder, grid)
+        server_loop(setup, recorder, grid, **loop_kwargs)
 
     return app
 

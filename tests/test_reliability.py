@@ -1,0 +1,148 @@
+"""Resume at task boundaries, interruption, client faults, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import simulator.engine.checkpoint as checkpoint
+from simulator.engine.runner import run_scenario
+from simulator.errors import RunFailure
+from simulator.scenario import validate_scenario
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(**over) -> dict:
+    raw = {
+        "name": "rel",
+        "seed": 4,
+        "dataset": {"source": "synthetic", "num_classes": 8, "dim": 8, "samples_per_class": 40, "class_sep": 5.0},
+        "tasks": {"initial_classes": 2, "classes_per_task": 2},
+        "clients": {"num_clients": 3, "partition": {"scheme": "dirichlet", "alpha": 1.0, "min_size": 4}},
+        "training": {"rounds_per_task": 2, "local_epochs": 1, "batch_size": 16},
+        "model": {"backbone": "mlp", "embedding_dim": 16},
+        "continual": {"memory_per_class": 5, "feature_distillation": 0.5},
+        "strategy": {"name": "proto_avg", "params": {"share_weights": True}},
+        "resources": {"engine": "inline"},
+    }
+    raw.update(over)
+    return raw
+
+
+@pytest.mark.parametrize("strategy", ["proto_avg", "fedavg"])
+def test_resume_after_interruption_gives_the_same_matrix(tmp_path, monkeypatch, strategy):
+    raw = tiny(strategy={"name": strategy, "params": {}})
+    full = run_scenario(validate_scenario(raw), run_dir=tmp_path / "full")
+
+    original = checkpoint.save_checkpoint
+
+    def save_then_stop(run_dir, task, *args, **kwargs):
+        original(run_dir, task, *args, **kwargs)
+        if task == 1:  # interrupted right after the second task
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["completed"] is False and summary["tasks_completed"] == 2
+    assert checkpoint.has_checkpoint(tmp_path / "cut")
+
+    resumed = run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut", resume=True)
+    np.testing.assert_array_equal(resumed.matrix, full.matrix)
+    assert (tmp_path / "cut" / "accuracy_matrix.csv").read_bytes() == (tmp_path / "full" / "accuracy_matrix.csv").read_bytes()
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["completed"] is True
+    assert not checkpoint.has_checkpoint(tmp_path / "cut")  # removed once complete
+    m_full = pd.read_csv(tmp_path / "full" / "metrics.csv")
+    m_cut = pd.read_csv(tmp_path / "cut" / "metrics.csv")
+    pd.testing.assert_frame_equal(m_full.drop(columns=["seconds"]), m_cut.drop(columns=["seconds"]))
+
+
+def test_injected_faults_and_dropout_are_survived_and_recorded(tmp_path):
+    raw = tiny()
+    raw["clients"] = dict(raw["clients"], dropout=0.3, fault_injection=[{"client": 1, "round": 2, "mode": "raise"}])
+    out = run_scenario(validate_scenario(raw), run_dir=tmp_path / "f")
+    metrics = pd.read_csv(tmp_path / "f" / "metrics.csv").drop_duplicates("global_round")
+    assert out.summary["completed"] is True
+    assert metrics["clients_failed"].sum() > 0
+    assert (metrics["clients_failed"] + metrics["clients_trained"] == 3).all()
+    assert metrics.loc[metrics["global_round"] == 2, "clients_failed"].iloc[0] >= 1
+
+
+def test_dropout_rate_matches_configuration(tmp_path):
+    raw = tiny()
+    raw["clients"] = dict(raw["clients"], num_clients=10, dropout=0.25, partition={"scheme": "iid"})
+    raw["dataset"] = dict(raw["dataset"], samples_per_class=60)
+    raw["training"] = dict(raw["training"], rounds_per_task=6)
+    raw["evaluation"] = {"every": "task"}
+    run_scenario(validate_scenario(raw), run_dir=tmp_path / "d")
+    m = pd.read_csv(tmp_path / "d" / "metrics.csv").drop_duplicates("global_round")
+    rate = m["clients_failed"].sum() / (10 * len(m))  # 240 client-rounds
+    assert abs(rate - 0.25) < 3 * np.sqrt(0.25 * 0.75 / (10 * len(m)))
+
+
+def test_every_client_failing_keeps_global_state(tmp_path):
+    raw = tiny()
+    raw["clients"] = dict(raw["clients"], fault_injection=[{"client": c, "round": 3, "mode": "raise"} for c in range(3)])
+    out = run_scenario(validate_scenario(raw), run_dir=tmp_path / "all")
+    m = pd.read_csv(tmp_path / "all" / "metrics.csv").drop_duplicates("global_round")
+    assert m.loc[m["global_round"] == 3, "clients_trained"].iloc[0] == 0
+    assert out.summary["completed"] is True and np.isfinite(out.matrix[-1, 0])
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    raw = tiny(training={"rounds_per_task": 2, "local_epochs": 1, "batch_size": 16, "lr": 100.0, "grad_clip": 0.0})
+    with pytest.raises(RunFailure) as err:
+        run_scenario(validate_scenario(raw), run_dir=tmp_path / "nan")
+    text = str(err.value)
+    assert "client" in text and "task" in text and "round" in text and "training.lr" in text
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["completed"] is False
+
+
+def _ray_processes() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines()[1:] if "ray::" in line or "raylet" in line or "gcs_server" in line}
+
+
+def test_sigterm_keeps_finished_tasks_and_leaves_no_ray_process(tmp_path):
+    before = _ray_processes()
+    raw = tiny(resources={"engine": "ray"}, training={"rounds_per_task": 3, "local_epochs": 3, "batch_size": 8})
+    raw["tasks"] = {"initial_classes": 2, "classes_per_task": 1}
+    scen = tmp_path / "s.yaml"
+    scen.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulator.cli", "run", str(scen), "--out", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    deadline = time.time() + 240
+    for line in proc.stdout:  # wait until the second task has finished
+        if line.startswith("task 3/"):
+            break
+        assert time.time() < deadline
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    assert rc == 143
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] is False and summary["tasks_completed"] >= 2
+    assert checkpoint.has_checkpoint(run_dir)
+    time.sleep(2)
+    assert _ray_processes() - before == set()
+    # and the interrupted run can be resumed to completion from the command line
+    res = subprocess.run([sys.executable, "-m", "simulator.cli", "run", "--resume", str(run_dir), "--engine", "inline"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["completed"] is True
