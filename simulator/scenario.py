@@ -80,11 +80,29 @@ class PathologicalPartition(Strict):
     classes_per_client: int = Field(1, ge=1, description="classes of each task that one client holds")
 
 
+class ShardsPartition(Strict):
+    scheme: Literal["shards"]
+    shards_per_client: int = Field(
+        2, ge=1, le=100_000,
+        description="McMahan split: each task's samples sorted by label, cut into num_clients x shards_per_client equal shards; each client gets this many random shards",
+    )
+
+
+class QuantityPartition(Strict):
+    scheme: Literal["quantity"]
+    distribution: Literal["lognormal", "power_law"] = Field(
+        "lognormal", description="quantity skew: client sizes ~ lognormal, or proportional to rank^-exponent (ranks in seeded order); labels iid within each client"
+    )
+    sigma: float = Field(1.0, gt=0.0, le=100.0, description="std of the log of the client sizes (lognormal)")
+    exponent: float = Field(1.5, gt=0.0, le=100.0, description="decay of the sorted client sizes, size ~ rank^-exponent (power_law)")
+    min_size: int = Field(1, ge=0, description="fewest training samples a client may get per task")
+
+
 Partition = Annotated[
-    Union[IidPartition, DirichletPartition, PathologicalPartition],
+    Union[IidPartition, DirichletPartition, PathologicalPartition, ShardsPartition, QuantityPartition],
     Field(discriminator="scheme"),
 ]
-PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "shards", "quantity")
 
 
 class FaultSpec(Strict):
@@ -93,12 +111,30 @@ class FaultSpec(Strict):
     mode: Literal["raise", "exit"] = Field("raise", description="raise an exception, or kill the worker process (os._exit; on the inline engine: raise)")
 
 
+class ArrivalConfig(Strict):
+    initial_fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients present from the first task; the others join in equal groups at each later task")
+    at_task: list[int] | None = Field(None, description="explicit task (step) at which each client joins, one entry per client (overrides initial_fraction)")
+    stale_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="at each new task, this fraction of the clients already present receives no new classes (keeps training on its memory)")
+
+
 class ClientsConfig(Strict):
     num_clients: int = Field(10, ge=1, le=100_000, description="number of clients (Flower SuperNodes)")
     partition: Partition = Field(default_factory=IidPartition, description="how each task's training samples are split among clients")
     participation: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients sampled each round (seeded)")
+    task_order: Literal["shared", "per_client"] = Field("shared", description="every client meets the tasks in the same order, or each in its own seeded order (asynchronous)")
+    arrival: ArrivalConfig = Field(default_factory=ArrivalConfig, description="late joiners and clients without new classes (churn)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a sampled client fails during a round (seeded); the round merges the survivors")
     fault_injection: list[FaultSpec] = Field(default_factory=list, description="chosen clients fail at chosen rounds (robustness studies, tests)")
+
+    @model_validator(mode="after")
+    def _arrival_matches_clients(self) -> "ClientsConfig":
+        at = self.arrival.at_task
+        if at is not None:
+            if len(at) != self.num_clients:
+                raise ValueError(f"arrival.at_task needs one entry per client ({self.num_clients}), got {len(at)}")
+            if min(at) != 0 or any(a < 0 for a in at):
+                raise ValueError("arrival.at_task: at least one client must be present from task 0, and no entry may be negative")
+        return self
 
     @model_validator(mode="after")
     def _fault_clients_exist(self) -> "ClientsConfig":
@@ -120,17 +156,42 @@ class TrainingConfig(Strict):
 
 
 class ModelConfig(Strict):
-    backbone: str = Field("cnn1d", description="feature extractor (registry name; `protofed list`)")
+    backbone: str | list[str] | dict[str, list[int]] = Field(
+        "cnn1d",
+        description="feature extractor (registry name; `protofed list`); a list is assigned to clients round-robin; "
+        "a mapping gives each backbone its client ids (model heterogeneity: all share embedding_dim)",
+    )
     embedding_dim: int = Field(64, ge=1, le=65_536, description="dimension of embeddings and prototypes")
 
     @field_validator("backbone")
     @classmethod
-    def _known_backbone(cls, v: str) -> str:
+    def _known_backbone(cls, v: str | list[str] | dict[str, list[int]]) -> str | list[str] | dict[str, list[int]]:
         from .learner.backbones import BACKBONES
 
-        if v not in BACKBONES:
-            raise ValueError(f"unknown backbone {v!r}; allowed: {', '.join(sorted(BACKBONES))}")
+        names = [v] if isinstance(v, str) else list(v)
+        if not names:
+            raise ValueError("give at least one backbone")
+        for name in names:
+            if name not in BACKBONES:
+                raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}")
         return v
+
+    def backbone_of(self, client: int) -> str:
+        """The backbone of one client (partition id)."""
+        b = self.backbone
+        if isinstance(b, str):
+            return b
+        if isinstance(b, list):
+            return b[client % len(b)]
+        for name, clients in b.items():
+            if client in clients:
+                return name
+        raise KeyError(client)
+
+    @property
+    def heterogeneous(self) -> bool:
+        b = self.backbone
+        return not isinstance(b, str) and len(set(b)) > 1
 
 
 class ContinualConfig(Strict):
@@ -216,7 +277,7 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("iid", "dirichlet", "pathological") and parts and parts[-1].endswith("partition"):
+        elif item in PARTITION_SCHEMES and parts and parts[-1].endswith("partition"):
             continue  # discriminator tag inserted by pydantic, not a user key
         elif isinstance(item, str) and (item.startswith("function-") or "[" in item):
             continue
@@ -351,9 +412,48 @@ def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scena
             entry.params = STRATEGIES[entry.name].Params.model_validate(entry.params).model_dump(mode="json", by_alias=True)
         except ValidationError as exc:
             problems += problems_from_validation(exc, ("compare", label, "params"))
+    problems += _model_problems(scenario)
     if problems:
         raise UserError(source, problems)
     return scenario
+
+
+def _model_problems(scenario: Scenario) -> list[Problem]:
+    """Cross-field checks of model heterogeneity: a backbone mapping must cover every client
+    once, and weight-averaging strategies need one architecture."""
+    from strategies import STRATEGIES
+
+    out: list[Problem] = []
+    b = scenario.model.backbone
+    if isinstance(b, dict):
+        ids = sorted(c for clients in b.values() for c in clients)
+        expected = list(range(scenario.clients.num_clients))
+        if ids != expected:
+            missing = sorted(set(expected) - set(ids))
+            extra = sorted({c for c in ids if ids.count(c) > 1 or c not in expected})
+            out.append(
+                Problem(
+                    "model.backbone",
+                    f"the mapping must give each of the {scenario.clients.num_clients} client ids exactly once"
+                    + (f"; missing {missing[:10]}" if missing else "")
+                    + (f"; repeated or out of range {extra[:10]}" if extra else ""),
+                )
+            )
+    if scenario.model.heterogeneous:
+        entries = [("strategy", scenario.strategy.name, scenario.strategy.params)]
+        entries += [(f"compare.{label}", e.name, e.params) for label, e in scenario.compare.items()]
+        for where, name, params in entries:
+            cls = STRATEGIES[name]
+            if cls.weight_sharing(cls.Params.model_validate(params)):
+                out.append(
+                    Problem(
+                        where,
+                        f"{name} averages model weights, which needs one architecture, but model.backbone "
+                        f"assigns several ({', '.join(sorted(set(b)))}); use one backbone, or a prototype "
+                        "strategy with share_weights: false",
+                    )
+                )
+    return out
 
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:

@@ -68,10 +68,16 @@ class FederatedStrategy(Strategy):
         self.global_weights: dict[str, Array] = {}
         self.last_failed = 0
         self.last_ok = 0
+        self.available: list[int] | None = None  # clients present this step (None: all); set by the engine
+
+    @classmethod
+    def weight_sharing(cls, params: StrategyParams) -> bool:
+        """Whether the method averages model weights with these params."""
+        return bool(getattr(params, "share_weights", False))
 
     @property
     def shares_weights(self) -> bool:
-        return bool(getattr(self.params, "share_weights", False))
+        return self.weight_sharing(self.params)
 
     # ------------------------------------------------------------------ global state
     def initial_arrays(self, initial_weights: dict[str, Array]) -> ArrayRecord:
@@ -90,8 +96,9 @@ class FederatedStrategy(Strategy):
 
     # ------------------------------------------------------------------ sampling
     def sample(self, server_round: int) -> list[int]:
-        """Seeded sample of partition ids for this round (``clients.participation``)."""
-        pids = sorted(self.run.partitions)
+        """Seeded sample of the present clients' partition ids for this round
+        (``clients.participation``)."""
+        pids = self.present()
         k = max(1, int(round(self.run.participation * len(pids))))
         if k >= len(pids):
             return pids
@@ -117,9 +124,16 @@ class FederatedStrategy(Strategy):
     ) -> Iterable[Message]:
         return self._messages(self.sample(server_round), arrays, config, MessageType.TRAIN, server_round)
 
+    def present(self) -> list[int]:
+        """Partition ids of the clients present now (late joiners are absent before they join)."""
+        pids = sorted(self.run.partitions)
+        if self.available is None:
+            return pids
+        return [p for p in pids if p in set(self.available)]
+
     def eval_partitions(self) -> list[int]:
-        """Clients evaluated after a round (all of them by default)."""
-        return sorted(self.run.partitions)
+        """Clients evaluated after a round (every present client by default)."""
+        return self.present()
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

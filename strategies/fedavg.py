@@ -33,8 +33,8 @@ class FedAvg(FederatedStrategy):
     Params = Params
     Objective = HeadObjective
 
-    @property
-    def shares_weights(self) -> bool:
+    @classmethod
+    def weight_sharing(cls, params) -> bool:
         return True
 
     def merge(self, server_round: int, uploads: list[Upload]) -> None:

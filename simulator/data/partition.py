@@ -1,4 +1,5 @@
-"""Split one task's training samples among clients (iid, Dirichlet label skew, pathological).
+"""Split one task's training samples among clients (iid, Dirichlet label skew, pathological,
+McMahan shards, quantity skew).
 
 Every function works on *positions* ``0..len(labels)-1`` of the task's training samples and
 returns, per client, a sorted int64 array of positions; every position goes to exactly one
@@ -17,6 +18,10 @@ SCHEME_DESCRIPTIONS: dict[str, str] = {
     "iid": "uniform random split, equal sizes",
     "dirichlet": "label skew: per class, client shares ~ Dirichlet(alpha); min_size per client (repaired)",
     "pathological": "each client holds classes_per_client classes, each class split evenly among its holders",
+    "shards": "McMahan et al.: samples sorted by label, cut into num_clients x shards_per_client equal shards, "
+    "shards_per_client random shards per client",
+    "quantity": "quantity skew: client sizes ~ lognormal(sigma) or rank^-exponent (power law), labels iid within "
+    "each client; min_size per client",
 }
 
 MAX_DIRICHLET_DRAWS = 20
@@ -45,6 +50,14 @@ def partition_task(
         owner = _dirichlet(labels, num_clients, float(cfg.alpha), int(cfg.min_size), rng, task)
     elif scheme == "pathological":
         owner = _pathological(labels, num_clients, int(cfg.classes_per_client), rng, task)
+    elif scheme == "shards":
+        owner = _shards(labels, num_clients, int(cfg.shards_per_client), rng, task)
+    elif scheme == "quantity":
+        sizes = quantity_sizes(
+            len(labels), num_clients, cfg.distribution, float(cfg.sigma), float(cfg.exponent), int(cfg.min_size), rng, task
+        )
+        owner = np.empty(len(labels), dtype=np.int64)
+        owner[rng.permutation(len(labels))] = np.repeat(np.arange(num_clients, dtype=np.int64), sizes)  # labels iid
     else:
         raise FieldError("clients.partition.scheme", f"unknown partition scheme {scheme!r}")
     return _groups(owner, num_clients)
@@ -168,3 +181,82 @@ def _pathological(
         for client, chunk in zip(hs, np.array_split(pos, len(hs))):
             owner[chunk] = client
     return owner
+
+
+# --------------------------------------------------------------------------- shards
+def _shards(labels: np.ndarray, num_clients: int, per_client: int, rng: np.random.Generator, task: int) -> np.ndarray:
+    """McMahan et al. (2017): sort by label, cut into equal shards, deal random shards to clients.
+
+    Inside a class the order is shuffled first, so which samples of a class form a shard is
+    random too. The ``num_clients * per_client`` shards differ in size by at most one sample.
+    """
+    n = len(labels)
+    num_shards = num_clients * per_client
+    if num_shards > n:
+        raise FieldError(
+            "clients.partition.shards_per_client",
+            f"task {task} has {n} training samples, fewer than num_clients x shards_per_client = "
+            f"{num_clients} x {per_client} = {num_shards} shards; lower shards_per_client or clients.num_clients",
+        )
+    by_label = np.lexsort((rng.random(n), labels))  # grouped by label, random order inside a class
+    shard_owner = rng.permutation(num_shards) // per_client  # shard s goes to client shard_owner[s]
+    owner = np.empty(n, dtype=np.int64)
+    for shard, chunk in enumerate(np.array_split(by_label, num_shards)):
+        owner[chunk] = shard_owner[shard]
+    return owner
+
+
+# --------------------------------------------------------------------------- quantity skew
+def quantity_sizes(
+    n: int,
+    num_clients: int,
+    distribution: str,
+    sigma: float,
+    exponent: float,
+    min_size: int,
+    rng: np.random.Generator,
+    task: int = 0,
+) -> np.ndarray:
+    """Client sizes (int64, summing to ``n``, each ``>= min_size``) with a skewed shape.
+
+    Weights: ``lognormal`` draws ``w_k = exp(sigma * z_k)``, ``z_k ~ N(0, 1)``; ``power_law``
+    gives the clients the ranks ``1..K`` in a seeded random order and ``w_k = rank_k^-exponent``.
+    Sizes are ``max(min_size, t * w_k)`` with the one ``t`` that makes them sum to ``n`` (clients
+    lifted to ``min_size`` keep it, the others stay exactly proportional to their weights), then
+    rounded by largest remainder (ties: smaller client id), which keeps the sum and the floor.
+    """
+    if num_clients * min_size > n:
+        raise FieldError(
+            "clients.partition.min_size",
+            f"task {task} has {n} training samples, fewer than num_clients x min_size = "
+            f"{num_clients} x {min_size} = {num_clients * min_size}; lower min_size or clients.num_clients",
+        )
+    if distribution == "lognormal":
+        log_w = sigma * rng.standard_normal(num_clients)
+    elif distribution == "power_law":
+        ranks = rng.permutation(num_clients) + 1
+        log_w = -exponent * np.log(ranks.astype(np.float64))
+    else:
+        raise FieldError("clients.partition.distribution", f"unknown distribution {distribution!r}; allowed: lognormal, power_law")
+    w = np.exp(log_w - log_w.max())  # largest weight 1: no overflow, tiny ones may underflow to 0
+
+    # water filling: clients whose proportional share falls below min_size are lifted to it
+    floored = np.zeros(num_clients, dtype=bool)
+    while True:
+        active = ~floored
+        t = (n - min_size * int(floored.sum())) / float(w[active].sum())
+        low = active & (t * w < min_size)
+        if not low.any() or low.sum() == active.sum():
+            break
+        floored |= low
+    real = np.where(floored, float(min_size), t * w)
+    sizes = np.floor(real).astype(np.int64)
+    sizes = np.maximum(sizes, min_size)
+    short = n - int(sizes.sum())
+    if short > 0:
+        order = np.argsort(-(real - np.floor(real)), kind="stable")
+        sizes[order[:short]] += 1
+    elif short < 0:  # float round-off only: take single samples from the largest clients
+        for k in np.argsort(-sizes, kind="stable")[: -short]:
+            sizes[k] -= 1
+    return sizes

@@ -11,13 +11,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import seeding
 from ..errors import FieldError
+from . import formats
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..scenario import DatasetConfig
@@ -368,6 +369,87 @@ def _load_folder(params: FolderParams, test_fraction: float, seed: int) -> Array
     return _split_and_finish(x, y, test_fraction, seed, names, "dataset.path")
 
 
+# --------------------------------------------------------------------------- standard formats
+def finish_uint8(raw: "formats.RawImages") -> ArrayDataset:
+    """Scale uint8 pixels to [0, 1], then standardise with the train split's scalar mean/std.
+
+    Same result as :func:`_finish` on ``x / 255``, but the statistics come exactly from a
+    256-bin histogram and the float32 output from a lookup table, so a 50 000-image dataset
+    needs no float64 copy.
+    """
+    hist = np.bincount(raw.x_train.reshape(-1), minlength=256).astype(np.float64)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    total = hist.sum()
+    mean = float((hist * values).sum() / total) if total else 0.0
+    std = float(np.sqrt((hist * (values - mean) ** 2).sum() / total)) if total else 1.0
+    if not np.isfinite(std) or std <= 1e-12:
+        std = 1.0
+    lut = ((values - mean) / std).astype(np.float32)
+    return ArrayDataset(
+        x_train=lut[raw.x_train],
+        y_train=np.asarray(raw.y_train, dtype=np.int64),
+        x_test=lut[raw.x_test],
+        y_test=np.asarray(raw.y_test, dtype=np.int64),
+        class_names=list(raw.class_names),
+        mean=mean,
+        std=std,
+    )
+
+
+_OWN_SPLIT = "; the dataset has its own test split, so dataset.test_fraction is not used"
+
+
+class CifarParams(_Params):
+    root: str = Field(
+        ..., min_length=1,
+        description="folder holding cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) or the archive cifar-10-python.tar.gz" + _OWN_SPLIT,
+    )
+    download: bool = Field(False, description="fetch the official archive into root when files are missing (md5-checked)")
+
+
+class Cifar100Params(_Params):
+    root: str = Field(
+        ..., min_length=1,
+        description="folder holding cifar-100-python/ (train, test, meta) or the archive cifar-100-python.tar.gz" + _OWN_SPLIT,
+    )
+    download: bool = Field(False, description="fetch the official archive into root when files are missing (md5-checked)")
+    label_type: Literal["fine", "coarse"] = Field("fine", description="100 fine classes or 20 coarse superclasses")
+
+
+class MnistParams(_Params):
+    root: str = Field(
+        ..., min_length=1,
+        description="folder with the four IDX files (train-/t10k-images-idx3-ubyte, train-/t10k-labels-idx1-ubyte, "
+        "optionally .gz) in root/MNIST/raw/ or root itself" + _OWN_SPLIT,
+    )
+    download: bool = Field(False, description="fetch missing files into root/MNIST/raw/ (md5-checked)")
+
+
+class FashionMnistParams(_Params):
+    root: str = Field(
+        ..., min_length=1,
+        description="folder with the four IDX files (train-/t10k-images-idx3-ubyte, train-/t10k-labels-idx1-ubyte, "
+        "optionally .gz) in root/FashionMNIST/raw/ or root itself" + _OWN_SPLIT,
+    )
+    download: bool = Field(False, description="fetch missing files into root/FashionMNIST/raw/ (md5-checked)")
+
+
+def _load_cifar10(params: CifarParams, test_fraction: float, seed: int) -> ArrayDataset:
+    return finish_uint8(formats.load_cifar(params.root, "cifar10", params.download))
+
+
+def _load_cifar100(params: Cifar100Params, test_fraction: float, seed: int) -> ArrayDataset:
+    return finish_uint8(formats.load_cifar(params.root, "cifar100", params.download, params.label_type))
+
+
+def _load_mnist(params: MnistParams, test_fraction: float, seed: int) -> ArrayDataset:
+    return finish_uint8(formats.load_idx(params.root, "mnist", params.download))
+
+
+def _load_fashion_mnist(params: FashionMnistParams, test_fraction: float, seed: int) -> ArrayDataset:
+    return finish_uint8(formats.load_idx(params.root, "fashion_mnist", params.download))
+
+
 # --------------------------------------------------------------------------- registry
 SOURCES: dict[str, SourceSpec] = {
     spec.name: spec
@@ -380,6 +462,23 @@ SOURCES: dict[str, SourceSpec] = {
         ),
         SourceSpec("npz", "NumPy .npz file with arrays x, y (and optionally x_test, y_test)", NpzParams, _load_npz),
         SourceSpec("folder", "image folder, one sub-folder per class (ImageFolder layout)", FolderParams, _load_folder),
+        SourceSpec(
+            "cifar10", "CIFAR-10 python pickles under root (10 classes, 3x32x32; own test split, test_fraction unused)",
+            CifarParams, _load_cifar10,
+        ),
+        SourceSpec(
+            "cifar100",
+            "CIFAR-100 python pickles under root (100 fine or 20 coarse classes, 3x32x32; own test split, test_fraction unused)",
+            Cifar100Params, _load_cifar100,
+        ),
+        SourceSpec(
+            "mnist", "MNIST IDX files under root (10 classes, 1x28x28; own test split, test_fraction unused)",
+            MnistParams, _load_mnist,
+        ),
+        SourceSpec(
+            "fashion_mnist", "Fashion-MNIST IDX files under root (10 classes, 1x28x28; own test split, test_fraction unused)",
+            FashionMnistParams, _load_fashion_mnist,
+        ),
     )
 }
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import seeding
 from .partition import partition_task
+from .schedule import build_schedule, present, receivers, seen_tasks
 from .sources import ArrayDataset, load_dataset
 from .tasks import make_class_order, split_into_tasks
 
@@ -25,6 +26,27 @@ class FederatedStream:
     tasks: list[list[int]]  # class ids per task
     train_indices: list[list[np.ndarray]]  # [task][client] -> indices into dataset.x_train
     test_indices: list[np.ndarray]  # [task] -> indices into dataset.x_test
+    schedule: np.ndarray | None = None  # [client, step] -> global task id, ABSENT or STALE (see schedule.py)
+
+    def __post_init__(self) -> None:
+        if self.schedule is None:  # everyone learns task k at step k
+            self.schedule = np.tile(np.arange(len(self.tasks), dtype=np.int64), (len(self.train_indices[0]) if self.train_indices else 0, 1))
+
+    def task_at(self, client: int, step: int) -> int:
+        """The global task ``client`` learns at ``step`` (or ABSENT / STALE)."""
+        return int(self.schedule[client, step])
+
+    def seen_tasks(self, step: int) -> list[int]:
+        """Global tasks some client has learned by the end of ``step``."""
+        return seen_tasks(self.schedule, step)
+
+    def present(self, step: int) -> list[int]:
+        """Clients that have joined by ``step``."""
+        return present(self.schedule, step)
+
+    def seen_classes_at(self, step: int) -> list[int]:
+        """Classes of every task seen by some client by the end of ``step``."""
+        return [c for t in self.seen_tasks(step) for c in self.tasks[t]]
 
     @property
     def num_tasks(self) -> int:
@@ -58,10 +80,12 @@ class FederatedStream:
         for t, per_client in enumerate(self.train_indices):
             for client, idx in enumerate(per_client):
                 classes = np.unique(self.dataset.y_train[idx])
+                steps = np.flatnonzero(self.schedule[client] == t)
                 rows.append(
                     {
                         "task": t,
                         "client": client,
+                        "step": int(steps[0]) if len(steps) else -1,
                         "samples": int(len(idx)),
                         "classes": int(len(classes)),
                         "class_ids": " ".join(str(int(c)) for c in classes),
@@ -80,13 +104,19 @@ def build_stream(scenario: "Scenario") -> FederatedStream:
     order = make_class_order(scenario.tasks, data.num_classes, seed)
     tasks = split_into_tasks(order, scenario.tasks)
     num_clients = int(scenario.clients.num_clients)
+    schedule = build_schedule(scenario.clients, len(tasks), seed)
     train_indices: list[list[np.ndarray]] = []
     test_indices: list[np.ndarray] = []
+    empty = np.zeros(0, dtype=np.int64)
     for t, classes in enumerate(tasks):
         pos = np.flatnonzero(np.isin(data.y_train, classes)).astype(np.int64)
+        recv = receivers(schedule, t)  # only clients that learn task t get its samples
         parts = partition_task(
-            data.y_train[pos], num_clients, scenario.clients.partition, seeding.rng(seed, "partition", t), t
+            data.y_train[pos], len(recv), scenario.clients.partition, seeding.rng(seed, "partition", t), t
         )
-        train_indices.append([pos[p] for p in parts])
+        per_client = [empty] * num_clients
+        for c, p in zip(recv, parts):
+            per_client[c] = pos[p]
+        train_indices.append(per_client)
         test_indices.append(np.flatnonzero(np.isin(data.y_test, classes)).astype(np.int64))
-    return FederatedStream(data, order, tasks, train_indices, test_indices)
+    return FederatedStream(data, order, tasks, train_indices, test_indices, schedule)

@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..data.schedule import ABSENT, STALE
 from ..learner.evaluation import per_class_correct, predict
 from ..learner.replay import memory_indices, update_memory
 from ..learner.training import NonFiniteLoss, TrainConfig, compute_prototypes, train_local
@@ -74,7 +75,7 @@ def _fresh_state(rt: Runtime) -> dict[str, Any]:
 
 def _load(rt: Runtime, pid: int):
     state = rt.store.load(pid) or _fresh_state(rt)
-    model = rt.new_model()
+    model = rt.new_model(pid)
     if state["model"] is not None:
         model.load_state_dict(state["model"])
     model.to(rt.device)
@@ -108,8 +109,9 @@ def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, 
         )
     if state["first_task"] is None:
         state["first_task"] = task
+    state["tasks_learned"] = state.get("tasks_learned", 0) + 1
     state["teacher"] = None
-    if continual and cfg.feature_distillation > 0 and task > state["first_task"]:
+    if continual and cfg.feature_distillation > 0 and state["tasks_learned"] > 1:
         state["teacher"] = to_cpu(model.state_dict())
     idx = _task_indices(rt, objective, task, pid)
     state["class_counts"] = state["class_counts"] + np.bincount(
@@ -123,17 +125,22 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     rt.set_threads()
     pid = _partition_id(context)
     config: ConfigRecord = msg.content[CONFIG]
-    task, rnd, server_round = int(config["task"]), int(config["round"]), int(config["server_round"])
+    step, rnd, server_round = int(config["task"]), int(config["round"]), int(config["server_round"])
     seen = [int(c) for c in config["seen_classes"]]
     _maybe_fail(rt, pid, server_round)
     state, model, objective = _load(rt, pid)
     objective.receive(msg.content[GLOBAL], model)
     continual = objective.uses_continual
-    if state["task"] != task:
+    # the global task this client learns now: its own under per-client task orders; a client
+    # that gets no new classes this step (STALE) keeps its current task
+    task = step if objective.data_scope == "all" else rt.stream.task_at(pid, step)
+    if task == STALE or task == ABSENT:
+        task = state["task"]
+    if task is not None and state["task"] != task:
         _begin_task(rt, pid, state, model, objective, task)
 
     data = rt.stream.dataset
-    task_idx = _task_indices(rt, objective, task, pid)
+    task_idx = _task_indices(rt, objective, task, pid) if task is not None else np.zeros(0, np.int64)
     mem_idx = memory_indices(state["memory"]) if continual else np.zeros(0, np.int64)
     all_idx = np.concatenate([task_idx, mem_idx])
     x, y = data.x_train[all_idx], data.y_train[all_idx]
@@ -147,7 +154,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     freeze = (
         continual
         and s.continual.backbone == "freeze_after_first_task"
-        and task > state["first_task"]
+        and state.get("tasks_learned", 0) > 1
     )
     tcfg = TrainConfig(
         epochs=s.training.local_epochs,
@@ -209,11 +216,10 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
     pid = _partition_id(context)
     config: ConfigRecord = msg.content[CONFIG]
     seen = [int(c) for c in config["seen_classes"]]
-    eval_tasks = int(config["task"]) + 1
     state, model, objective = _load(rt, pid)
     objective.receive(msg.content[GLOBAL], model)
     data = rt.stream.dataset
-    idx = np.concatenate([rt.stream.test_indices[t] for t in range(eval_tasks)])
+    idx = np.concatenate([rt.stream.test_indices[int(t)] for t in config["eval_tasks"]])
     x, y = data.x_test[idx], data.y_test[idx]
     pred = predict(
         model,

@@ -14,48 +14,49 @@ from flwr.app import MetricRecord
 
 @dataclass
 class EvalScores:
-    """Accuracies of one evaluation pass after training through ``task``."""
+    """Accuracies of one evaluation pass on the global tasks ``eval_tasks``."""
 
-    global_acc: np.ndarray  # [task + 1] mean over clients
-    local_acc: np.ndarray  # [task + 1] mean over clients holding the task's classes (NaN: nobody)
+    eval_tasks: list[int]
+    global_acc: np.ndarray  # [len(eval_tasks)] mean over clients
+    local_acc: np.ndarray  # [len(eval_tasks)] mean over clients holding the task's classes (NaN: nobody)
     per_client: list[dict[str, Any]]
 
 
-def score_evaluation(replies: list[MetricRecord], tasks: list[list[int]], task: int) -> EvalScores:
+def score_evaluation(replies: list[MetricRecord], tasks: list[list[int]], eval_tasks: list[int]) -> EvalScores:
     """Turn per-client, per-class counts into the two protocols' accuracies (DESIGN §5 and the
     README): global = each client on the global test set of every seen task, averaged over
     clients; local = each client on the test samples of the classes in its own training data so
     far, weighted by its own class frequencies, averaged over the clients that hold the task."""
     replies = sorted(replies, key=lambda m: int(m["partition_id"]))
-    g = np.zeros((len(replies), task + 1))
-    loc = np.full((len(replies), task + 1), np.nan)
+    g = np.zeros((len(replies), len(eval_tasks)))
+    loc = np.full((len(replies), len(eval_tasks)), np.nan)
     rows = []
     for i, m in enumerate(replies):
         correct = np.asarray(m["correct"], dtype=np.float64)
         total = np.asarray(m["total"], dtype=np.float64)
         counts = np.asarray(m["train_counts"], dtype=np.float64)
-        for j in range(task + 1):
+        for col, j in enumerate(eval_tasks):
             cls = np.asarray(tasks[j])
             tot = total[cls].sum()
-            g[i, j] = correct[cls].sum() / tot if tot > 0 else np.nan
+            g[i, col] = correct[cls].sum() / tot if tot > 0 else np.nan
             w = counts[cls]
             held = (w > 0) & (total[cls] > 0)
             if held.any():
                 acc_c = correct[cls][held] / total[cls][held]
-                loc[i, j] = float((w[held] * acc_c).sum() / w[held].sum())
+                loc[i, col] = float((w[held] * acc_c).sum() / w[held].sum())
             rows.append(
                 {
                     "client": int(m["partition_id"]),
                     "eval_task": j,
-                    "accuracy": g[i, j],
-                    "local_accuracy": loc[i, j],
+                    "accuracy": g[i, col],
+                    "local_accuracy": loc[i, col],
                 }
             )
     with np.errstate(all="ignore"):
         local_mean = np.array(
-            [np.nanmean(loc[:, j]) if np.isfinite(loc[:, j]).any() else np.nan for j in range(task + 1)]
+            [np.nanmean(loc[:, c]) if np.isfinite(loc[:, c]).any() else np.nan for c in range(len(eval_tasks))]
         )
-    return EvalScores(np.nanmean(g, axis=0), local_mean, rows)
+    return EvalScores(list(eval_tasks), np.nanmean(g, axis=0), local_mean, rows)
 
 
 @dataclass
@@ -112,20 +113,20 @@ class RunRecorder:
         if scores is None:
             self.rows.append({**base, "eval_task": np.nan, "accuracy": np.nan, "local_accuracy": np.nan})
         else:
-            for j in range(task + 1):
+            for col, j in enumerate(scores.eval_tasks):
                 self.rows.append(
                     {
                         **base,
                         "eval_task": j,
-                        "accuracy": float(scores.global_acc[j]),
-                        "local_accuracy": float(scores.local_acc[j]),
+                        "accuracy": float(scores.global_acc[col]),
+                        "local_accuracy": float(scores.local_acc[col]),
                     }
                 )
             for r in scores.per_client:
                 self.client_rows.append({"task": task, "round": rnd, "global_round": server_round, **r})
             if rnd == self.rounds_per_task - 1:
-                self.matrix[task, : task + 1] = scores.global_acc
-                self.local_matrix[task, : task + 1] = scores.local_acc
+                self.matrix[task, scores.eval_tasks] = scores.global_acc
+                self.local_matrix[task, scores.eval_tasks] = scores.local_acc
         acc = f" · acc {np.nanmean(scores.global_acc):.3f}" if scores is not None else ""
         loss = train.get("train_loss")
         loss_s = f" · loss {loss:.3f}" if loss is not None and np.isfinite(loss) else ""

@@ -57,10 +57,12 @@ class Runtime:
     def with_head(self) -> bool:
         return self.strategy_cls.Objective.needs_head()
 
-    def new_model(self) -> ProtoModel:
+    def new_model(self, partition_id: int = 0) -> ProtoModel:
+        """A freshly initialised model for one client (its backbone under model
+        heterogeneity); the initial weights depend only on the seed and the architecture."""
         s = self.scenario
         return build_model(
-            s.model.backbone,
+            s.model.backbone_of(partition_id),
             self.stream.dataset.input_shape,
             s.model.embedding_dim,
             self.stream.dataset.num_classes,

@@ -87,8 +87,12 @@ def server_loop(
         strategy.load_state_dict(strategy_state)
         arrays = strategy.global_arrays()
     server_round = start_task * s.training.rounds_per_task
+    # ``task`` is the step of the federation: with a shared task order every client learns
+    # global task ``task`` during it; otherwise the stream's schedule says which one each learns.
     for task in range(start_task, stream.num_tasks):
-        seen = stream.seen_classes(task)
+        seen = stream.seen_classes_at(task)
+        eval_tasks = stream.seen_tasks(task)
+        strategy.available = stream.present(task)
         for rnd in range(s.training.rounds_per_task):
             server_round += 1
             t0 = time.time()
@@ -98,7 +102,7 @@ def server_loop(
                     "round": rnd,
                     "server_round": server_round,
                     "seen_classes": [int(c) for c in seen],
-                    "task_classes": [int(c) for c in stream.tasks[task]],
+                    "eval_tasks": [int(t) for t in eval_tasks],
                 }
             )
             msgs = list(strategy.configure_train(server_round, arrays, config, grid))
@@ -128,7 +132,7 @@ def server_loop(
                         f"every client failed to evaluate after task {task}, round {rnd + 1}: "
                         + (eval_replies[0].error.reason[:300] if eval_replies else "no replies")
                     )
-                scores = score_evaluation(good, stream.tasks, task)
+                scores = score_evaluation(good, stream.tasks, eval_tasks)
             recorder.record_round(task, rnd, server_round, train, scores, time.time() - t0)
         if on_task_end is not None:
             on_task_end(task, strategy)
