@@ -219,3 +219,41 @@ def matrix_from_long(df: pd.DataFrame, num_tasks: int, protocol: str | None = No
         raise ValueError(f"accuracy values must be in [0, 1], got {vals[(vals < 0) | (vals > 1)][0]!r}")
     out[tidy["task"].to_numpy(), tidy["eval_task"].to_numpy()] = vals
     return out
+
+
+def summarize_asynchronous(matrix: Any) -> dict[str, float]:
+    """The same four metrics for a matrix whose columns are global task ids and whose rows are
+    federation steps, where a task enters the evaluation at the first step any client learns it
+    (per-client task orders, late arrivals). NaN marks "not seen yet".
+
+    ``A_k`` = mean of row k over the tasks seen by then; forgetting of task j = max of its
+    accuracy over rows before the last (from its first evaluation on) minus the last row; BWT
+    compares the last row with task j's first evaluation ``a[first_j][j]``. On a
+    lower-triangular matrix these equal the standard definitions (``first_j = j``)."""
+    a = np.asarray(matrix, dtype=float)
+    t = a.shape[0]
+    rows = [float(np.nanmean(a[k])) for k in range(t) if np.isfinite(a[k]).any()]
+    last = a[t - 1]
+    forget, bwt = [], []
+    for j in range(a.shape[1]):
+        col = a[: t - 1, j]
+        if not np.isfinite(col).any() or not np.isfinite(last[j]):
+            continue
+        first = int(np.flatnonzero(np.isfinite(col))[0])
+        forget.append(float(np.nanmax(col) - last[j]))
+        bwt.append(float(last[j] - a[first, j]))
+    return {
+        "final_avg_accuracy": float(np.nanmean(last)) if np.isfinite(last).any() else math.nan,
+        "avg_incremental_accuracy": float(np.mean(rows)) if rows else math.nan,
+        "avg_forgetting": float(np.mean(forget)) if forget else math.nan,
+        "bwt": float(np.mean(bwt)) if bwt else math.nan,
+    }
+
+
+def summarize_any(matrix: Any) -> dict[str, float]:
+    """:func:`summarize` for the usual lower-triangular matrix, else :func:`summarize_asynchronous`."""
+    a = np.asarray(matrix, dtype=float)
+    lower = np.tril(np.ones_like(a, dtype=bool))
+    if a.ndim == 2 and a.shape[0] == a.shape[1] and not np.isnan(a[lower]).any() and np.isnan(a[~lower]).all():
+        return summarize(a)
+    return summarize_asynchronous(a)

@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from simulator.metrics import matrix_from_long, select_protocol, summarize  # noqa: E402
+from simulator.metrics import matrix_from_long, select_protocol, summarize, summarize_any  # noqa: E402
 from simulator.results import atomic_write_bytes, read_matrix  # noqa: E402
 
 __all__ = ["plot_forgetting", "plot_accuracy_matrix", "plot_run"]
@@ -153,7 +153,7 @@ def plot_accuracy_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Non
         raise ValueError(f"accuracy matrix must be a non-empty T x T array, got shape {a.shape}")
     t = a.shape[0]
     try:
-        s = summarize(a)
+        s = summarize_any(a)
         forg = "n/a (one task)" if math.isnan(s["avg_forgetting"]) else f"{s['avg_forgetting']:.2f}"
         subtitle = f"final average accuracy {s['final_avg_accuracy']:.2f} · average forgetting {forg}"
     except ValueError as exc:
@@ -259,7 +259,34 @@ def plot_run(run_dir: Path) -> list[Path]:
     paths = [out / "forgetting.png", out / "accuracy_matrix.png"]
     plot_forgetting(metrics, paths[0], title=title, task_labels=labels)
     plot_accuracy_matrix(matrix, paths[1], title=title)
+    clients_path = run_dir / "client_metrics.csv"
+    if clients_path.is_file():
+        paths.append(out / "clients.png")
+        plot_clients(pd.read_csv(clients_path), paths[-1], title=title, task_labels=labels)
     return paths
+
+
+def plot_clients(client_metrics: pd.DataFrame, path: Path, title: str = "", task_labels: Mapping[int, Any] | None = None) -> None:
+    """Spread across clients of the final accuracy on each task: one box per task (median,
+    quartiles, whiskers) with every client's value as a dot, from the last evaluation."""
+    df = client_metrics.copy()
+    last = df[df["global_round"] == df["global_round"].max()]
+    tasks = sorted(int(t) for t in last["eval_task"].dropna().unique())
+    data = [pd.to_numeric(last[last["eval_task"] == t]["accuracy"], errors="coerce").dropna().to_numpy() for t in tasks]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(tasks) + 3), 4.6))
+    ax.boxplot(data, positions=range(len(tasks)), widths=0.5, showfliers=False)
+    jitter = np.random.default_rng(0)
+    for i, values in enumerate(data):
+        ax.scatter(i + jitter.uniform(-0.15, 0.15, len(values)), values, s=14, alpha=0.6, color="tab:blue", zorder=3)
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels([_task_label(t, task_labels) for t in tasks], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("client's accuracy on the task's test set")
+    n_clients = last["client"].nunique() if "client" in last else 0
+    ax.set_title((title + "\n" if title else "") + f"final accuracy per task across {n_clients} clients (one dot per client)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 # --------------------------------------------------------------------------- comparisons

@@ -202,7 +202,7 @@ def restricted_load(path: Path, field: str = "dataset.root") -> Any:
             return RestrictedUnpickler(fh, encoding="bytes").load()
     except pickle.UnpicklingError as exc:
         raise FieldError(field, f"{path} was not loaded: {exc} (a pickle can run code; this one is not a plain data file)") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever else goes wrong, this is not a readable data pickle
         raise FieldError(field, f"{path} is not a readable CIFAR pickle: {type(exc).__name__}: {exc}") from None
 
 
@@ -229,7 +229,7 @@ def fetch(url: str, dest: Path, md5: str, hint: str) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     try:
-        _say(f"downloading {url} -> {dest}")
+        _say(f"downloading {url} into {dest.parent}")
         h = hashlib.md5(usedforsecurity=False)
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as resp:
@@ -254,18 +254,18 @@ def fetch(url: str, dest: Path, md5: str, hint: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check_member(member: tarfile.TarInfo) -> None:
+def _check_member(member: tarfile.TarInfo, field: str) -> None:
     name = member.name
     parts = PurePosixPath(name).parts
     if name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute() or (parts and ":" in parts[0]):
-        raise FieldError("dataset.download", f"refused to extract {name!r}: absolute path in the archive")
+        raise FieldError(field, f"refused to extract {name!r}: absolute path in the archive")
     if ".." in parts or ".." in name.replace("\\", "/").split("/"):
-        raise FieldError("dataset.download", f"refused to extract {name!r}: '..' in the path")
+        raise FieldError(field, f"refused to extract {name!r}: '..' in the path")
     if not (member.isfile() or member.isdir()):
-        raise FieldError("dataset.download", f"refused to extract {name!r}: not a regular file or folder (links, devices are not allowed)")
+        raise FieldError(field, f"refused to extract {name!r}: not a regular file or folder (links, devices are not allowed)")
 
 
-def safe_extract(archive: Path, root: Path, folder: str) -> None:
+def safe_extract(archive: Path, root: Path, folder: str, field: str = "dataset.download") -> None:
     """Extract ``folder`` from a tar archive into ``root``, refusing unsafe members.
 
     Everything is extracted into a temporary folder under ``root`` first and ``folder`` is moved
@@ -278,11 +278,11 @@ def safe_extract(archive: Path, root: Path, folder: str) -> None:
             with tarfile.open(archive, "r:*") as tar:
                 members = tar.getmembers()
                 for m in members:
-                    _check_member(m)
+                    _check_member(m, field)
                 kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 tar.extractall(staging, members=members, **kwargs)
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise FieldError("dataset.root", f"cannot extract {archive}: {exc}") from None
+            raise FieldError(field, f"cannot extract {archive}: {exc}") from None
         src = staging / folder
         if not src.is_dir():
             raise FieldError("dataset.root", f"{archive} has no folder {folder!r}; is it the right archive?")
@@ -314,9 +314,10 @@ def _cifar_ensure(root: Path, name: str, download: bool) -> None:
     if not missing:
         return
     local_archive = root / spec.archive_name
+    base = root / spec.folder
     where = (
-        f"{root / spec.folder}/ with {', '.join(spec.files())} (the 'python version' archive {spec.archive_name} "
-        f"from {spec.url}, extracted into {root}; or that archive itself at {local_archive})"
+        f"{base}/ ({', '.join(spec.files())}): extract the 'python version' archive {spec.url} into {root}, "
+        f"or put the archive itself at {local_archive}"
     )
     if (root / spec.folder).exists() and not (root / spec.folder).is_dir():
         raise FieldError("dataset.root", f"{root / spec.folder} is not a directory")
@@ -325,7 +326,7 @@ def _cifar_ensure(root: Path, name: str, download: bool) -> None:
         if got != spec.md5:
             raise FieldError("dataset.root", f"{local_archive} has md5 {got}, expected {spec.md5}: not the official archive or damaged; delete it")
         _say(f"extracting {local_archive}")
-        safe_extract(local_archive, root, spec.folder)
+        safe_extract(local_archive, root, spec.folder, "dataset.root")
     elif download:
         if (root / spec.folder).exists():
             raise FieldError(
@@ -346,7 +347,8 @@ def _cifar_ensure(root: Path, name: str, download: bool) -> None:
     else:
         raise FieldError(
             "dataset.root",
-            f"{_listing(missing)} not found; set dataset.download: true to fetch them, or place the files there: {where}",
+            f"{_listing(missing)} not found; set dataset.download: true to fetch them, or place the files there "
+            f"(extract the 'python version' archive {spec.url} into {root}, or put the archive itself at {local_archive})",
         )
     still = [p for p in paths if not p.is_file()]
     if still:
@@ -389,7 +391,10 @@ def load_cifar(root: str | Path, name: str, download: bool, label_type: str = "f
     spec = CIFAR[name]
     root = Path(root).expanduser().absolute()
     _check_root(root)
-    _cifar_ensure(root, name, download)
+    try:
+        _cifar_ensure(root, name, download)
+    except OSError as exc:
+        raise FieldError("dataset.root", f"cannot prepare the files under {root}: {exc}") from None
     base = root / spec.folder
     meta = restricted_load(base / spec.meta)
     names_key = spec.names_key[label_type]
@@ -462,7 +467,13 @@ def read_idx(path: Path, expect_magic: int) -> np.ndarray:
                 raise FieldError("dataset.root", f"{path}: truncated IDX header")
             dims = tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
             count = int(np.prod(dims, dtype=np.int64))
-            data = fh.read(count)
+            buf = bytearray()
+            while len(buf) < count:  # in chunks: a lying header must not make us allocate its size
+                block = fh.read(min(CHUNK, count - len(buf)))
+                if not block:
+                    break
+                buf += block
+            data = bytes(buf)
             if len(data) != count:
                 raise FieldError(
                     "dataset.root", f"{path}: the header announces {' x '.join(map(str, dims))} = {count} bytes, found {len(data)}"
@@ -481,16 +492,13 @@ def _idx_ensure(root: Path, name: str, download: bool) -> dict[str, Path]:
     if not missing:
         return found  # type: ignore[return-value]
     target = root / spec.subdir
-    where = (
-        f"{target}/ or {root}/ with {', '.join(IDX_FILES)} (each optionally gzipped, .gz), "
-        f"from {spec.mirrors[0]}"
-    )
+    where = f"{target}/ or {root}/ ({', '.join(IDX_FILES)}, plain or .gz, as served at {spec.mirrors[0]})"
     if not download:
         expected = [target / f"{f}[.gz]" for f in missing]
         raise FieldError(
             "dataset.root",
             f"{_listing(expected)} not found (nor directly in {root}); set dataset.download: true to fetch them, "
-            f"or place the files there: {where}",
+            f"or place the files there (plain or .gz, as served at {spec.mirrors[0]})",
         )
     hint = f"put the files at {where} (see README) or check the network"
     for f in missing:
@@ -514,7 +522,10 @@ def load_idx(root: str | Path, name: str, download: bool) -> RawImages:
     spec = IDX[name]
     root = Path(root).expanduser().absolute()
     _check_root(root)
-    files = _idx_ensure(root, name, download)
+    try:
+        files = _idx_ensure(root, name, download)
+    except OSError as exc:
+        raise FieldError("dataset.root", f"cannot prepare the files under {root}: {exc}") from None
     out: dict[str, np.ndarray] = {}
     for split, img, lab in (("train", IDX_TRAIN_IMAGES, IDX_TRAIN_LABELS), ("test", IDX_TEST_IMAGES, IDX_TEST_LABELS)):
         x = read_idx(files[img], 2051)

@@ -57,7 +57,7 @@ def check_writable(run_dir: Path, source: str = "--out") -> None:
 def _summary(
     scenario: Scenario, rec: RunRecorder, engine: str, wall: float, completed: bool, tasks: list[list[int]]
 ) -> dict[str, Any]:
-    from ..metrics import summarize
+    from ..metrics import summarize_any
 
     done = rec.tasks_done
     summ: dict[str, Any] = {
@@ -69,8 +69,8 @@ def _summary(
         "num_clients": rec.num_clients,
     }
     if done > 0:
-        g = summarize(rec.matrix[:done, :done])
-        loc = summarize(rec.local_matrix[:done, :done]) if np.isfinite(np.diag(rec.local_matrix[:done, :done])).all() else {}
+        g = summarize_any(rec.matrix[:done, :])
+        loc = summarize_any(rec.local_matrix[:done, :]) if np.isfinite(rec.local_matrix[:done]).any() else {}
     else:
         g, loc = {}, {}
     for key in ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt"):
@@ -173,7 +173,7 @@ def run_scenario(
 
             writer.write_table("client_metrics", pd.DataFrame(rec.client_rows))
         writer.write_matrix(rec.matrix)
-        if rec.tasks_done > 0 and np.isfinite(rec.local_matrix[: rec.tasks_done, : rec.tasks_done][np.tril_indices(rec.tasks_done)]).all():
+        if rec.tasks_done > 0 and np.isfinite(rec.local_matrix).any():
             writer.write_table("local_accuracy_matrix", _matrix_frame(rec.local_matrix))
         writer.write_summary(summary)
         if completed:
