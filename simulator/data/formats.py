@@ -473,7 +473,7 @@ def read_idx(path: Path, expect_magic: int) -> np.ndarray:
                 if not block:
                     break
                 buf += block
-            data = bytes(buf)
+            data = buf
             if len(data) != count:
                 raise FieldError(
                     "dataset.root", f"{path}: the header announces {' x '.join(map(str, dims))} = {count} bytes, found {len(data)}"

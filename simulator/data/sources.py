@@ -141,6 +141,44 @@ class Mnist1dParams(_Params):
     data_seed: int = Field(42, ge=0, le=2**32 - 1, description="seed of the mnist1d generator")
 
 
+def _mnist1d_cache_path(num_samples: int, data_seed: int, train_split: float) -> Path | None:
+    """Generated mnist1d arrays are cached (generation takes seconds; a comparison generates the
+    same data for every run). ``PROTOFED_CACHE`` sets the folder (default ``~/.cache/protofed``;
+    ``off`` disables the cache)."""
+    import os
+
+    root = os.environ.get("PROTOFED_CACHE", str(Path.home() / ".cache" / "protofed"))
+    if root.strip().lower() in ("off", "0", "none", ""):
+        return None
+    return Path(root) / f"mnist1d-n{num_samples}-s{data_seed}-split{train_split:.6f}.npz"
+
+
+def _read_cache(path: Path | None) -> dict[str, np.ndarray] | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged cache file is regenerated
+
+
+def _write_cache(path: Path | None, arrays: dict[str, np.ndarray]) -> None:
+    if path is None:
+        return
+    import os
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is an optimisation only
+
+
 def _load_mnist1d(params: Mnist1dParams, test_fraction: float, seed: int) -> ArrayDataset:
     """Generate MNIST-1D offline with its own generator (never the download path)."""
     from mnist1d.data import get_dataset_args, make_dataset  # imported lazily: pulls in matplotlib
@@ -149,13 +187,17 @@ def _load_mnist1d(params: Mnist1dParams, test_fraction: float, seed: int) -> Arr
     args.num_samples = int(params.num_samples)
     args.seed = int(params.data_seed)
     args.train_split = 1.0 - float(test_fraction)
-    # make_dataset seeds the global numpy / random generators; leave them as we found them
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        data = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+    cache = _mnist1d_cache_path(args.num_samples, args.seed, args.train_split)
+    data = _read_cache(cache)
+    if data is None:
+        # make_dataset seeds the global numpy / random generators; leave them as we found them
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            data = make_dataset(args)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        _write_cache(cache, {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")})
     x_tr, y_tr = np.asarray(data["x"])[:, None, :], np.asarray(data["y"], dtype=np.int64)
     x_te, y_te = np.asarray(data["x_test"])[:, None, :], np.asarray(data["y_test"], dtype=np.int64)
     for split, ys in (("train", y_tr), ("test", y_te)):
