@@ -101,6 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError.single("protofed run", "SCENARIO", "give a scenario file (or --resume RUN_DIR)")
         scenario = load_for_cli(args.scenario, args.strategy, args.seed, args.set)
         run_dir, source = (Path(args.out) if args.out else None), args.scenario
+    if args.ray_address:
+        scenario.resources.ray_address = args.ray_address
     outcome = run_scenario(
         scenario,
         source=source,
@@ -127,6 +129,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         verbose=args.verbose,
     )
     return 0 if (df["status"] != "failed").all() else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    scenario = load_for_cli(args.scenario, None, None, args.set)
+    if args.ray_address:
+        scenario.resources.ray_address = args.ray_address
+    out_dir = Path(args.out) if args.out else Path(scenario.output.dir) / scenario.name / "bench"
+    run_bench(scenario, source=args.scenario, out_dir=out_dir, verbose=args.verbose)
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -207,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.add_argument("--engine", choices=["ray", "inline"])
     r.add_argument("--out", help="run directory (default <output.dir>/<name>/<strategy>/seed-<seed>)")
+    r.add_argument("--ray-address", help="connect to an existing Ray cluster (resources.ray_address)")
     r.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     common(r)
     r.set_defaults(func=cmd_run)
@@ -220,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verbose", action="store_true")
     common(c)
     c.set_defaults(func=cmd_compare)
+
+    b = sub.add_parser("bench", help="run a scenario on the inline and the Ray engine and compare where the time goes")
+    b.add_argument("scenario")
+    b.add_argument("--out", help="output folder (default <output.dir>/<name>/bench)")
+    b.add_argument("--ray-address", help="connect to an existing Ray cluster")
+    b.add_argument("--verbose", action="store_true")
+    common(b)
+    b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("validate", help="check a scenario file (and its data) without running it")
     v.add_argument("scenario")

@@ -225,6 +225,7 @@ class CompareEntry(Strict):
 
 class EvaluationConfig(Strict):
     protocol: Literal["global", "local"] = Field("global", description="which protocol fills the standard summary keys (both are recorded)")
+    clients: Literal["all"] | Annotated[int, Field(ge=1)] = Field("all", description="evaluate every present client, or a seeded sample of N clients per evaluation")
     every: Literal["round", "task"] = Field(
         "round", description="evaluate after every round (smooth curves) or only at task ends"
     )
@@ -234,6 +235,8 @@ class ResourcesConfig(Strict):
     engine: Literal["ray", "inline"] = Field("ray", description="Ray actors through Flower's simulation engine, or in-process and sequential")
     num_cpus_per_client: int = Field(1, ge=1, le=1024, description="CPUs per Ray actor (and torch threads per client)")
     num_gpus_per_client: float = Field(0.0, ge=0.0, le=64.0, description="GPU share per Ray actor (fractional allowed); >0 trains on cuda")
+    ray_address: str | None = Field(None, description="connect to an existing Ray cluster (e.g. 127.0.0.1:6379 or auto) instead of starting a local one")
+    state_dir: str | None = Field(None, description="folder for the per-run client state store; on a multi-node Ray cluster it must be on a filesystem every node reaches (default: a private temp folder)")
 
 
 class OutputConfig(Strict):

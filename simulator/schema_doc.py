@@ -78,10 +78,10 @@ def _rows(model: type[BaseModel], prefix: str, note: str = "") -> Iterator[tuple
             yield from _rows(ann, key + ".")
             continue
         if name == "partition":
-            from .scenario import DirichletPartition, IidPartition, PathologicalPartition
+            from .scenario import PARTITION_SCHEMES, Partition
 
-            yield (key + ".scheme", "partition scheme", "`iid`", "iid \\| dirichlet \\| pathological")
-            for sub in (IidPartition, DirichletPartition, PathologicalPartition):
+            yield (key + ".scheme", "partition scheme", "`iid`", " \\| ".join(PARTITION_SCHEMES))
+            for sub in typing.get_args(typing.get_args(Partition)[0]):
                 scheme = sub.model_fields["scheme"].annotation.__args__[0]  # type: ignore[union-attr]
                 for fname, f in sub.model_fields.items():
                     if fname != "scheme":

@@ -419,7 +419,10 @@ def finish_uint8(raw: "formats.RawImages") -> ArrayDataset:
     256-bin histogram and the float32 output from a lookup table, so a 50 000-image dataset
     needs no float64 copy.
     """
-    hist = np.bincount(raw.x_train.reshape(-1), minlength=256).astype(np.float64)
+    flat = raw.x_train.reshape(-1)
+    hist = np.zeros(256, dtype=np.float64)
+    for start in range(0, len(flat), 1 << 22):  # in chunks: bincount converts its input to int64
+        hist += np.bincount(flat[start : start + (1 << 22)], minlength=256)
     values = np.arange(256, dtype=np.float64) / 255.0
     total = hist.sum()
     mean = float((hist * values).sum() / total) if total else 0.0

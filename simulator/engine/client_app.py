@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from ..learner.evaluation import per_class_correct, predict
 from ..learner.replay import memory_indices, update_memory
 from ..learner.training import NonFiniteLoss, TrainConfig, compute_prototypes, train_local
 from ..objective import ClientInfo
-from ..records import CONFIG, GLOBAL, METRICS, UPLOAD
+from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, record_bytes
 from ..seeding import derive_seed, rng
 from .runtime import RunSetup, Runtime, runtime_for
 from .state_store import to_cpu
@@ -120,6 +121,21 @@ def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, 
     state["task"] = task
 
 
+def _timed(handler):
+    """Adds ``compute_seconds`` (time spent inside the handler) to the reply's metrics, so the
+    server can tell client compute from engine overhead."""
+
+    def run(setup: RunSetup, msg: Message, context: Context) -> Message:
+        t0 = time.perf_counter()
+        reply = handler(setup, msg, context)
+        if reply.has_content() and METRICS in reply.content:
+            reply.content[METRICS]["compute_seconds"] = time.perf_counter() - t0
+        return reply
+
+    return run
+
+
+@_timed
 def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     rt = runtime_for(setup)
     rt.set_threads()
@@ -197,6 +213,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     meta["rounds"] = int(meta["rounds"]) + 1
     meta["task"] = task
     context.state["meta"] = meta
+    state_bytes = record_bytes(context.state)
     metrics = MetricRecord(
         {
             "partition_id": pid,
@@ -205,11 +222,13 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             "steps": int(stats.steps),
             "proto.counts": [int(c) for c in local_protos.counts],
             "server_round": server_round,
+            "context_state_bytes": state_bytes,
         }
     )
     return Message(RecordDict({UPLOAD: ArrayRecord(upload), METRICS: metrics}), reply_to=msg)
 
 
+@_timed
 def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
     rt = runtime_for(setup)
     rt.set_threads()

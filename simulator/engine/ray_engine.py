@@ -26,11 +26,12 @@ def run_ray(
     num_cpus_per_client: int,
     num_gpus_per_client: float,
     verbose: bool = False,
+    address: str | None = None,
 ) -> None:
     from flwr.simulation import run_simulation
 
     quiet_logs(verbose)
-    start_ray(verbose)
+    start_ray(verbose, address)
     backend_config = {
         # max_restarts: Ray restarts an actor whose process died, so one crashed client costs
         # one failed reply instead of every later message routed to the dead actor
@@ -56,7 +57,7 @@ def run_ray(
             ray.shutdown()
 
 
-def start_ray(verbose: bool) -> None:
+def start_ray(verbose: bool, address: str | None = None) -> None:
     """Start Ray ourselves (Flower's backend then reuses it), so that our SIGTERM handler,
     which ``ray.init`` replaces with one that exits at once, can be put back: an interrupted run
     must write what it finished and shut Ray down."""
@@ -73,10 +74,11 @@ def start_ray(verbose: bool) -> None:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     ray.init(
+        address=address,
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
         logging_level=logging.INFO if verbose else logging.ERROR,
         log_to_driver=verbose,
-        include_dashboard=False,
+        **({} if address else {"include_dashboard": False}),
     )
     if threading.current_thread() is threading.main_thread() and callable(handler):
         signal.signal(signal.SIGTERM, handler)

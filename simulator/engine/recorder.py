@@ -109,6 +109,11 @@ class RunRecorder:
             "bytes_up": train.get("bytes_up", 0),
             "bytes_down": train.get("bytes_down", 0),
             "seconds": round(seconds, 4),
+            "train_seconds": round(train.get("train_seconds", 0.0), 4),
+            "client_seconds": round(train.get("client_seconds", 0.0), 4),
+            "max_client_seconds": round(train.get("max_client_seconds", 0.0), 4),
+            "eval_seconds": round(train.get("eval_seconds", 0.0), 4),
+            "context_state_bytes": int(train.get("context_state_bytes", 0)),
         }
         if scores is None:
             self.rows.append({**base, "eval_task": np.nan, "accuracy": np.nan, "local_accuracy": np.nan})

@@ -122,7 +122,9 @@ def run_scenario(
     check_writable(run_dir, out_source)
 
     started = time.time()
-    state_dir = Path(tempfile.mkdtemp(prefix="protofed-state-"))
+    if scenario.resources.state_dir:
+        Path(scenario.resources.state_dir).mkdir(parents=True, exist_ok=True)
+    state_dir = Path(tempfile.mkdtemp(prefix="protofed-state-", dir=scenario.resources.state_dir))
     setup = RunSetup(scenario=scenario.resolved(), state_dir=str(state_dir), verbose=verbose)
     clients_dir = state_dir / "clients"
     writer = RunWriter(run_dir)
@@ -225,4 +227,5 @@ def _launch(setup: RunSetup, rec: RunRecorder, engine: str, scenario: Scenario, 
         scenario.resources.num_cpus_per_client,
         scenario.resources.num_gpus_per_client,
         verbose,
+        scenario.resources.ray_address,
     )

@@ -50,8 +50,15 @@ class Runtime:
 
     @cached_property
     def stream(self) -> FederatedStream:
-        with open(Path(self.setup.state_dir) / STREAM_FILE, "rb") as fh:
-            return pickle.load(fh)
+        """The stream the driver wrote; rebuilt from the scenario (deterministic) where the file
+        is not reachable, e.g. on a SuperNode of Flower's Deployment Engine."""
+        path = Path(self.setup.state_dir) / STREAM_FILE
+        if path.exists():
+            with open(path, "rb") as fh:
+                return pickle.load(fh)
+        from ..data.stream import build_stream
+
+        return build_stream(self.scenario)
 
     @property
     def with_head(self) -> bool:

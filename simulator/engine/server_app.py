@@ -79,6 +79,7 @@ def server_loop(
             num_classes=stream.dataset.num_classes,
             embedding_dim=s.model.embedding_dim,
             partitions=partitions,
+            eval_clients=None if s.evaluation.clients == "all" else int(s.evaluation.clients),
         ),
     )
     init_model = rt.new_model()
@@ -107,8 +108,15 @@ def server_loop(
             )
             msgs = list(strategy.configure_train(server_round, arrays, config, grid))
             down = sum(record_bytes(m.content) for m in msgs)
+            t_send = time.perf_counter()
             replies = list(grid.send_and_receive(msgs))
+            train_seconds = time.perf_counter() - t_send
             up = sum(record_bytes(r.content) for r in replies if r.has_content())
+            compute = [
+                float(r.content[METRICS]["compute_seconds"])
+                for r in replies
+                if r.has_content() and METRICS in r.content and "compute_seconds" in r.content[METRICS]
+            ]
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -116,14 +124,28 @@ def server_loop(
             reason = _fatal_failure(replies)
             if reason is not None:
                 raise RunFailure(reason)
-            train.update(bytes_up=up, bytes_down=down, clients_sampled=len(msgs))
+            train.update(
+                bytes_up=up,
+                bytes_down=down,
+                clients_sampled=len(msgs),
+                train_seconds=train_seconds,
+                client_seconds=sum(compute),
+                max_client_seconds=max(compute, default=0.0),
+                context_state_bytes=max(
+                    (int(r.content[METRICS].get("context_state_bytes", 0)) for r in replies if r.has_content() and METRICS in r.content),
+                    default=0,
+                ),
+            )
             recorder.bytes_up += up
             recorder.bytes_down += down
             last = rnd == s.training.rounds_per_task - 1
             scores = None
             if last or s.evaluation.every == "round":
+                t_eval = time.perf_counter()
                 eval_msgs = list(strategy.configure_evaluate(server_round, arrays, config, grid))
                 eval_replies = list(grid.send_and_receive(eval_msgs))
+                train["eval_seconds"] = time.perf_counter() - t_eval
+                train["clients_evaluated"] = len(eval_msgs)
                 recorder.eval_bytes += sum(record_bytes(m.content) for m in eval_msgs)
                 good = [r.content[METRICS] for r in eval_replies if r.has_content()]
                 strategy.aggregate_evaluate(server_round, eval_replies)

@@ -1,0 +1,176 @@
+"""``protofed bench``: the same scenario on the inline engine and on the Ray engine, back to back,
+with the figures that tell where the time goes.
+
+Per engine: wall time; client compute (measured inside the client handlers); per-round engine
+overhead = the training phase's wall time minus the slowest client's compute in that round
+(median over rounds); client updates per second; the share of wall time spent evaluating; peak
+resident memory of the whole process tree (this process, Ray's own processes and its workers,
+sampled every 0.2 s); bytes per round; the largest ``context.state`` a client shipped. Both
+accuracy matrices must be identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+import numpy as np
+import pandas as pd
+import psutil
+
+from .results import atomic_write_text
+from .scenario import Scenario
+
+BENCH_KEYS = (
+    "inline_wall_seconds",
+    "ray_wall_seconds",
+    "ratio",
+    "round_overhead_seconds",
+    "client_updates_per_second",
+    "peak_rss_bytes",
+    "eval_share",
+    "bytes_per_round",
+    "matrices_identical",
+)
+
+
+class TreeMemorySampler:
+    """Peak summed RSS of a process and all its descendants, sampled in a background thread."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.2) -> None:
+        self.root = psutil.Process(pid or os.getpid())
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> int:
+        total = 0
+        procs = [self.root]
+        try:
+            procs += self.root.children(recursive=True)
+        except psutil.Error:
+            pass
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        self.peak = max(self.peak, total)
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "TreeMemorySampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def engine_figures(run_dir: Path, wall: float) -> dict[str, Any]:
+    """Figures of one run from its metrics.csv (one row per round after de-duplication)."""
+    m = pd.read_csv(run_dir / "metrics.csv").drop_duplicates("global_round")
+    overhead = (m["train_seconds"] - m["max_client_seconds"]).clip(lower=0)
+    updates = int(m["clients_trained"].sum())
+    return {
+        "wall_seconds": wall,
+        "client_compute_seconds": float(m["client_seconds"].sum()),
+        "round_overhead_seconds": float(overhead.median()),
+        "round_overhead_seconds_max": float(overhead.max()),
+        "clients_per_round": float(m["clients_trained"].mean()),
+        "client_updates": updates,
+        "client_updates_per_second": updates / wall if wall > 0 else float("nan"),
+        "eval_seconds": float(m["eval_seconds"].sum()),
+        "eval_share": float(m["eval_seconds"].sum()) / wall if wall > 0 else float("nan"),
+        "bytes_per_round": float((m["bytes_up"] + m["bytes_down"]).mean()),
+        "context_state_bytes": int(m["context_state_bytes"].max()) if "context_state_bytes" in m else 0,
+    }
+
+
+def run_bench(
+    scenario: Scenario,
+    *,
+    source: str,
+    out_dir: Path,
+    verbose: bool = False,
+    out: TextIO | None = sys.stdout,
+) -> dict[str, Any]:
+    from .engine.runner import build_stream_checked, check_writable, run_scenario
+
+    build_stream_checked(scenario, source)
+    check_writable(out_dir)
+    say = (lambda t: print(t, file=out, flush=True)) if out else (lambda t: None)
+    per_engine: dict[str, dict[str, Any]] = {}
+    matrices = {}
+    for engine in ("inline", "ray"):
+        say(f"\n=== {engine} engine ===")
+        with TreeMemorySampler() as mem:
+            t0 = time.perf_counter()
+            outcome = run_scenario(scenario, source=source, run_dir=out_dir / engine, engine=engine, verbose=verbose, out=out, plots=False)
+            wall = time.perf_counter() - t0
+        figs = engine_figures(out_dir / engine, wall)
+        figs["peak_rss_bytes"] = mem.peak
+        figs["final_avg_accuracy"] = outcome.summary["final_avg_accuracy"]
+        per_engine[engine] = figs
+        matrices[engine] = outcome.matrix
+    inline, ray = per_engine["inline"], per_engine["ray"]
+    result = {
+        "scenario": scenario.name,
+        "strategy": scenario.strategy.name,
+        "num_clients": scenario.clients.num_clients,
+        "num_cpus_per_client": scenario.resources.num_cpus_per_client,
+        "cpus": os.cpu_count(),
+        "inline_wall_seconds": inline["wall_seconds"],
+        "ray_wall_seconds": ray["wall_seconds"],
+        "ratio": ray["wall_seconds"] / inline["wall_seconds"],
+        "round_overhead_seconds": ray["round_overhead_seconds"],
+        "round_overhead_budget_seconds": 0.2 + 0.01 * ray["clients_per_round"],
+        "client_updates_per_second": ray["client_updates_per_second"],
+        "peak_rss_bytes": max(inline["peak_rss_bytes"], ray["peak_rss_bytes"]),
+        "eval_share": ray["eval_share"],
+        "bytes_per_round": ray["bytes_per_round"],
+        "matrices_identical": bool(np.array_equal(matrices["inline"], matrices["ray"], equal_nan=True)),
+        "engines": per_engine,
+    }
+    atomic_write_text(out_dir / "bench.json", json.dumps(result, indent=2))
+    if out:
+        print(file=out)
+        print(format_bench(result), file=out)
+        print(f"\nbench.json and both run directories in {out_dir}", file=out)
+    return result
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    e = r["engines"]
+    rows = [
+        ("wall time (s)", f"{e['inline']['wall_seconds']:.1f}", f"{e['ray']['wall_seconds']:.1f}"),
+        ("client compute, summed (s)", f"{e['inline']['client_compute_seconds']:.1f}", f"{e['ray']['client_compute_seconds']:.1f}"),
+        ("round overhead, median (s)", f"{e['inline']['round_overhead_seconds']:.3f}", f"{e['ray']['round_overhead_seconds']:.3f}"),
+        ("client updates per second", f"{e['inline']['client_updates_per_second']:.2f}", f"{e['ray']['client_updates_per_second']:.2f}"),
+        ("evaluation share of wall time", f"{e['inline']['eval_share']:.1%}", f"{e['ray']['eval_share']:.1%}"),
+        ("peak RSS, process tree (MB)", f"{e['inline']['peak_rss_bytes'] / 1e6:.0f}", f"{e['ray']['peak_rss_bytes'] / 1e6:.0f}"),
+        ("bytes per round", f"{e['inline']['bytes_per_round']:,.0f}", f"{e['ray']['bytes_per_round']:,.0f}"),
+        ("largest context.state (bytes)", str(e["inline"]["context_state_bytes"]), str(e["ray"]["context_state_bytes"])),
+        ("final average accuracy", f"{e['inline']['final_avg_accuracy']:.4f}", f"{e['ray']['final_avg_accuracy']:.4f}"),
+    ]
+    w = max(len(r0[0]) for r0 in rows)
+    lines = [f"{'':<{w}}  {'inline':>12}  {'ray':>12}"]
+    lines += [f"{a:<{w}}  {b:>12}  {c:>12}" for a, b, c in rows]
+    lines.append(
+        f"Ray / inline wall-time ratio {r['ratio']:.2f} · round overhead {r['round_overhead_seconds']:.3f} s "
+        f"(budget {r['round_overhead_budget_seconds']:.3f} s) · matrices identical: {r['matrices_identical']}"
+    )
+    return "\n".join(lines)
