@@ -24,7 +24,7 @@ class InlineGrid(Grid):
     Node ids are 1..N and node ``i`` holds partition ``i - 1``; each node keeps its own
     Flower ``Context`` (with ``context.state``) across rounds, as a SuperNode would."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None) -> None:
         self.client_app = client_app
         self.contexts = {
             i + 1: Context(
@@ -32,7 +32,7 @@ class InlineGrid(Grid):
                 node_id=i + 1,
                 node_config={"partition-id": i, "num-partitions": num_nodes},
                 state=RecordDict(),
-                run_config={},
+                run_config=dict(run_config or {}),
             )
             for i in range(num_nodes)
         }

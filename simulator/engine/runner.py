@@ -105,6 +105,7 @@ def run_scenario(
     out: TextIO | None = None,
     plots: bool = True,
     resume: bool = False,
+    grid=None,
 ) -> RunOutcome:
     """Run ``scenario`` and write its run directory. Bad input raises :class:`UserError`
     before anything is written. With ``resume``, continue from the checkpoint in ``run_dir``
@@ -113,9 +114,10 @@ def run_scenario(
     from ..results import RunWriter
     from .checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 
-    engine = engine or scenario.resources.engine
+    engine = "flower" if grid is not None else (engine or scenario.resources.engine)
     scenario = scenario.model_copy(deep=True)
-    scenario.resources.engine = engine  # type: ignore[assignment]
+    if grid is None:
+        scenario.resources.engine = engine  # type: ignore[assignment]
     out_source = "--out" if run_dir is not None else source  # where the run directory came from
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario)
     stream = build_stream_checked(scenario, source)
@@ -163,7 +165,10 @@ def run_scenario(
     try:
         write_stream(stream, state_dir)
         if start_task < stream.num_tasks:
-            _launch(setup, rec, engine, scenario, verbose, start_task=start_task, strategy_state=strategy_state, on_task_end=on_task_end)
+            _launch(
+                setup, rec, engine, scenario, verbose, grid=grid,
+                start_task=start_task, strategy_state=strategy_state, on_task_end=on_task_end,
+            )
         completed = True
     finally:
         wall = wall_before + time.time() - started
@@ -204,10 +209,15 @@ def _clients_table(stream):
     return pd.DataFrame(stream.summary_rows())
 
 
-def _launch(setup: RunSetup, rec: RunRecorder, engine: str, scenario: Scenario, verbose: bool, **loop_kwargs: Any) -> None:
+def _launch(
+    setup: RunSetup, rec: RunRecorder, engine: str, scenario: Scenario, verbose: bool, grid=None, **loop_kwargs: Any
+) -> None:
     from .client_app import build_client_app
     from .server_app import build_server_app, server_loop
 
+    if grid is not None:  # launched by Flower's own tooling (simulator.flower_app)
+        server_loop(setup, rec, grid, **loop_kwargs)
+        return
     client_app = build_client_app(setup)
     if engine == "inline":
         from .inline import InlineGrid, set_server_identity
