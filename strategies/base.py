@@ -42,6 +42,7 @@ class RunInfo:
     num_classes: int
     embedding_dim: int
     partitions: dict[int, int] = field(default_factory=dict)  # partition id -> node id
+    eval_clients: int | None = None  # evaluate a seeded sample of this many clients (None: all)
 
 
 @dataclass
@@ -131,14 +132,20 @@ class FederatedStrategy(Strategy):
             return pids
         return [p for p in pids if p in set(self.available)]
 
-    def eval_partitions(self) -> list[int]:
-        """Clients evaluated after a round (every present client by default)."""
-        return self.present()
+    def eval_partitions(self, server_round: int = 0) -> list[int]:
+        """Clients evaluated after a round: every present client, or a seeded sample of
+        ``evaluation.clients`` of them."""
+        pids = self.present()
+        n = self.run.eval_clients
+        if n is None or n >= len(pids):
+            return pids
+        rng = seeding.rng(self.run.seed, "eval_sample", server_round)
+        return sorted(int(p) for p in rng.choice(pids, size=n, replace=False))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self._messages(self.eval_partitions(), arrays, config, MessageType.EVALUATE, server_round)
+        return self._messages(self.eval_partitions(server_round), arrays, config, MessageType.EVALUATE, server_round)
 
     def decode(self, replies: Iterable[Message]) -> list[Upload]:
         """Successful replies, decoded and ordered by partition id; failures are counted."""

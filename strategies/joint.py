@@ -30,7 +30,7 @@ class Joint(FederatedStrategy):
     def sample(self, server_round: int) -> list[int]:
         return [min(self.run.partitions)]
 
-    def eval_partitions(self) -> list[int]:
+    def eval_partitions(self, server_round: int = 0) -> list[int]:
         return [min(self.run.partitions)]
 
     def merge(self, server_round: int, uploads: list[Upload]) -> None:

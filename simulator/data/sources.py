@@ -56,6 +56,7 @@ class SourceSpec:
     description: str
     params_model: type[BaseModel]
     load: Callable[[Any, float, int], ArrayDataset]  # (validated params, test_fraction, seed)
+    downloadable: bool = False  # files under dataset.root that `download: true` can fetch
 
 
 class _Params(BaseModel):
@@ -509,20 +510,20 @@ SOURCES: dict[str, SourceSpec] = {
         SourceSpec("folder", "image folder, one sub-folder per class (ImageFolder layout)", FolderParams, _load_folder),
         SourceSpec(
             "cifar10", "CIFAR-10 python pickles under root (10 classes, 3x32x32; own test split, test_fraction unused)",
-            CifarParams, _load_cifar10,
+            CifarParams, _load_cifar10, True,
         ),
         SourceSpec(
             "cifar100",
             "CIFAR-100 python pickles under root (100 fine or 20 coarse classes, 3x32x32; own test split, test_fraction unused)",
-            Cifar100Params, _load_cifar100,
+            Cifar100Params, _load_cifar100, True,
         ),
         SourceSpec(
             "mnist", "MNIST IDX files under root (10 classes, 1x28x28; own test split, test_fraction unused)",
-            MnistParams, _load_mnist,
+            MnistParams, _load_mnist, True,
         ),
         SourceSpec(
             "fashion_mnist", "Fashion-MNIST IDX files under root (10 classes, 1x28x28; own test split, test_fraction unused)",
-            FashionMnistParams, _load_fashion_mnist,
+            FashionMnistParams, _load_fashion_mnist, True,
         ),
     )
 }
