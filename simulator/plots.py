@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from simulator.metrics import matrix_from_long, select_protocol, summarize, summarize_any  # noqa: E402
+from simulator.metrics import matrix_from_long, select_protocol, summarize_any  # noqa: E402
 from simulator.results import atomic_write_bytes, read_matrix  # noqa: E402
 
 __all__ = ["plot_forgetting", "plot_accuracy_matrix", "plot_run"]

@@ -63,8 +63,16 @@ def mse_to_prototypes(features: torch.Tensor, labels: torch.Tensor, lookup) -> t
 
 
 class Objective(ClientObjective):
+    """Local head cross-entropy + ``lambda`` x MSE to the received prototype of each sample's
+    class; inference by the nearest received prototype. Reused by methods that differ only on
+    the server (FedTGP)."""
+
     train_loss: ClassVar[Literal["prototype", "head"]] = "head"
     inference: ClassVar[Literal["prototype", "head"]] = "prototype"
+
+    def __init__(self, params, info) -> None:
+        super().__init__(params, info)
+        self._lookup = None
 
     def receive(self, arrays: ArrayRecord, model: ProtoModel) -> None:
         super().receive(arrays, model)

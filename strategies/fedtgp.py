@@ -42,23 +42,20 @@ Where ours differs from the paper and its code:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from simulator.learner.backbones import ProtoModel
 from simulator.learner.prototypes import PrototypeSet, squared_distances
-from simulator.objective import ClientInfo, ClientObjective
 from simulator import seeding
 from simulator.seeding import derive_seed
 
 from .base import FederatedStrategy, RunInfo, StrategyParams, Upload
-from .fedproto import mse_to_prototypes, prototype_lookup
+from .fedproto import Objective as PullToPrototypes
 
 
 class Params(StrategyParams):
@@ -98,21 +95,8 @@ class PrototypeGenerator(nn.Module):
         return self.fc(self.middle(self.embedding(classes)))
 
 
-class Objective(ClientObjective):
-    train_loss: ClassVar[Literal["prototype", "head"]] = "head"
-    inference: ClassVar[Literal["prototype", "head"]] = "prototype"
-
-    def __init__(self, params: Params, info: ClientInfo) -> None:
-        super().__init__(params, info)
-        self._lookup = None
-
-    def receive(self, arrays: ArrayRecord, model: ProtoModel) -> None:
-        super().receive(arrays, model)
-        self._lookup = prototype_lookup(self, self.info.device)
-
-    def extra_loss(self, features: torch.Tensor, labels: torch.Tensor, model: ProtoModel) -> torch.Tensor | None:
-        mse = mse_to_prototypes(features, labels, self._lookup)
-        return None if mse is None else self.params.lambda_ * mse
+class Objective(PullToPrototypes):
+    """The FedProto client objective: head CE + ``lambda`` x MSE to the trained prototypes."""
 
 
 class FedTGP(FederatedStrategy):
