@@ -7,14 +7,13 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from helpers import run_tiny
 from torch import nn
 
-from simulator.engine.runner import run_scenario
 from simulator.learner.backbones import ProtoModel, build_model
 from simulator.learner.prototypes import PrototypeSet
 from simulator.objective import ClientInfo
 from simulator.records import METRICS, UPLOAD, protos_from_arrays, protos_to_arrays
-from simulator.scenario import validate_scenario
 from simulator.seeding import derive_seed
 from strategies import STRATEGIES, RunInfo
 from strategies.fedsa import FedSA, Objective, Params
@@ -248,31 +247,10 @@ def test_loss_is_finite_with_gradients_and_none_without_anchors():
 
 
 # --------------------------------------------------------------------------- end to end
-def tiny(**over) -> dict:
-    raw = {
-        "name": "tiny",
-        "seed": 1,
-        "dataset": {"source": "synthetic", "num_classes": 6, "dim": 8, "samples_per_class": 40, "class_sep": 6.0},
-        "tasks": {"initial_classes": 2, "classes_per_task": 2},
-        "clients": {"num_clients": 3, "partition": {"scheme": "dirichlet", "alpha": 1.0, "min_size": 4}},
-        "training": {"rounds_per_task": 3, "local_epochs": 5, "batch_size": 16, "lr": 0.01},
-        "model": {"backbone": "mlp", "embedding_dim": 16},
-        "continual": {"memory_per_class": 5},
-        "strategy": {"name": "fedsa", "params": {}},
-        "resources": {"engine": "inline"},
-    }
-    for key, value in over.items():
-        node = raw
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return raw
-
-
-def run(tmp_path, name, **over):
-    sc = validate_scenario(tiny(**over))
-    return run_scenario(sc, run_dir=tmp_path / name, engine="inline", out=None)
+def run(tmp_path, name, engine="inline", **over):
+    over.setdefault("strategy", {"name": "fedsa", "params": {}})
+    over.setdefault("training", {"rounds_per_task": 3, "local_epochs": 5, "batch_size": 16, "lr": 0.01})
+    return run_tiny(tmp_path, name, engine, **over)
 
 
 def test_fedsa_end_to_end_learns_and_sends_prototypes_only(tmp_path):

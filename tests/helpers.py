@@ -1,0 +1,37 @@
+"""Shared by the test modules: a tiny, fast scenario (synthetic data, an MLP, 3 clients,
+3 tasks) and a one-call inline run of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from simulator.engine.runner import RunOutcome, run_scenario
+from simulator.scenario import validate_scenario
+
+
+def tiny(**over) -> dict:
+    """The tiny scenario as a raw mapping; ``section__key=value`` overrides nested keys and
+    ``section=value`` replaces a whole section."""
+    raw = {
+        "name": "tiny",
+        "seed": 1,
+        "dataset": {"source": "synthetic", "num_classes": 6, "dim": 8, "samples_per_class": 40, "class_sep": 6.0},
+        "tasks": {"initial_classes": 2, "classes_per_task": 2},
+        "clients": {"num_clients": 3, "partition": {"scheme": "dirichlet", "alpha": 1.0, "min_size": 4}},
+        "training": {"rounds_per_task": 2, "local_epochs": 1, "batch_size": 16, "lr": 0.01},
+        "model": {"backbone": "mlp", "embedding_dim": 16},
+        "continual": {"memory_per_class": 5},
+        "strategy": {"name": "proto_avg", "params": {"share_weights": True}},
+        "resources": {"engine": "inline"},
+    }
+    for key, value in over.items():
+        node = raw
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return raw
+
+
+def run_tiny(tmp_path: Path, name: str, engine: str = "inline", **over) -> RunOutcome:
+    return run_scenario(validate_scenario(tiny(**over)), run_dir=tmp_path / name, engine=engine, out=None)
