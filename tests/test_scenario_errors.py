@@ -1,9 +1,10 @@
 """Bad scenario input: one clear screen naming the file and the dotted field, exit 2, no traceback,
 nothing written (DESIGN.md §4 and §6).
 
-The CLI-level cases run ``python -m simulator.cli`` in a fresh process each (about 2-3 s of imports),
-all of them started together by one module fixture so that they overlap; the rest of the checks
-call :mod:`simulator.scenario` and the stream builder directly.
+Every bad-input case goes through the CLI's ``main`` in process; twelve distinct bad files also run
+as ``python -m simulator.cli`` in a fresh process each (about 3 s of imports apiece, started together
+by one module fixture so that they overlap). The rest of the checks call :mod:`simulator.scenario`
+and the stream builder directly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import pytest
 
 from simulator.engine.runner import build_stream_checked
 from simulator.errors import UserError
-from simulator.scenario import Scenario, apply_overrides, load_scenario, read_yaml, validate_scenario
+from simulator.scenario import (
+    Scenario,
+    apply_overrides,
+    load_scenario,
+    read_yaml,
+    validate_scenario,
+)
 
 # A fast data source and a small model for scenarios that get as far as loading data.
 # 4 classes x 20 samples, test_fraction 0.2 -> 16 training samples per class, 2 classes per task
@@ -38,7 +45,7 @@ SYNTH_DICT = {
 class Case:
     id: str
     text: str | None  # YAML written to <id>.yaml; None: the file does not exist
-    field: str  # the dotted field path the error must name (substring of stderr)
+    field: str  # the dotted field path the error must name (start of a problem line)
     command: str = "validate"  # "run" adds --engine inline --out out
     extra: tuple[str, ...] = ()  # more CLI arguments (e.g. --set)
     says: tuple[str, ...] = ()  # more substrings: what was wrong / what is allowed
@@ -63,9 +70,9 @@ CASES = [
     ),
     Case(
         "unknown_scheme",
-        "clients: {partition: {scheme: shards}}\n",
+        "clients: {partition: {scheme: stripes}}\n",
         "clients.partition",
-        says=("'shards'", "allowed", "iid", "dirichlet", "pathological"),
+        says=("'stripes'", "allowed", "iid", "dirichlet", "pathological"),
     ),
     Case(
         "unknown_strategy",
@@ -92,7 +99,6 @@ CASES = [
         "class_order_not_permutation",
         SYNTH + "tasks: {class_order: [0, 1, 1, 5]}\n",
         "tasks.class_order",
-        "run",
         says=("missing [2, 3]", "repeated [1]", "out of range [5]"),
     ),
     Case(
@@ -124,7 +130,6 @@ CASES = [
         "dirichlet_min_size_impossible",
         SYNTH + "clients: {num_clients: 5, partition: {scheme: dirichlet, alpha: 0.5, min_size: 10}}\n",
         "clients.partition.min_size",
-        "run",
         says=("5 x 10 = 50",),
     ),
     Case(
@@ -149,53 +154,77 @@ CASES = [
 ]
 
 
-def _cli_argv(case: Case) -> list[str]:
-    argv = [sys.executable, "-m", "simulator.cli", case.command, case.filename, *case.extra]
+# The cases also run in a real process (exit code, no traceback, ``__main__`` guard). Each costs
+# about 3 s of imports, so only these; the in-process test below covers every case.
+SUBPROCESS_CASES = [
+    "typo_top_level",
+    "unknown_nested_key",
+    "negative_alpha",
+    "unknown_strategy",
+    "unknown_source",
+    "npz_missing_file",
+    "class_order_not_permutation",
+    "invalid_yaml",
+    "top_level_list",
+    "iid_too_many_clients",
+    "dirichlet_min_size_impossible",
+    "name_path_trick",
+]
+BY_ID = {c.id: c for c in CASES}
+
+
+def _argv(case: Case) -> list[str]:
+    argv = [case.command, case.filename, *case.extra]
     if case.command == "run":
         argv += ["--engine", "inline"] + (["--out", "out"] if case.out_flag else [])
     return argv
 
 
-def _run_case(root: Path, case: Case) -> tuple[Path, subprocess.CompletedProcess]:
+def _prepare(root: Path, case: Case) -> Path:
     cwd = root / case.id
-    cwd.mkdir()
+    cwd.mkdir(parents=True)
     if case.text is not None:
         (cwd / case.filename).write_text(case.text, encoding="utf-8")
+    return cwd
+
+
+def _run_case(root: Path, case: Case) -> tuple[Path, int, str, str]:
+    cwd = _prepare(root, case)
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
-    proc = subprocess.run(_cli_argv(case), capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
-    return cwd, proc
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulator.cli", *_argv(case)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=180,
+    )
+    return cwd, proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """Run every CLI case once, several processes at a time (each spends its time importing)."""
+def cli_results(tmp_path_factory) -> dict[str, tuple[Path, int, str, str]]:
+    """Run the subprocess cases once, a few processes at a time (each spends its time importing)."""
     root = tmp_path_factory.mktemp("bad_scenarios")
-    workers = max(2, min(8, (os.cpu_count() or 2) + 1))
+    workers = max(2, min(8, os.cpu_count() or 2))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {c.id: pool.submit(_run_case, root, c) for c in CASES}
+        futures = {cid: pool.submit(_run_case, root, BY_ID[cid]) for cid in SUBPROCESS_CASES}
         return {cid: f.result() for cid, f in futures.items()}
 
 
-def test_cases_are_distinct():
-    assert len(CASES) >= 12
-    assert len({c.id for c in CASES}) == len(CASES)
-    files = [(c.text, c.extra) for c in CASES]
-    assert len(set(files)) == len(files)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_scenario_cli(case: Case, cli_results):
-    cwd, proc = cli_results[case.id]
-    shown = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proc.returncode == 2, shown
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, shown
-    lines = proc.stderr.strip().splitlines()
+def check_reported(case: Case, cwd: Path, code: int, stdout: str, stderr: str) -> None:
+    shown = f"exit {code}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    assert code == 2, shown
+    assert "Traceback" not in stderr and "Traceback" not in stdout, shown
+    lines = stderr.strip().splitlines()
     assert lines and lines[0].startswith("error: "), shown
     assert len(lines) <= 25, shown  # one screen
     assert (case.names or case.filename) in lines[0], shown
-    assert case.field in proc.stderr, shown
+    # the field is named at the start of a problem line: "  clients.partition.alpha: ..."
+    assert any(line.lstrip().startswith(case.field) for line in lines[1:]), shown
     for text in case.says:
-        assert text in proc.stderr, shown
+        assert text in stderr, shown
     # nothing written: the case folder holds exactly what the test put there
     expected = {case.filename} if case.text is not None else set()
     assert {p.name for p in cwd.iterdir()} == expected, shown
@@ -205,33 +234,86 @@ def test_bad_scenario_cli(case: Case, cli_results):
     assert not (cwd.parent / "evil").exists()
 
 
+def test_cases_are_distinct():
+    assert len(CASES) >= 12 and len(SUBPROCESS_CASES) >= 12
+    assert len(BY_ID) == len(CASES) and set(SUBPROCESS_CASES) <= set(BY_ID)
+    inputs = [(c.text, c.extra) for c in CASES]
+    assert len(set(inputs)) == len(inputs)
+    bad_files = {BY_ID[cid].text for cid in SUBPROCESS_CASES if not BY_ID[cid].extra}
+    assert None not in bad_files and len(bad_files) >= 12
+
+
+@pytest.mark.parametrize("cid", SUBPROCESS_CASES)
+def test_bad_scenario_subprocess(cid: str, cli_results):
+    check_reported(BY_ID[cid], *cli_results[cid])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_scenario_in_process(case: Case, tmp_path: Path, monkeypatch, capsys):
+    from simulator.cli import main
+
+    cwd = _prepare(tmp_path, case)
+    monkeypatch.chdir(cwd)
+    code = main(_argv(case))
+    out, err = capsys.readouterr()
+    check_reported(case, cwd, code, out, err)
+
+
 # --------------------------------------------------------------------------- unit level
 def problems_of(exc: pytest.ExceptionInfo[UserError]) -> dict[str, str]:
-    return {p.field: p.message for p in exc.value.problems}
+    """field -> message (messages of one field joined with ' | ')."""
+    out: dict[str, str] = {}
+    for p in exc.value.problems:
+        out[p.field] = f"{out[p.field]} | {p.message}" if p.field in out else p.message
+    return out
 
 
-def test_defaults_are_filled_in():
-    s = validate_scenario({})
-    assert isinstance(s, Scenario)
-    r = s.resolved()
-    assert r["name"] == "scenario" and r["seed"] == 0
-    assert r["dataset"] == {"source": "mnist1d", "test_fraction": 0.2, "num_samples": 4000, "data_seed": 42}
-    assert r["tasks"] == {"initial_classes": None, "classes_per_task": 2, "num_tasks": None, "class_order": "seeded"}
-    assert r["clients"] == {"num_clients": 10, "partition": {"scheme": "iid"}, "participation": 1.0}
-    assert r["training"] == {
+# The documented defaults (DESIGN.md §4 lists the keys; more keys are welcome, so only these
+# are pinned).
+DEFAULTS = {
+    "name": "scenario",
+    "seed": 0,
+    "dataset": {"source": "mnist1d", "test_fraction": 0.2, "num_samples": 4000, "data_seed": 42},
+    "tasks": {"initial_classes": None, "classes_per_task": 2, "num_tasks": None, "class_order": "seeded"},
+    "clients": {"num_clients": 10, "partition": {"scheme": "iid"}, "participation": 1.0},
+    "training": {
         "rounds_per_task": 3,
         "local_epochs": 1,
         "batch_size": 32,
         "lr": 0.01,
         "momentum": 0.9,
         "weight_decay": 0.0,
-    }
-    assert r["model"] == {"backbone": "cnn1d", "embedding_dim": 64}
-    assert r["continual"] == {"backbone": "train", "feature_distillation": 0.0, "memory_per_class": 0}
-    assert r["strategy"] == {"name": "proto_avg", "params": {"share_weights": False}}
-    assert r["evaluation"] == {"protocol": "global", "every": "round"}
-    assert r["resources"] == {"engine": "ray", "num_cpus_per_client": 1, "num_gpus_per_client": 0.0}
-    assert r["output"] == {"dir": "results"}
+    },
+    "model": {"backbone": "cnn1d", "embedding_dim": 64},
+    "continual": {"backbone": "train", "feature_distillation": 0.0, "memory_per_class": 0},
+    "strategy": {"name": "proto_avg", "params": {"share_weights": False}},
+    "evaluation": {"protocol": "global", "every": "round"},
+    "resources": {"engine": "ray", "num_cpus_per_client": 1, "num_gpus_per_client": 0.0},
+    "output": {"dir": "results"},
+}
+
+
+def assert_contains(actual, expected, path="") -> None:
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{path or '(top)'}: {actual!r} is not a mapping"
+        for key, value in expected.items():
+            where = f"{path}.{key}" if path else key
+            assert key in actual, f"{where} missing from {sorted(actual)}"
+            assert_contains(actual[key], value, where)
+    else:
+        assert actual == expected and type(actual) is type(expected), f"{path}: {actual!r} != {expected!r}"
+
+
+def test_defaults_are_filled_in(tmp_path: Path):
+    s = validate_scenario({})
+    assert isinstance(s, Scenario)
+    resolved = s.resolved()
+    assert_contains(resolved, DEFAULTS)
+    assert resolved["clients"]["partition"] == {"scheme": "iid"}
+    # an empty file (or one with only comments) is the same as {}
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# all defaults\n", encoding="utf-8")
+    assert load_scenario(empty).resolved() == resolved
 
 
 def test_partial_sections_keep_the_other_defaults():
