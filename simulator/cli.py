@@ -202,19 +202,27 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .learner.backbones import BACKBONES
     from .scenario import PARTITION_SCHEMES
 
+    def origin(registry: Any, name: str) -> str:
+        return f"  (plugin: {registry.plugins[name]})" if name in registry.plugins else ""
+
     print("strategies:")
     for name, cls in sorted(STRATEGIES.items()):
         params = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items()) or "-"
-        print(f"  {name:<12} {cls.description}  [params: {params}]")
+        print(f"  {name:<12} {cls.description}  [params: {params}]{origin(STRATEGIES, name)}")
     print("dataset sources:")
     for name, spec in sorted(SOURCES.items()):
-        print(f"  {name:<12} {spec.description}")
+        print(f"  {name:<12} {spec.description}{origin(SOURCES, name)}")
     print("partition schemes:")
     for name in PARTITION_SCHEMES:
         print(f"  {name}")
     print("backbones:")
     for name, b in sorted(BACKBONES.items()):
         print(f"  {name:<12} {b.description}")
+    broken = [*STRATEGIES.problems.values(), *SOURCES.problems.values()]  # type: ignore[attr-defined]
+    if broken:  # installed but unusable plugins: listed, not fatal (scenarios that name them get the same error)
+        print("warning: plugins left out:", file=sys.stderr)
+        for p in broken:
+            print(f"  {p.describe()}", file=sys.stderr)
     return 0
 
 
@@ -289,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        from .paths import check_path_arg
+
+        for flag in ("out", "resume"):
+            check_path_arg(getattr(args, flag, None), f"--{flag}")
         return int(args.func(args) or 0)
     except UserError as exc:
         print(exc.render(), file=sys.stderr)
@@ -307,6 +319,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # Flower's server thread may still wait on replies that will never come
+    except Exception as exc:  # not bad input (that is a UserError, exit 2) but a bug: say so, exit 1
+        if os.environ.get("PROTOFED_DEBUG"):
+            raise
+        print(f"error: internal error, a bug in protofed: {type(exc).__name__}: {str(exc)[:500]}", file=sys.stderr)
+        print(f"  please report it with the traceback, kept in {_crash_report()} (PROTOFED_DEBUG=1 prints it)", file=sys.stderr)
+        _stop_ray()
+        return 1
+
+
+def _crash_report() -> str:
+    """Write the traceback of the exception being handled to a temp file; its path."""
+    import tempfile
+    import traceback
+
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="protofed-crash-", suffix=".txt", delete=False) as f:
+            traceback.print_exc(file=f)
+            return f.name
+    except OSError:
+        return "(no file: the temp folder is not writable)"
 
 
 def entry() -> None:

@@ -67,7 +67,10 @@ def plan(
     for label in labels:
         if _resolve_label(raw, label) is None:
             known = sorted(set(STRATEGIES) | set(base.compare))
-            problems.append(Problem(label, f"unknown strategy or compare label; allowed: {', '.join(known)}"))
+            broken = STRATEGIES.problems.get(label)  # type: ignore[attr-defined]  # a plugin that failed to load
+            problems.append(
+                Problem(label, broken.describe() if broken else f"unknown strategy or compare label; allowed: {', '.join(known)}")
+            )
     if problems:
         raise UserError("--strategies", problems)
     root = Path(out_dir) if out_dir else Path(base.output.dir) / base.name

@@ -152,7 +152,10 @@ def plot_accuracy_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Non
     if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
         raise ValueError(f"accuracy matrix must be a non-empty T x T array, got shape {a.shape}")
     t = a.shape[0]
+    lower = np.tril(np.ones_like(a, dtype=bool))
     try:
+        if np.isnan(a[lower]).any() and not np.isfinite(a[~lower]).any():
+            raise ValueError("NaN below the diagonal")  # an unfinished run, not an asynchronous one
         s = summarize_any(a)
         forg = "n/a (one task)" if math.isnan(s["avg_forgetting"]) else f"{s['avg_forgetting']:.2f}"
         subtitle = f"final average accuracy {s['final_avg_accuracy']:.2f} · average forgetting {forg}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -18,19 +19,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import Problem, UserError
+from .paths import PathText
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # NaN and infinities are never meaningful settings (an open range such as grad_clip >= 0 took inf)
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- dataset
 class DatasetConfig(BaseModel):
     """Common dataset keys; source-specific keys are checked by the source's own schema."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     source: str = Field("mnist1d", description="dataset source (registry name; `protofed list`)")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class held out for testing (sources without a test split)")
 
@@ -40,7 +43,7 @@ class DatasetConfig(BaseModel):
         from .data.sources import SOURCES
 
         if v not in SOURCES:
-            raise ValueError(f"unknown dataset source {v!r}; allowed: {', '.join(sorted(SOURCES))}")
+            raise ValueError(SOURCES.unknown(v))  # type: ignore[attr-defined]  # names a broken plugin too
         return v
 
     def params(self) -> dict[str, Any]:
@@ -113,7 +116,7 @@ class FaultSpec(Strict):
 
 class ArrivalConfig(Strict):
     initial_fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients present from the first task; the others join in equal groups at each later task")
-    at_task: list[int] | None = Field(None, description="explicit task (step) at which each client joins, one entry per client (overrides initial_fraction)")
+    at_task: list[Annotated[int, Field(ge=0, le=1_000_000)]] | None = Field(None, description="explicit task (step) at which each client joins, one entry per client (overrides initial_fraction)")
     stale_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="at each new task, this fraction of the clients already present receives no new classes (keeps training on its memory)")
 
 
@@ -210,7 +213,7 @@ class StrategyConfig(Strict):
         from strategies import STRATEGIES
 
         if v not in STRATEGIES:
-            raise ValueError(f"unknown strategy {v!r}; allowed: {', '.join(sorted(STRATEGIES))}")
+            raise ValueError(STRATEGIES.unknown(v))  # type: ignore[attr-defined]  # names a broken plugin too
         return v
 
 
@@ -236,11 +239,11 @@ class ResourcesConfig(Strict):
     num_cpus_per_client: int = Field(1, ge=1, le=1024, description="CPUs per Ray actor (and torch threads per client)")
     num_gpus_per_client: float = Field(0.0, ge=0.0, le=64.0, description="GPU share per Ray actor (fractional allowed); >0 trains on cuda")
     ray_address: str | None = Field(None, description="connect to an existing Ray cluster (e.g. 127.0.0.1:6379 or auto) instead of starting a local one")
-    state_dir: str | None = Field(None, description="folder for the per-run client state store; on a multi-node Ray cluster it must be on a filesystem every node reaches (default: a private temp folder)")
+    state_dir: PathText | None = Field(None, description="folder for the per-run client state store; on a multi-node Ray cluster it must be on a filesystem every node reaches (default: a private temp folder)")
 
 
 class OutputConfig(Strict):
-    dir: str = Field("results", description="results go to <dir>/<name>/<strategy>/seed-<seed>/")
+    dir: PathText = Field("results", description="results go to <dir>/<name>/<strategy>/seed-<seed>/")
 
 
 class Scenario(Strict):
@@ -285,7 +288,7 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
         elif isinstance(item, str) and (item.startswith("function-") or "[" in item):
             continue
         else:
-            parts.append(("." if parts else "") + str(item))
+            parts.append(("." if parts else "") + _shown(str(item)))  # a key may be any text
     return "".join(parts)
 
 
@@ -326,17 +329,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     problems: list[Problem] = []
     for item in overrides:
         if "=" not in item:
-            problems.append(Problem(item, "expected KEY=VALUE, e.g. --set clients.num_clients=20"))
+            problems.append(Problem(_shown(item), "expected KEY=VALUE, e.g. --set clients.num_clients=20"))
             continue
         key, text = item.split("=", 1)
         key = key.strip()
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-            problems.append(Problem(key or item, "not a dotted key path such as training.lr"))
+            problems.append(Problem(_shown(key or item), "not a dotted key path such as training.lr"))
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = load_yaml_text(text) if text.strip() else ""
+        except YamlTooDeep as exc:
+            problems.append(Problem(key, f"the value {exc.problem}"))
+            continue
         except yaml.YAMLError:
             value = text
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. an int beyond 4300 digits, 2001-02-30
+            problems.append(Problem(key, f"not a valid YAML value: {exc}"))
+            continue
+        shape = shape_problem(value)
+        if shape:
+            problems.append(Problem(key, f"the value {shape}"))
+            continue
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -354,29 +367,99 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return data
 
 
+def _shown(text: str, limit: int = 60) -> str:
+    """User text as one short line for an error message (repr when it holds odd characters)."""
+    shown = text if text.isprintable() else repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
 # --------------------------------------------------------------------------- loading
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.exists():
-        raise UserError.single(str(path), "", "file not found")
-    if p.is_dir():
-        raise UserError.single(str(path), "", "is a directory, expected a YAML scenario file")
+    try:
+        if not p.exists():
+            raise UserError.single(str(path), "", "file not found")
+        if p.is_dir():
+            raise UserError.single(str(path), "", "is a directory, expected a YAML scenario file")
+    except OSError as exc:  # e.g. a name too long for the filesystem
+        raise UserError.single(str(path), "", f"cannot read the file: {exc.strerror or exc}") from None
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError.single(str(path), "", f"cannot read the file: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError.single(str(path), where, f"not valid YAML: {problem}") from None
+        raise UserError.single(str(path), where, problem if isinstance(exc, YamlTooDeep) else f"not valid YAML: {problem}") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. an int beyond 4300 digits, a date 2001-02-30
+        raise UserError.single(str(path), "", f"not valid YAML: {exc}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError.single(str(path), "", f"expected a mapping of keys at the top level, got {type(data).__name__}")
+    for key, value in data.items():
+        shape = shape_problem(value)
+        if shape:
+            raise UserError.single(str(path), str(key), shape)
     return data
+
+
+MAX_DEPTH = 50  # a real scenario nests about 5 levels
+MAX_VALUES = 1_000_000  # a large scenario (clients.arrival.at_task for 100,000 clients) holds ~100,000
+
+
+class YamlTooDeep(yaml.MarkedYAMLError):
+    """YAML text that nests deeper than :data:`MAX_DEPTH` (found before it is built)."""
+
+
+class _DepthLimitedSafeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (plain data only: no tag can import or run code) whose recursive
+    composer refuses to go deeper than ``MAX_DEPTH`` levels, at the line where it happens,
+    instead of exhausting the Python stack."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self._depth > MAX_DEPTH and self.check_event(yaml.CollectionStartEvent):  # the top level is depth 0
+            raise YamlTooDeep(problem=f"nests deeper than {MAX_DEPTH} levels", problem_mark=self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` with a nesting limit (see :class:`_DepthLimitedSafeLoader`)."""
+    loader = _DepthLimitedSafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def shape_problem(value: Any) -> str | None:
+    """Why a loaded YAML value is too deep or too large to be a scenario (None if it is not).
+
+    Iterative, so it cannot overflow the stack itself; YAML aliases are followed, so a
+    self-referencing alias counts as too deep and a "billion laughs" expansion as too large.
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    count = 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            return f"holds more than {MAX_VALUES:,} values (YAML aliases expanded); a scenario is far smaller"
+        if isinstance(node, (dict, list)):
+            if depth >= MAX_DEPTH:
+                return f"nests deeper than {MAX_DEPTH} levels (or a YAML alias refers to itself)"
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scenario:
@@ -432,8 +515,9 @@ def _model_problems(scenario: Scenario) -> list[Problem]:
         ids = sorted(c for clients in b.values() for c in clients)
         expected = list(range(scenario.clients.num_clients))
         if ids != expected:
+            counts = Counter(ids)  # not ids.count(c) per id: quadratic for 100,000 clients
             missing = sorted(set(expected) - set(ids))
-            extra = sorted({c for c in ids if ids.count(c) > 1 or c not in expected})
+            extra = sorted(c for c, k in counts.items() if k > 1 or not 0 <= c < scenario.clients.num_clients)
             out.append(
                 Problem(
                     "model.backbone",
@@ -447,7 +531,11 @@ def _model_problems(scenario: Scenario) -> list[Problem]:
         entries += [(f"compare.{label}", e.name, e.params) for label, e in scenario.compare.items()]
         for where, name, params in entries:
             cls = STRATEGIES[name]
-            if cls.weight_sharing(cls.Params.model_validate(params)):
+            try:
+                validated = cls.Params.model_validate(params)
+            except ValidationError:
+                continue  # bad params are reported on their own field already
+            if cls.weight_sharing(validated):
                 out.append(
                     Problem(
                         where,

@@ -28,9 +28,9 @@ from simulator.records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_from_array
 
 
 class StrategyParams(BaseModel):
-    """Base of every strategy's parameter schema: unknown keys are errors."""
+    """Base of every strategy's parameter schema: unknown keys, NaN and infinities are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass

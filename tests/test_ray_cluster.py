@@ -23,11 +23,14 @@ def free_port() -> int:
 
 
 def test_run_on_an_existing_local_ray_cluster(tmp_path):
+    import tempfile
+
     port = free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="pf-ray-", dir="/tmp")  # Ray's socket paths must stay short
     env = dict(os.environ, RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
     start = subprocess.run(
         [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
         capture_output=True, text=True, env=env, timeout=180,
     )
     assert start.returncode == 0, start.stderr[-2000:]

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .. import seeding
 from ..errors import FieldError
+from ..paths import PathText
+from ..plugins import SOURCE_GROUP, PluginError, Registry
 from . import formats
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,7 +62,7 @@ class SourceSpec:
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -232,9 +234,22 @@ class SyntheticParams(_Params):
     num_classes: int = Field(10, ge=2, le=100_000, description="number of classes")
     dim: int = Field(32, ge=1, le=100_000, description="feature dimension of each sample")
     samples_per_class: int = Field(200, ge=2, le=10_000_000, description="samples per class (train + test)")
-    noise: float = Field(1.0, gt=0.0, description="per-dimension std of the samples around their class mean")
-    class_sep: float = Field(3.0, gt=0.0, description="typical (RMS) distance between two class means")
+    noise: float = Field(1.0, gt=0.0, le=1e6, description="per-dimension std of the samples around their class mean")
+    class_sep: float = Field(3.0, gt=0.0, le=1e6, description="typical (RMS) distance between two class means")
     data_seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the class means and the samples")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> "SyntheticParams":
+        total = self.num_classes * self.samples_per_class * self.dim
+        if total > MAX_SYNTHETIC_VALUES:
+            raise ValueError(
+                f"num_classes x samples_per_class x dim = {total:,} values, more than the "
+                f"{MAX_SYNTHETIC_VALUES:,} (about {MAX_SYNTHETIC_VALUES * 8 / 1e9:.1f} GB as float64) a synthetic dataset may have"
+            )
+        return self
+
+
+MAX_SYNTHETIC_VALUES = 100_000_000
 
 
 def _load_synthetic(params: SyntheticParams, test_fraction: float, seed: int) -> ArrayDataset:
@@ -254,7 +269,7 @@ def _load_synthetic(params: SyntheticParams, test_fraction: float, seed: int) ->
 
 # --------------------------------------------------------------------------- npz
 class NpzParams(_Params):
-    path: str = Field(..., min_length=1, description="a .npz file with arrays x, y (and optionally x_test, y_test)")
+    path: PathText = Field(..., min_length=1, description="a .npz file with arrays x, y (and optionally x_test, y_test)")
 
 
 def _labels(arr: np.ndarray, name: str) -> np.ndarray:
@@ -352,7 +367,7 @@ def _short(values: Any, limit: int = 10) -> str:
 
 # --------------------------------------------------------------------------- folder
 class FolderParams(_Params):
-    path: str = Field(..., min_length=1, description="root folder with one sub-folder of images per class")
+    path: PathText = Field(..., min_length=1, description="root folder with one sub-folder of images per class")
     image_size: int = Field(28, ge=1, le=4096, description="images are resized to image_size x image_size")
     grayscale: bool = Field(True, description="convert to one channel (else RGB, three channels)")
 
@@ -446,7 +461,7 @@ _OWN_SPLIT = "; the dataset has its own test split, so dataset.test_fraction is 
 
 
 class CifarParams(_Params):
-    root: str = Field(
+    root: PathText = Field(
         ..., min_length=1,
         description="folder holding cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) or the archive cifar-10-python.tar.gz" + _OWN_SPLIT,
     )
@@ -454,7 +469,7 @@ class CifarParams(_Params):
 
 
 class Cifar100Params(_Params):
-    root: str = Field(
+    root: PathText = Field(
         ..., min_length=1,
         description="folder holding cifar-100-python/ (train, test, meta) or the archive cifar-100-python.tar.gz" + _OWN_SPLIT,
     )
@@ -463,7 +478,7 @@ class Cifar100Params(_Params):
 
 
 class MnistParams(_Params):
-    root: str = Field(
+    root: PathText = Field(
         ..., min_length=1,
         description="folder with the four IDX files (train-/t10k-images-idx3-ubyte, train-/t10k-labels-idx1-ubyte, "
         "optionally .gz) in root/MNIST/raw/ or root itself" + _OWN_SPLIT,
@@ -472,7 +487,7 @@ class MnistParams(_Params):
 
 
 class FashionMnistParams(_Params):
-    root: str = Field(
+    root: PathText = Field(
         ..., min_length=1,
         description="folder with the four IDX files (train-/t10k-images-idx3-ubyte, train-/t10k-labels-idx1-ubyte, "
         "optionally .gz) in root/FashionMNIST/raw/ or root itself" + _OWN_SPLIT,
@@ -497,7 +512,7 @@ def _load_fashion_mnist(params: FashionMnistParams, test_fraction: float, seed: 
 
 
 # --------------------------------------------------------------------------- registry
-SOURCES: dict[str, SourceSpec] = {
+BUILTIN_SOURCES: dict[str, SourceSpec] = {
     spec.name: spec
     for spec in (
         SourceSpec("mnist1d", "MNIST-1D, generated offline (10 classes, 1x40 signals)", Mnist1dParams, _load_mnist1d),
@@ -529,11 +544,35 @@ SOURCES: dict[str, SourceSpec] = {
 }
 
 
+def _check_plugin(name: str, obj: Any) -> SourceSpec:
+    """A ``protofed.datasets`` entry point must load a SourceSpec (or a function returning one)
+    whose name equals the entry point's name."""
+    spec = obj() if callable(obj) and not isinstance(obj, (type, SourceSpec)) else obj
+    if not isinstance(spec, SourceSpec):
+        raise PluginError(f"expected a simulator.data.sources.SourceSpec (or a function returning one), got {obj!r}")
+    if spec.name != name:
+        raise PluginError(f"its SourceSpec is named {spec.name!r}; it must equal the entry point name {name!r}")
+    if not (isinstance(spec.params_model, type) and issubclass(spec.params_model, BaseModel)):
+        raise PluginError("SourceSpec.params_model must be a pydantic model class")
+    if not callable(spec.load):
+        raise PluginError("SourceSpec.load must be a function (params, test_fraction, seed) -> ArrayDataset")
+    return spec
+
+
+# the built-in sources, plus those of installed packages (entry-point group protofed.datasets), loaded on first read
+SOURCES: dict[str, SourceSpec] = Registry(BUILTIN_SOURCES, SOURCE_GROUP, "dataset source", _check_plugin)
+
+
+def source_registry() -> dict[str, SourceSpec]:
+    """``SOURCES`` with the installed plugin sources loaded (once per process)."""
+    return SOURCES.load_plugins()  # type: ignore[attr-defined]
+
+
 def load_dataset(cfg: "DatasetConfig", seed: int) -> ArrayDataset:
     """Load the dataset a scenario's ``dataset`` section describes (split seeded by ``seed``)."""
     spec = SOURCES.get(cfg.source)
     if spec is None:
-        raise FieldError("dataset.source", f"unknown dataset source {cfg.source!r}; allowed: {', '.join(sorted(SOURCES))}")
+        raise FieldError("dataset.source", SOURCES.unknown(cfg.source))  # type: ignore[attr-defined]
     try:
         params = spec.params_model.model_validate(cfg.params())
     except ValidationError as exc:

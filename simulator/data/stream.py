@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import seeding
+from ..errors import FieldError
 from .partition import partition_task
 from .schedule import build_schedule, present, receivers, seen_tasks
 from .sources import ArrayDataset, load_dataset
@@ -111,6 +112,14 @@ def build_stream(scenario: "Scenario") -> FederatedStream:
     for t, classes in enumerate(tasks):
         pos = np.flatnonzero(np.isin(data.y_train, classes)).astype(np.int64)
         recv = receivers(schedule, t)  # only clients that learn task t get its samples
+        if not recv:
+            raise FieldError(
+                "clients.arrival",
+                f"task {t} (classes {[int(c) for c in classes]}) is learned by no client: every client is absent "
+                f"(arrival.at_task) or stale (arrival.stale_fraction) whenever its task order (clients.task_order: "
+                f"{getattr(scenario.clients, 'task_order', 'shared')}) reaches it; lower arrival.stale_fraction, "
+                "let clients join earlier, or use task_order: shared",
+            )
         parts = partition_task(
             data.y_train[pos], len(recv), scenario.clients.partition, seeding.rng(seed, "partition", t), t
         )

@@ -39,17 +39,24 @@ def build_stream_checked(scenario: Scenario, source: str):
         return build_stream(scenario)
     except FieldError as exc:
         raise UserError.single(source, exc.field, exc.message) from None
+    except MemoryError as exc:  # numpy's "Unable to allocate ..." for data too large for this machine
+        raise UserError.single(source, "dataset", f"the data do not fit in memory ({exc}); use a smaller dataset") from None
 
 
 def check_writable(run_dir: Path, source: str = "--out") -> None:
     """Fail before any work when the run directory cannot be created or written."""
     probe = run_dir
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise UserError.single(source, "output.dir", f"{probe} exists and is not a directory")
+    try:
+        while not probe.exists():
+            if os.path.lexists(probe):  # exists() follows links: this one is dangling or a loop
+                raise UserError.single(source, "output.dir", f"{probe} is a symbolic link that leads nowhere")
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            raise UserError.single(source, "output.dir", f"{probe} exists and is not a directory")
+    except OSError as exc:  # e.g. a symlink loop, or a name the filesystem refuses
+        raise UserError.single(source, "output.dir", f"cannot use {run_dir}: {exc.strerror or exc}") from None
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError.single(source, "output.dir", f"cannot write to {probe} (permission denied)")
 
@@ -124,9 +131,12 @@ def run_scenario(
     check_writable(run_dir, out_source)
 
     started = time.time()
-    if scenario.resources.state_dir:
-        Path(scenario.resources.state_dir).mkdir(parents=True, exist_ok=True)
-    state_dir = Path(tempfile.mkdtemp(prefix="protofed-state-", dir=scenario.resources.state_dir))
+    try:
+        if scenario.resources.state_dir:
+            Path(scenario.resources.state_dir).mkdir(parents=True, exist_ok=True)
+        state_dir = Path(tempfile.mkdtemp(prefix="protofed-state-", dir=scenario.resources.state_dir))
+    except OSError as exc:
+        raise UserError.single(source, "resources.state_dir", f"cannot create the client state folder: {exc}") from None
     setup = RunSetup(scenario=scenario.resolved(), state_dir=str(state_dir), verbose=verbose)
     clients_dir = state_dir / "clients"
     writer = RunWriter(run_dir)
