@@ -80,16 +80,26 @@ class TreeMemorySampler:
         self.sample()
 
 
-def engine_figures(run_dir: Path, wall: float) -> dict[str, Any]:
-    """Figures of one run from its metrics.csv (one row per round after de-duplication)."""
+def engine_figures(run_dir: Path, wall: float, workers: int = 1) -> dict[str, Any]:
+    """Figures of one run from its metrics.csv (one row per round after de-duplication).
+
+    Round overhead: the training phase's wall time minus the time the clients' compute needs at
+    best on ``workers`` parallel workers (the slowest client, or the summed compute spread evenly
+    over the workers when there are more clients than workers). The issue's literal definition
+    (wall time minus the slowest client only) is kept as ``round_overhead_literal_seconds``: with
+    more clients than actors it counts queueing behind other clients as overhead."""
     m = pd.read_csv(run_dir / "metrics.csv").drop_duplicates("global_round")
-    overhead = (m["train_seconds"] - m["max_client_seconds"]).clip(lower=0)
+    makespan = np.maximum(m["max_client_seconds"], m["client_seconds"] / max(1, workers))
+    overhead = (m["train_seconds"] - makespan).clip(lower=0)
+    literal = (m["train_seconds"] - m["max_client_seconds"]).clip(lower=0)
     updates = int(m["clients_trained"].sum())
     return {
         "wall_seconds": wall,
+        "workers": workers,
         "client_compute_seconds": float(m["client_seconds"].sum()),
         "round_overhead_seconds": float(overhead.median()),
         "round_overhead_seconds_max": float(overhead.max()),
+        "round_overhead_literal_seconds": float(literal.median()),
         "clients_per_round": float(m["clients_trained"].mean()),
         "client_updates": updates,
         "client_updates_per_second": updates / wall if wall > 0 else float("nan"),
@@ -121,7 +131,10 @@ def run_bench(
             t0 = time.perf_counter()
             outcome = run_scenario(scenario, source=source, run_dir=out_dir / engine, engine=engine, verbose=verbose, out=out, plots=False)
             wall = time.perf_counter() - t0
-        figs = engine_figures(out_dir / engine, wall)
+        workers = 1 if engine == "inline" else max(1, (os.cpu_count() or 1) // scenario.resources.num_cpus_per_client)
+        if engine == "ray" and scenario.resources.ray_address:
+            workers = max(1, workers)  # a remote cluster's size is not known here; a lower bound
+        figs = engine_figures(out_dir / engine, wall, workers)
         figs["peak_rss_bytes"] = mem.peak
         figs["final_avg_accuracy"] = outcome.summary["final_avg_accuracy"]
         per_engine[engine] = figs
@@ -138,6 +151,7 @@ def run_bench(
         "ratio": ray["wall_seconds"] / inline["wall_seconds"],
         "round_overhead_seconds": ray["round_overhead_seconds"],
         "round_overhead_budget_seconds": 0.2 + 0.01 * ray["clients_per_round"],
+        "round_overhead_literal_seconds": ray["round_overhead_literal_seconds"],
         "client_updates_per_second": ray["client_updates_per_second"],
         "peak_rss_bytes": max(inline["peak_rss_bytes"], ray["peak_rss_bytes"]),
         "eval_share": ray["eval_share"],
@@ -159,6 +173,7 @@ def format_bench(r: dict[str, Any]) -> str:
         ("wall time (s)", f"{e['inline']['wall_seconds']:.1f}", f"{e['ray']['wall_seconds']:.1f}"),
         ("client compute, summed (s)", f"{e['inline']['client_compute_seconds']:.1f}", f"{e['ray']['client_compute_seconds']:.1f}"),
         ("round overhead, median (s)", f"{e['inline']['round_overhead_seconds']:.3f}", f"{e['ray']['round_overhead_seconds']:.3f}"),
+        ("  wall minus slowest client (s)", f"{e['inline']['round_overhead_literal_seconds']:.3f}", f"{e['ray']['round_overhead_literal_seconds']:.3f}"),
         ("client updates per second", f"{e['inline']['client_updates_per_second']:.2f}", f"{e['ray']['client_updates_per_second']:.2f}"),
         ("evaluation share of wall time", f"{e['inline']['eval_share']:.1%}", f"{e['ray']['eval_share']:.1%}"),
         ("peak RSS, process tree (MB)", f"{e['inline']['peak_rss_bytes'] / 1e6:.0f}", f"{e['ray']['peak_rss_bytes'] / 1e6:.0f}"),
