@@ -8,6 +8,8 @@ packages add strategies through the ``protofed.strategies`` entry-point group (s
 
 from __future__ import annotations
 
+from simulator.plugins import STRATEGY_GROUP, PluginError, Registry
+
 from .base import FederatedStrategy, RunInfo, StrategyParams
 from .fedavg import FedAvg
 from .fedproto import FedProto
@@ -18,8 +20,6 @@ from .fpl import FPL
 from .joint import Joint
 from .local import Local
 from .proto_avg import ProtoAvg
-
-from simulator.plugins import STRATEGY_GROUP, PluginError, Registry
 
 BUILTIN_STRATEGIES: dict[str, type[FederatedStrategy]] = {
     cls.name: cls for cls in (ProtoAvg, FedAvg, FedProto, Finetune, Local, Joint, FedTGP, FedSA, FPL)

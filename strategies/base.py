@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from pydantic import BaseModel, ConfigDict
@@ -24,7 +32,15 @@ from pydantic import BaseModel, ConfigDict
 from simulator import seeding
 from simulator.learner.prototypes import PrototypeSet
 from simulator.objective import ClientObjective
-from simulator.records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_from_arrays, protos_to_arrays, weighted_average
+from simulator.records import (
+    CONFIG,
+    GLOBAL,
+    METRICS,
+    UPLOAD,
+    protos_from_arrays,
+    protos_to_arrays,
+    weighted_average,
+)
 
 
 class StrategyParams(BaseModel):

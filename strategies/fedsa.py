@@ -47,8 +47,6 @@ Where this differs from the paper, and why:
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,11 +57,11 @@ from torch import nn
 from simulator.learner.backbones import ProtoModel
 from simulator.learner.prototypes import PrototypeSet, merge_class_means
 from simulator.learner.training import compute_prototypes
-from simulator.objective import ClientObjective
 from simulator.seeding import derive_seed
 
 from .base import FederatedStrategy, RunInfo, StrategyParams, Upload
-from .fedproto import mse_to_prototypes, prototype_lookup
+from .fedproto import Objective as PullToPrototypes
+from .fedproto import mse_to_prototypes
 
 ANCHOR_PURPOSE = "fedsa_anchors"
 
@@ -123,13 +121,12 @@ def mean_nearest_gap(vectors: np.ndarray | torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- client half
-class Objective(ClientObjective):
-    train_loss: ClassVar[Literal["prototype", "head"]] = "head"
-    inference: ClassVar[Literal["prototype", "head"]] = "prototype"
+class Objective(PullToPrototypes):
+    """Head cross-entropy for training, nearest received prototype for inference (as FedProto),
+    with this method's own loss terms."""
 
     def __init__(self, params, info) -> None:
         super().__init__(params, info)
-        self._lookup = None
         self._anchor_classes: torch.Tensor | None = None
         self._anchors: torch.Tensor | None = None
         self._column: torch.Tensor | None = None
@@ -137,7 +134,6 @@ class Objective(ClientObjective):
 
     def receive(self, arrays: ArrayRecord, model: ProtoModel) -> None:
         super().receive(arrays, model)
-        self._lookup = prototype_lookup(self, self.info.device)
         if self._lookup is None:
             self._anchor_classes = self._anchors = self._column = None
             return

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from simulator.learner.prototypes import PrototypeSet, squared_distances
 from simulator import seeding
+from simulator.learner.prototypes import PrototypeSet, squared_distances
 from simulator.seeding import derive_seed
 
 from .base import FederatedStrategy, RunInfo, StrategyParams, Upload

@@ -32,7 +32,7 @@ head; here the head stays local, as in ``fedproto``).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -42,10 +42,10 @@ from pydantic import Field
 
 from simulator.learner.backbones import ProtoModel
 from simulator.learner.prototypes import PrototypeSet
-from simulator.objective import ClientObjective
 
 from .base import FederatedStrategy, StrategyParams, Upload
-from .fedproto import mse_to_prototypes, prototype_lookup
+from .fedproto import Objective as PullToPrototypes
+from .fedproto import mse_to_prototypes
 from .finch import coarsest_multi_cluster, finch
 
 CLUSTER_PREFIX = "fpl.cluster"
@@ -128,18 +128,16 @@ def cluster_infonce(
     return per_sample.mean()
 
 
-class Objective(ClientObjective):
-    train_loss: ClassVar[Literal["prototype", "head"]] = "head"
-    inference: ClassVar[Literal["prototype", "head"]] = "prototype"
+class Objective(PullToPrototypes):
+    """Head cross-entropy for training, nearest received prototype for inference (as FedProto),
+    with this method's own loss terms."""
 
     def __init__(self, params, info) -> None:
         super().__init__(params, info)
-        self._lookup = None
         self._clusters: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def receive(self, arrays: ArrayRecord, model: ProtoModel) -> None:
-        super().receive(arrays, model)  # unbiased prototypes (proto.*) and shared weights
-        self._lookup = prototype_lookup(self, self.info.device)
+        super().receive(arrays, model)  # unbiased prototypes (proto.*), shared weights, lookup table
         table = clusters_from_arrays(arrays)
         self._clusters = None
         if table is not None:

@@ -15,9 +15,9 @@ averaged across different feature spaces, which the simulator shows rather than 
 
 from __future__ import annotations
 
-from simulator.learner.prototypes import merge_class_means
-
 from pydantic import Field
+
+from simulator.learner.prototypes import merge_class_means
 
 from .base import FederatedStrategy, StrategyParams, Upload
 

@@ -35,3 +35,23 @@ def tiny(**over) -> dict:
 
 def run_tiny(tmp_path: Path, name: str, engine: str = "inline", **over) -> RunOutcome:
     return run_scenario(validate_scenario(tiny(**over)), run_dir=tmp_path / name, engine=engine, out=None)
+
+
+def run_info(n_clients: int = 3, dim: int = 4, seed: int = 0, num_classes: int = 10):
+    """What the engine tells a strategy, for ``n_clients`` clients on nodes 1..n."""
+    from strategies import RunInfo
+
+    return RunInfo(seed=seed, participation=1.0, num_classes=num_classes, embedding_dim=dim,
+                   partitions={i: i + 1 for i in range(n_clients)})
+
+
+def reply(pid: int, arrays: dict, counts: list[int], n: int):
+    """A client's training reply as the engine would receive it: uploaded arrays, and metrics
+    with the partition id, sample count, loss and prototype counts."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from simulator.records import METRICS, UPLOAD
+
+    request = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=pid + 1, message_type="train")
+    metrics = MetricRecord({"partition_id": pid, "num_examples": n, "train_loss": 0.5, "proto.counts": counts})
+    return Message(RecordDict({UPLOAD: ArrayRecord(arrays), METRICS: metrics}), reply_to=request)

@@ -11,7 +11,7 @@ from simulator.data.schedule import ABSENT, STALE, build_schedule
 from simulator.data.stream import build_stream
 from simulator.engine.runner import run_scenario
 from simulator.errors import UserError
-from simulator.metrics import summarize, summarize_asynchronous, summarize_any
+from simulator.metrics import summarize, summarize_any, summarize_asynchronous
 from simulator.scenario import validate_scenario
 from strategies import RunInfo
 from strategies.proto_avg import ProtoAvg

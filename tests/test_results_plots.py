@@ -17,7 +17,14 @@ import yaml
 import simulator
 from simulator import plots, results
 from simulator.metrics import summarize
-from simulator.results import RUN_FILES, SUMMARY_KEYS, RunWriter, is_run_dir, read_matrix, read_run
+from simulator.results import (
+    RUN_FILES,
+    SUMMARY_KEYS,
+    RunWriter,
+    is_run_dir,
+    read_matrix,
+    read_run,
+)
 
 NAN = np.nan
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from helpers import run_tiny
 from torch import nn
 
@@ -21,9 +20,6 @@ from strategies.fedsa import FedSA, Objective, Params
 NUM_CLASSES, DIM = 10, 6
 
 
-@pytest.fixture(autouse=True)
-def _identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
 def _run(seed: int = 0, n_clients: int = 2, num_classes: int = NUM_CLASSES, dim: int = DIM) -> RunInfo:

@@ -6,30 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, Message
+from helpers import reply as _reply
 from helpers import run_tiny
 
 from simulator.learner.prototypes import PrototypeSet
 from simulator.objective import ClientInfo
-from simulator.records import METRICS, UPLOAD, protos_from_arrays, protos_to_arrays
+from simulator.records import UPLOAD, protos_from_arrays, protos_to_arrays
 from strategies import STRATEGIES, RunInfo
 from strategies.fedtgp import FedTGP, Params, adaptive_margin
-
-
-@pytest.fixture(autouse=True)
-def _identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
 def _run(n_clients: int = 3, dim: int = 4, seed: int = 0) -> RunInfo:
     return RunInfo(seed=seed, participation=1.0, num_classes=10, embedding_dim=dim, partitions={i: i + 1 for i in range(n_clients)})
 
 
-def _reply(pid: int, arrays: dict[str, Array], counts: list[int], n: int) -> Message:
-    request = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=pid + 1, message_type="train")
-    metrics = MetricRecord({"partition_id": pid, "num_examples": n, "train_loss": 0.5, "proto.counts": counts})
-    return Message(RecordDict({UPLOAD: ArrayRecord(arrays), METRICS: metrics}), reply_to=request)
 
 
 DIM = 6
