@@ -185,7 +185,9 @@ class RunWriter:
             raise ValueError(f"metrics rows lack column(s) {missing}; metrics.csv needs {list(METRICS_COLUMNS)}")
         atomic_write_text(self._path("metrics.csv"), df.to_csv(index=False))
 
-    def write_matrix(self, matrix: np.ndarray, task_names: list[str] | None = None) -> None:
+    def write_matrix(
+        self, matrix: np.ndarray, task_names: list[str] | None = None, name: str = "accuracy_matrix.csv"
+    ) -> None:
         """``accuracy_matrix.csv``: ``trained_through`` then ``task_0..task_{T-1}`` (6 decimals, empty = NaN).
 
         ``task_names`` (one per task, e.g. ``"classes 0,1"``) adds a last column ``task_name``
@@ -202,7 +204,7 @@ class RunWriter:
             if len(names) != t:
                 raise ValueError(f"task_names has {len(names)} entries for {t} tasks")
             df["task_name"] = names
-        atomic_write_text(self._path("accuracy_matrix.csv"), df.to_csv(index=False, float_format="%.6f", na_rep=""))
+        atomic_write_text(self._path(name), df.to_csv(index=False, float_format="%.6f", na_rep=""))
 
     def write_summary(self, summary: dict) -> None:
         """``summary.json``: every ``SUMMARY_KEYS`` key required (extra keys kept); NaN -> null."""

@@ -92,7 +92,7 @@ def _task_indices(rt: Runtime, objective, task: int, pid: int) -> np.ndarray:
     """This client's training samples for ``task``; every sample of every task for methods
     whose data scope is "all" (the centralised upper bound)."""
     if objective.data_scope == "all":
-        return np.sort(np.concatenate([i for per_task in rt.stream.train_indices for i in per_task]))
+        return rt.all_train_indices
     return rt.stream.train_indices[task][pid]
 
 

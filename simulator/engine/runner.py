@@ -137,7 +137,8 @@ def run_scenario(
         state_dir = Path(tempfile.mkdtemp(prefix="protofed-state-", dir=scenario.resources.state_dir))
     except OSError as exc:
         raise UserError.single(source, "resources.state_dir", f"cannot create the client state folder: {exc}") from None
-    setup = RunSetup(scenario=scenario.resolved(), state_dir=str(state_dir), verbose=verbose)
+    resolved = scenario.resolved()
+    setup = RunSetup(scenario=resolved, state_dir=str(state_dir), verbose=verbose)
     clients_dir = state_dir / "clients"
     writer = RunWriter(run_dir)
     rec = RunRecorder(
@@ -153,10 +154,10 @@ def run_scenario(
         start_task, strategy_state = int(ckpt["task"]) + 1, ckpt["strategy"]
         wall_before = float(ckpt.get("wall_seconds", 0.0))
     else:
-        resolved = scenario.resolved()
-        resolved["derived_seeds"] = seed_table(scenario.seed)
-        writer.write_config(resolved)
-        writer.write_table("clients", _clients_table(stream))
+        writer.write_config({**resolved, "derived_seeds": seed_table(scenario.seed)})
+        import pandas as pd
+
+        writer.write_table("clients", pd.DataFrame(stream.summary_rows()))
 
     def on_task_end(task: int, strategy) -> None:
         writer.write_metrics(rec.rows)
@@ -191,7 +192,7 @@ def run_scenario(
             writer.write_table("client_metrics", pd.DataFrame(rec.client_rows))
         writer.write_matrix(rec.matrix)
         if rec.tasks_done > 0 and np.isfinite(rec.local_matrix).any():
-            writer.write_table("local_accuracy_matrix", _matrix_frame(rec.local_matrix))
+            writer.write_matrix(rec.local_matrix, name="local_accuracy_matrix.csv")
         writer.write_summary(summary)
         if completed:
             remove_checkpoint(run_dir)
@@ -203,20 +204,6 @@ def run_scenario(
         release_runtime(setup)
         shutil.rmtree(state_dir, ignore_errors=True)
     return RunOutcome(run_dir, summary, rec.matrix)
-
-
-def _matrix_frame(matrix: np.ndarray):
-    import pandas as pd
-
-    df = pd.DataFrame(matrix, columns=[f"task_{j}" for j in range(len(matrix))])
-    df.insert(0, "trained_through", range(len(matrix)))
-    return df
-
-
-def _clients_table(stream):
-    import pandas as pd
-
-    return pd.DataFrame(stream.summary_rows())
 
 
 def _launch(

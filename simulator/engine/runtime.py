@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data.stream import FederatedStream
@@ -59,6 +60,11 @@ class Runtime:
         from ..data.stream import build_stream
 
         return build_stream(self.scenario)
+
+    @cached_property
+    def all_train_indices(self) -> np.ndarray:
+        """Every training sample of every task (the centralised upper bound trains on them)."""
+        return np.sort(np.concatenate([i for per_task in self.stream.train_indices for i in per_task]))
 
     @property
     def with_head(self) -> bool:

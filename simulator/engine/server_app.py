@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -168,7 +167,3 @@ def build_server_app(setup: RunSetup, recorder: RunRecorder, **loop_kwargs: Any)
         server_loop(setup, recorder, grid, **loop_kwargs)
 
     return app
-
-
-def matrix_is_complete(matrix: np.ndarray) -> bool:
-    return bool(np.all(np.isfinite(matrix[np.tril_indices(len(matrix))])))

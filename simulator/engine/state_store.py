@@ -43,9 +43,6 @@ class ClientStateStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.root.glob("client-*.pt"))
-
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
