@@ -40,6 +40,22 @@ def load_for_cli(path: str, strategy: str | None = None, seed: int | None = None
     return validate_scenario(_raw_scenario(path, strategy, seed, sets), path)
 
 
+def set_overrides(path: str, scenario, strategy: str | None = None, seed: int | None = None, sets: Sequence[str] = ()) -> dict[str, Any]:
+    """What ``--set`` changed in the resolved scenario (dotted key -> value): recorded in
+    config.yaml and hashed into the default results path."""
+    from .errors import UserError as _UserError
+    from .run_dirs import overrides_of
+    from .scenario import validate_scenario
+
+    if not sets:
+        return {}
+    try:
+        base = validate_scenario(_raw_scenario(path, strategy, seed, ()), path).resolved()
+    except _UserError:  # the file alone is incomplete; --set completes it
+        base = None
+    return overrides_of(base, scenario.resolved())
+
+
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     def fmt(v: Any) -> str:
         return "n/a" if v is None or (isinstance(v, float) and v != v) else (f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -63,7 +79,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 def _resume_target(args: argparse.Namespace):
     """The scenario recorded in a run directory, for ``--resume``."""
     from .engine.checkpoint import has_checkpoint
-    from .scenario import read_yaml, validate_scenario
+    from .scenario import validate_scenario
 
     run_dir = Path(args.resume)
     config = run_dir / "config.yaml"
@@ -73,9 +89,9 @@ def _resume_target(args: argparse.Namespace):
         raise UserError.single(
             "--resume", "--resume", "resumes with the scenario recorded in the run directory; give no SCENARIO, --strategy, --seed, --set or --out"
         )
-    raw = read_yaml(config)
-    raw.pop("versions", None)
-    raw.pop("derived_seeds", None)
+    from .run_dirs import read_recorded
+
+    raw = read_recorded(config)
     summary = run_dir / "summary.json"
     if summary.exists():
         import json
@@ -96,10 +112,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{run_dir} is already complete: nothing to resume")
             return 0
         source = str(run_dir / "config.yaml")
+        overrides = None
     else:
         if not args.scenario:
             raise UserError.single("protofed run", "SCENARIO", "give a scenario file (or --resume RUN_DIR)")
         scenario = load_for_cli(args.scenario, args.strategy, args.seed, args.set)
+        overrides = set_overrides(args.scenario, scenario, args.strategy, args.seed, args.set)
         run_dir, source = (Path(args.out) if args.out else None), args.scenario
     if args.ray_address:
         scenario.resources.ray_address = args.ray_address
@@ -111,6 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         out=sys.stdout,
         resume=bool(args.resume),
+        overwrite=bool(args.overwrite),
+        overrides=overrides,
     )
     _print_summary(outcome.summary, outcome.run_dir)
     return 0
@@ -127,6 +147,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         engine=args.engine,
         sets=args.set,
         verbose=args.verbose,
+        overwrite=args.overwrite,
     )
     return 0 if (df["status"] != "failed").all() else 1
 
@@ -242,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default <output.dir>/<name>/<strategy>/seed-<seed>)")
     r.add_argument("--ray-address", help="connect to an existing Ray cluster (resources.ray_address)")
     r.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    r.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory")
     common(r)
     r.set_defaults(func=cmd_run)
 
@@ -252,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--engine", choices=["ray", "inline"])
     c.add_argument("--out", help="output folder (default <output.dir>/<name>)")
     c.add_argument("--verbose", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace runs of other scenarios found in the run directories")
     common(c)
     c.set_defaults(func=cmd_compare)
 
@@ -311,8 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as exc:
         code = 143 if isinstance(exc, Terminated) else 130
+        from .engine import runner
+
+        where = str(runner.ACTIVE_RUN_DIR) if runner.ACTIVE_RUN_DIR is not None else "RUN_DIR"
         print(
-            "\ninterrupted: finished tasks are kept; continue with `protofed run --resume RUN_DIR`",
+            f"\ninterrupted: finished tasks are kept; continue with `protofed run --resume {where}`",
             file=sys.stderr,
         )
         _stop_ray()

@@ -59,10 +59,18 @@ def plan(
 ) -> tuple[list[PlannedRun], Path]:
     from strategies import STRATEGIES
 
-    raw = read_yaml(scenario_path)
-    if sets:
-        raw = apply_overrides(raw, list(sets))
+    from .run_dirs import overrides_of, overrides_tag, scenario_folder
+
+    file_raw = read_yaml(scenario_path)
+    raw = apply_overrides(file_raw, list(sets)) if sets else file_raw
     base = validate_scenario(raw, scenario_path)  # the scenario itself must be valid
+    tag = ""
+    if sets:  # compare runs with other --set values land in their own folder
+        try:
+            unset = validate_scenario(file_raw, scenario_path).resolved()
+        except UserError:
+            unset = None
+        tag = overrides_tag(overrides_of(unset, base.resolved()))
     problems = []
     for label in labels:
         if _resolve_label(raw, label) is None:
@@ -73,7 +81,7 @@ def plan(
             )
     if problems:
         raise UserError("--strategies", problems)
-    root = Path(out_dir) if out_dir else Path(base.output.dir) / base.name
+    root = Path(out_dir) if out_dir else Path(base.output.dir) / scenario_folder(base.name, tag)
     runs = []
     for label in labels:
         for seed in seeds:
@@ -84,21 +92,34 @@ def plan(
 
 def _finished(run: PlannedRun) -> dict[str, Any] | None:
     """The summary of an earlier completed run of exactly this scenario, if there is one."""
-    summ, conf = run.run_dir / "summary.json", run.run_dir / "config.yaml"
-    if not (summ.exists() and conf.exists()):
+    from .run_dirs import differences, recorded_state
+
+    config, summary = recorded_state(run.run_dir)
+    if not config or not summary or not summary.get("completed"):
         return None
-    try:
-        summary = json.loads(summ.read_text())
-        config = yaml.safe_load(conf.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    if not summary.get("completed"):
-        return None
-    config.pop("versions", None)
-    config.pop("derived_seeds", None)
-    current = run.scenario.resolved()
-    current["resources"]["engine"] = config.get("resources", {}).get("engine", current["resources"]["engine"])
-    return summary if config == current else None
+    return summary if not differences(config, run.scenario.resolved()) else None
+
+
+def _conflicts(runs: list[PlannedRun]) -> list[Problem]:
+    """Run directories that hold a run of another scenario (never replaced without --overwrite)."""
+    from .run_dirs import describe, differences, recorded_state
+
+    problems = []
+    for r in runs:
+        config, _ = recorded_state(r.run_dir)
+        if config is None:
+            continue
+        diff = differences(config, r.scenario.resolved())
+        if diff:
+            problems.append(Problem(str(r.run_dir), f"holds a run of a different scenario ({describe(diff, 3)})"))
+    return problems
+
+
+def _same_scenario(run: PlannedRun) -> bool:
+    from .run_dirs import differences, recorded_state
+
+    config, _ = recorded_state(run.run_dir)
+    return bool(config) and not differences(config, run.scenario.resolved())
 
 
 def run_compare(
@@ -111,6 +132,7 @@ def run_compare(
     sets: Sequence[str] = (),
     verbose: bool = False,
     out: TextIO | None = sys.stdout,
+    overwrite: bool = False,
 ) -> tuple[pd.DataFrame, Path]:
     from .engine.runner import build_stream_checked, check_writable, run_scenario
     from .plots import plot_compare
@@ -121,6 +143,10 @@ def run_compare(
             r.scenario.resources.engine = engine  # type: ignore[assignment]
     build_stream_checked(runs[0].scenario, scenario_path)  # data problems before anything is written
     check_writable(root)
+    conflicts = [] if overwrite else _conflicts(runs)
+    if conflicts:
+        conflicts.append(Problem("--overwrite", "give it to replace those runs, or choose another --out"))
+        raise UserError(scenario_path, conflicts)
     rows = []
     started = time.time()
     for i, r in enumerate(runs, 1):
@@ -133,7 +159,15 @@ def run_compare(
             row.update(done, status="kept", error="")
         else:
             try:
-                outcome = run_scenario(r.scenario, source=scenario_path, run_dir=r.run_dir, verbose=verbose, out=out)
+                from .engine.checkpoint import has_checkpoint
+
+                resume = has_checkpoint(r.run_dir) and _same_scenario(r)
+                if resume:
+                    say(f"resuming the interrupted run in {r.run_dir}")
+                outcome = run_scenario(
+                    r.scenario, source=scenario_path, run_dir=r.run_dir, verbose=verbose, out=out,
+                    resume=resume, overwrite=True,  # conflicts were refused above
+                )
                 row.update(outcome.summary, status="ok", error="")
             except KeyboardInterrupt:
                 raise
@@ -162,18 +196,34 @@ def run_compare(
     return df, root
 
 
-def mean_std(values: pd.Series) -> str:
+def mean_std(values: pd.Series, expected: int | None = None) -> str:
+    """``mean ± std (n=k)`` over the runs that have a value: a run whose metric is NaN (e.g. a
+    local-protocol task no evaluated client held) is not averaged in silently, the ``n`` says
+    how many runs the figure rests on."""
     v = pd.to_numeric(values, errors="coerce").dropna()
     if len(v) == 0:
         return "n/a"
+    n = f" (n={len(v)})" if expected is None or len(v) != expected or expected > 1 else ""
     if len(v) == 1:
-        return f"{v.iloc[0]:.3f}"
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+        return f"{v.iloc[0]:.3f}{n}"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}{n}"
+
+
+def _flags(ok: pd.DataFrame) -> str:
+    """What a reader must know about a label's runs before trusting its row."""
+    notes = []
+    for col, what in (("clients_failed_unexpected", "unexpected client failures"), ("missing_cells", "missing matrix cells")):
+        if col in ok.columns:
+            bad = int((pd.to_numeric(ok[col], errors="coerce").fillna(0) > 0).sum())
+            if bad:
+                notes.append(f"{bad} run{'s' if bad > 1 else ''} with {what}")
+    return "; ".join(notes) or "-"
 
 
 def format_table(df: pd.DataFrame) -> str:
-    """Mean ± std over seeds per label (failed runs counted apart)."""
-    header = ["strategy", "runs", *TABLE_COLUMNS]
+    """Mean ± std over seeds per label, with the number of runs behind each figure (failed runs
+    counted apart), and a note on runs with unexpected client failures or missing cells."""
+    header = ["strategy", "runs", *TABLE_COLUMNS, "notes"]
     lines = []
     for label, group in df.groupby("label", sort=False):
         ok = group[group["status"] != "failed"]
@@ -188,7 +238,8 @@ def format_table(df: pd.DataFrame) -> str:
                 v = pd.to_numeric(ok[col], errors="coerce").dropna()
                 cells.append(f"{v.mean():.1f}" if len(v) else "n/a")
             else:
-                cells.append(mean_std(ok[col]))
+                cells.append(mean_std(ok[col], expected=len(ok)))
+        cells.append(_flags(ok))
         lines.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
@@ -213,8 +264,3 @@ def labels_arg(text: str) -> list[str]:
     if len(set(labels)) != len(labels):
         raise UserError.single("--strategies", "--strategies", "a label is listed twice")
     return labels
-
-
-def average_accuracy_curve(matrix: np.ndarray) -> np.ndarray:
-    """A_k for each task k (NaN for tasks that were not reached)."""
-    return np.array([np.nanmean(matrix[k, : k + 1]) if np.isfinite(matrix[k, : k + 1]).any() else math.nan for k in range(len(matrix))])

@@ -257,3 +257,77 @@ def summarize_any(matrix: Any) -> dict[str, float]:
     if a.ndim == 2 and a.shape[0] == a.shape[1] and not np.isnan(a[lower]).any() and np.isnan(a[~lower]).all():
         return summarize(a)
     return summarize_asynchronous(a)
+
+
+STANDARD = "standard"
+FIRST_EVALUATION = "first_evaluation"
+
+
+def metric_definitions(task_order: str) -> str:
+    """Which definitions a run's metrics use, decided by the scenario (never by the values):
+    ``standard`` (DESIGN §5, the diagonal a[j][j] is a task's first evaluation) for a shared
+    task order, ``first_evaluation`` (:func:`summarize_asynchronous`) for per-client orders."""
+    return FIRST_EVALUATION if task_order == "per_client" else STANDARD
+
+
+def missing_cells(matrix: Any, definitions: str = STANDARD) -> list[tuple[int, int]]:
+    """Cells the definitions need but the matrix lacks (NaN): on or below the diagonal for
+    ``standard``; from a task's first evaluation on for ``first_evaluation``. E.g. under the
+    local protocol, a task that no evaluated client holds yet."""
+    a = np.asarray(matrix, dtype=float)
+    if definitions == FIRST_EVALUATION:
+        out = []
+        for j in range(a.shape[1]):
+            finite = np.flatnonzero(np.isfinite(a[:, j]))
+            if finite.size:
+                out += [(int(k), j) for k in range(int(finite[0]), a.shape[0]) if not np.isfinite(a[k, j])]
+        return out
+    lower = np.tril(np.ones_like(a, dtype=bool))
+    return [(int(k), int(j)) for k, j in np.argwhere(np.isnan(a) & lower)]
+
+
+def summarize_partial(matrix: Any, definitions: str = STANDARD) -> dict[str, float]:
+    """The four metrics under the given definitions, computed over the cells that exist.
+
+    A complete matrix gives exactly :func:`summarize` (or :func:`summarize_asynchronous`).
+    Where cells are missing (:func:`missing_cells`), each metric keeps its definition and
+    leaves out what it cannot compute: ``A_k`` averages the row's existing cells, ``f_j`` needs
+    ``a[T-1][j]`` and one earlier value, BWT needs ``a[T-1][j]`` and ``a[j][j]``. The definitions
+    are never switched because of a missing cell; the count is reported next to the metrics."""
+    a = np.asarray(matrix, dtype=float)
+    if definitions == FIRST_EVALUATION:
+        return summarize_asynchronous(a)
+    if not missing_cells(a, STANDARD):
+        return summarize(a)
+    t = a.shape[0]
+    with np.errstate(all="ignore"):
+        rows = [float(np.nanmean(a[k, : k + 1])) for k in range(t) if np.isfinite(a[k, : k + 1]).any()]
+        last = a[t - 1]
+        forget, bwt = [], []
+        for j in range(t - 1):
+            earlier = a[j : t - 1, j]
+            if np.isfinite(last[j]) and np.isfinite(earlier).any():
+                forget.append(float(np.nanmax(earlier) - last[j]))
+            if np.isfinite(last[j]) and np.isfinite(a[j, j]):
+                bwt.append(float(last[j] - a[j, j]))
+        final = a[t - 1, :t]
+    return {
+        "final_avg_accuracy": float(np.nanmean(final)) if np.isfinite(final).any() else math.nan,
+        "avg_incremental_accuracy": float(np.mean(rows)) if rows else math.nan,
+        "avg_forgetting": float(np.mean(forget)) if forget else math.nan,
+        "bwt": float(np.mean(bwt)) if bwt else math.nan,
+    }
+
+
+def average_accuracy_curve(matrix: Any, definitions: str = STANDARD) -> np.ndarray:
+    """``A_k`` for every row k, as the summary computes it (NaN for rows not reached): the mean
+    of row k over tasks ``j <= k`` (standard) or over every task evaluated by then
+    (first_evaluation, where columns are global task ids and rows federation steps)."""
+    a = np.asarray(matrix, dtype=float)
+    out = np.full(a.shape[0], math.nan)
+    with np.errstate(all="ignore"):
+        for k in range(a.shape[0]):
+            row = a[k] if definitions == FIRST_EVALUATION else a[k, : k + 1]
+            if np.isfinite(row).any():
+                out[k] = float(np.nanmean(row))
+    return out

@@ -22,7 +22,14 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from simulator.metrics import matrix_from_long, select_protocol, summarize_any  # noqa: E402
+from simulator.metrics import (  # noqa: E402
+    STANDARD,
+    average_accuracy_curve,
+    matrix_from_long,
+    missing_cells,
+    select_protocol,
+    summarize_partial,
+)
 from simulator.results import atomic_write_bytes, read_matrix  # noqa: E402
 
 __all__ = ["plot_forgetting", "plot_accuracy_matrix", "plot_run"]
@@ -142,7 +149,7 @@ def plot_forgetting(
     _save(fig, path)
 
 
-def plot_accuracy_matrix(matrix: np.ndarray, path: Path, title: str = "") -> None:
+def plot_accuracy_matrix(matrix: np.ndarray, path: Path, title: str = "", definitions: str = STANDARD) -> None:
     """Annotated heatmap of ``a[k][j]``: rows = after training task k, columns = evaluated task j.
 
     Cells above the diagonal are masked (light grey); a subtitle gives the final average
@@ -153,14 +160,15 @@ def plot_accuracy_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Non
         raise ValueError(f"accuracy matrix must be a non-empty T x T array, got shape {a.shape}")
     t = a.shape[0]
     lower = np.tril(np.ones_like(a, dtype=bool))
-    try:
-        if np.isnan(a[lower]).any() and not np.isfinite(a[~lower]).any():
-            raise ValueError("NaN below the diagonal")  # an unfinished run, not an asynchronous one
-        s = summarize_any(a)
+    if np.isnan(a[t - 1]).all():  # an unfinished run
+        subtitle = "incomplete matrix: metrics not defined"
+    else:
+        s = summarize_partial(a, definitions)
         forg = "n/a (one task)" if math.isnan(s["avg_forgetting"]) else f"{s['avg_forgetting']:.2f}"
         subtitle = f"final average accuracy {s['final_avg_accuracy']:.2f} · average forgetting {forg}"
-    except ValueError as exc:
-        subtitle = "incomplete matrix: metrics not defined" if "NaN" in str(exc) else f"invalid matrix: {exc}"
+        gaps = len(missing_cells(a, definitions))
+        if gaps:
+            subtitle += f" · {gaps} missing cell{'s' if gaps > 1 else ''} (grey) left out"
 
     scale = max(1.0, t / 8)
     fig, ax = plt.subplots(figsize=(MATRIX_SIZE[0] * scale, MATRIX_SIZE[1] * scale), layout="constrained")
@@ -261,7 +269,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     out = run_dir / "plots"
     paths = [out / "forgetting.png", out / "accuracy_matrix.png"]
     plot_forgetting(metrics, paths[0], title=title, task_labels=labels)
-    plot_accuracy_matrix(matrix, paths[1], title=title)
+    plot_accuracy_matrix(matrix, paths[1], title=title, definitions=summary.get("metric_definitions", STANDARD))
     clients_path = run_dir / "client_metrics.csv"
     if clients_path.is_file():
         paths.append(out / "clients.png")
@@ -327,15 +335,15 @@ def plot_compare(df: pd.DataFrame, run_dirs: Sequence[Path], labels: Sequence[st
     _save(fig, p)
     paths.append(p)
 
-    from simulator.compare import average_accuracy_curve
-
     curves: dict[str, list[np.ndarray]] = {}
     for rd, lab in zip(run_dirs, labels):
         try:
             m = read_matrix(Path(rd) / "accuracy_matrix.csv")
         except (OSError, ValueError):
             continue
-        curves.setdefault(lab, []).append(average_accuracy_curve(m))
+        # the same A_k as the run's summary (per-client task orders average a whole row)
+        definitions = _read_optional_json(Path(rd) / "summary.json").get("metric_definitions", STANDARD)
+        curves.setdefault(lab, []).append(average_accuracy_curve(m, definitions))
     fig, ax = plt.subplots(figsize=FORGETTING_SIZE)
     for color, lab in zip(_colors(len(order)), order):
         if lab not in curves:

@@ -49,6 +49,8 @@ def protos_from_arrays(
         return None
     classes = arrays[key].numpy()
     vectors = arrays[f"{prefix}.vectors"].numpy()
+    if len(classes) == 0:  # an empty upload (a client that had nothing to learn from)
+        return PrototypeSet.empty(int(vectors.shape[1]) if vectors.ndim == 2 else 0)
     if counts is not None:
         cnt = np.asarray(list(counts), dtype=np.int64)
     elif f"{prefix}.counts" in arrays:
@@ -116,6 +118,33 @@ def weighted_average(records: list[ArrayRecord], weights: list[float], prefix: s
 
 
 # --------------------------------------------------------------------------- bytes
+#: metric keys that carry a method's payload (what a real deployment would have to send);
+#: every other metric (partition id, loss, timings, state sizes) is bookkeeping of the simulator
+PAYLOAD_METRIC_PREFIXES = ("proto.",)
+PAYLOAD_METRIC_KEYS = ("num_examples",)
+
+
+def array_nbytes(array: Array) -> int:
+    """Bytes of an array's values (shape x item size), without the serialisation header."""
+    return int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes a method actually communicates in a message: the values of every array (no
+    per-array serialisation header) and 8 bytes per number of the payload metrics
+    (``num_examples``, ``proto.*``). Config records (task ids, seen classes: orchestration the
+    simulator adds) and bookkeeping metrics are not counted."""
+    total = 0
+    for rec in content.values():
+        if isinstance(rec, ArrayRecord):
+            total += sum(array_nbytes(a) for a in rec.values())
+        elif isinstance(rec, MetricRecord):
+            for key, v in rec.items():
+                if key in PAYLOAD_METRIC_KEYS or key.startswith(PAYLOAD_METRIC_PREFIXES):
+                    total += 8 * (len(v) if isinstance(v, list) else 1)
+    return total
+
+
 def record_bytes(content: RecordDict) -> int:
     """Bytes of payload in a RecordDict: array buffers, 8 bytes per metric/config number,
     the UTF-8 length of strings and bytes values."""

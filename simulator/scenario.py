@@ -228,7 +228,14 @@ class CompareEntry(Strict):
 
 class EvaluationConfig(Strict):
     protocol: Literal["global", "local"] = Field("global", description="which protocol fills the standard summary keys (both are recorded)")
-    clients: Literal["all"] | Annotated[int, Field(ge=1)] = Field("all", description="evaluate every present client, or a seeded sample of N clients per evaluation")
+    clients: Literal["all"] | Annotated[int, Field(ge=1)] = Field(
+        "all",
+        description="evaluate every present client, or N clients drawn once per run (seeded; late joiners enter in proportion to their arrival group)",
+    )
+    population: Literal["all", "learned"] = Field(
+        "all",
+        description="clients averaged in column j of the accuracy matrix: every evaluated client, or only those that have learned task j (separates forgetting from newcomers' ignorance)",
+    )
     every: Literal["round", "task"] = Field(
         "round", description="evaluate after every round (smooth curves) or only at task ends"
     )

@@ -58,7 +58,7 @@ class RunInfo:
     num_classes: int
     embedding_dim: int
     partitions: dict[int, int] = field(default_factory=dict)  # partition id -> node id
-    eval_clients: int | None = None  # evaluate a seeded sample of this many clients (None: all)
+    eval_subset: list[int] | None = None  # the clients evaluated all run long, drawn once by the engine (None: all)
 
 
 @dataclass
@@ -149,14 +149,13 @@ class FederatedStrategy(Strategy):
         return [p for p in pids if p in set(self.available)]
 
     def eval_partitions(self, server_round: int = 0) -> list[int]:
-        """Clients evaluated after a round: every present client, or a seeded sample of
-        ``evaluation.clients`` of them."""
+        """Clients evaluated after a round: every present client, or the present members of the
+        one evaluation subset the engine drew for the whole run (``evaluation.clients``)."""
         pids = self.present()
-        n = self.run.eval_clients
-        if n is None or n >= len(pids):
+        if self.run.eval_subset is None:
             return pids
-        rng = seeding.rng(self.run.seed, "eval_sample", server_round)
-        return sorted(int(p) for p in rng.choice(pids, size=n, replace=False))
+        subset = set(self.run.eval_subset)
+        return [p for p in pids if p in subset]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -191,7 +190,8 @@ class FederatedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         uploads = self.decode(replies)
-        stats = MetricRecord({"clients_ok": len(uploads), "clients_failed": self.last_failed})
+        idle = sum(1 for u in uploads if int(u.metrics.get("steps", 1)) == 0)
+        stats = MetricRecord({"clients_ok": len(uploads), "clients_failed": self.last_failed, "clients_idle": idle})
         if not uploads:
             return None, stats  # nothing to merge: the global state stays as it was
         self.merge(server_round, uploads)

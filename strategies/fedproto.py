@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord
 from pydantic import ConfigDict, Field
 
 from simulator.learner.backbones import ProtoModel
-from simulator.learner.prototypes import merge_class_means
+from simulator.learner.prototypes import PrototypeSet, merge_class_means
 from simulator.objective import ClientObjective
 
 from .base import FederatedStrategy, StrategyParams, Upload
@@ -36,10 +36,10 @@ class Params(StrategyParams):
     share_weights: bool = Field(False, description="also FedAvg the backbone weights each round")
 
 
-def prototype_lookup(objective: ClientObjective, device: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A ``[num_classes, D]`` table of the received global prototypes and a mask of the classes
-    that have one (None when nothing was received)."""
-    protos = objective.global_protos
+def prototype_lookup(objective: ClientObjective, device: str, protos: PrototypeSet | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A ``[num_classes, D]`` table of ``protos`` (default: the received global prototypes) and a
+    mask of the classes that have one (None when there are none)."""
+    protos = objective.global_protos if protos is None else protos
     if protos is None or len(protos) == 0:
         return None
     table = torch.zeros(objective.info.num_classes, protos.dim, device=device)

@@ -2,9 +2,19 @@
 
 Clients upload each class's mean embedding and its sample count. Within a round the server's
 prototype of a class is the exact count-weighted mean of the uploads, which equals the mean of
-all the clients' samples pooled (the order-independent running mean of the paper). Across rounds
-a class that is uploaded again replaces its old prototype (the backbones moved since), and a
-class that nobody uploads keeps its prototype: knowledge of earlier tasks stays on the server.
+all the clients' samples pooled. Across rounds, ``merge`` decides what happens to a class that
+is uploaded again:
+
+* ``replace`` (default): the round's merged prototype replaces the old one (the backbones moved
+  since, so older means live in an older feature space);
+* ``running_mean``: Federated Reconnaissance's running mean over every upload ever received,
+  ``N_c += n; p_c += n / N_c (q - p_c)``, i.e. the count-weighted mean of all of them. Exact
+  when the backbones do not move (frozen, or shared and converged); otherwise it mixes feature
+  spaces of different rounds, and a class re-uploaded from a 20-exemplar replay memory moves its
+  prototype by 20 / N_c only instead of replacing a mean over thousands of samples.
+
+A class that nobody uploads keeps its prototype: knowledge of earlier tasks stays on the server.
+The README gives the measured comparison of the two rules on the standard benchmark.
 
 Differs from the paper: the paper meta-trains one backbone centrally and then only moves
 prototypes; here clients keep training their backbones (``continual.backbone`` can freeze them),
@@ -15,6 +25,8 @@ averaged across different feature spaces, which the simulator shows rather than 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from simulator.learner.prototypes import merge_class_means
@@ -24,6 +36,10 @@ from .base import FederatedStrategy, StrategyParams, Upload
 
 class Params(StrategyParams):
     share_weights: bool = Field(False, description="also FedAvg the backbone weights each round (one shared feature space)")
+    merge: Literal["replace", "running_mean"] = Field(
+        "replace",
+        description="a class uploaded again: the round's mean replaces the old prototype, or the count-weighted running mean over every upload ever received (Federated Reconnaissance)",
+    )
 
 
 class ProtoAvg(FederatedStrategy):
@@ -33,6 +49,9 @@ class ProtoAvg(FederatedStrategy):
 
     def merge(self, server_round: int, uploads: list[Upload]) -> None:
         merged = merge_class_means([u.protos for u in uploads if u.protos is not None], "samples")
+        if self.params.merge == "running_mean" and len(self.global_protos):
+            # both sets carry their sample counts: merging them count-weighted is the running mean
+            merged = merge_class_means([self.global_protos.select(merged.classes), merged], "samples")
         self.global_protos = self.global_protos.updated_with(merged)
         if self.shares_weights:
             self.merge_weights(uploads)

@@ -62,19 +62,37 @@ def test_anchors_appear_for_uploaded_classes_and_are_g_of_r_rows():
     rng = np.random.default_rng(0)
     strat = FedSA(Params(anchor_momentum=1.0), _run(seed=5))  # m = 1: the anchor is the fresh g(R) row
     expected = _independent_anchors(5, NUM_CLASSES, DIM)
-    assert len(protos_from_arrays(strat.initial_arrays({})) or []) == 0  # nothing before any upload
+    assert len(protos_from_arrays(strat.initial_arrays({}), prefix="anchor") or []) == 0  # nothing before any upload
 
     arrays, _ = strat.aggregate_train(1, [_reply(0, {0: _vec(rng), 1: _vec(rng)}, [3, 4]), _reply(1, {1: _vec(rng), 2: _vec(rng)}, [5, 6])])
-    got = protos_from_arrays(arrays)
+    got = protos_from_arrays(arrays, prefix="anchor")
     assert got.classes.tolist() == [0, 1, 2]
     np.testing.assert_allclose(got.vectors, expected[[0, 1, 2]], atol=1e-5)
     assert got.counts.tolist() == [3, 9, 6]
     assert (got.vectors >= 0).all()  # the generator ends with a ReLU
 
+    # inference uses the global prototypes: per class the plain mean of the clients' prototypes
+    protos = protos_from_arrays(arrays)
+    assert protos.classes.tolist() == [0, 1, 2]
     arrays, _ = strat.aggregate_train(2, [_reply(0, {7: _vec(rng)}, [2])])  # a new task's class
-    got = protos_from_arrays(arrays)
+    got = protos_from_arrays(arrays, prefix="anchor")
     assert got.classes.tolist() == [0, 1, 2, 7]  # earlier anchors kept and sent with the new one
     np.testing.assert_allclose(got.vectors, expected[[0, 1, 2, 7]], atol=1e-5)
+
+
+def test_anchors_of_a_new_task_are_sent_before_its_first_round():
+    """The paper has every anchor from the start: the classes a task brings get their anchors in
+    the task's first round, before any client uploaded them (the server reads the round's
+    seen_classes), and no anchor of a class the stream has not reached is sent."""
+    strat = FedSA(Params(), _run(seed=5))
+    strat.initial_arrays({})
+    expected = _independent_anchors(5, NUM_CLASSES, DIM)
+    config = ConfigRecord({"task": 0, "round": 0, "server_round": 1, "seen_classes": [3, 1]})
+    msgs = list(strat.configure_train(1, ArrayRecord(), config, grid=None))
+    sent = protos_from_arrays(msgs[0].content["global"], prefix="anchor")
+    assert sent.classes.tolist() == [1, 3]
+    np.testing.assert_allclose(sent.vectors, expected[[1, 3]], atol=1e-5)
+    assert protos_from_arrays(msgs[0].content["global"]) is None  # no global prototypes before an upload
 
 
 def test_anchor_draw_depends_on_the_seed_only():
@@ -101,13 +119,13 @@ def test_ema_towards_plain_mean_of_client_prototypes(m):
     strat.aggregate_train(1, [_reply(0, {2: q1, 4: q4}, [10, 1]), _reply(1, {2: q2}, [1])])
     a2 = m * g[2] + (1 - m) * (np.array(q1) + np.array(q2)) / 2
     a4 = m * g[4] + (1 - m) * np.array(q4)
-    got = protos_from_arrays(strat.global_arrays()).as_dict()
+    got = protos_from_arrays(strat.global_arrays(), prefix="anchor").as_dict()
     np.testing.assert_allclose(got[2], a2, atol=1e-6)
     np.testing.assert_allclose(got[4], a4, atol=1e-6)
     # round 2: two clients upload p1, p2 for class 2 with very different counts (plain mean, not weighted)
     p1, p2 = _vec(rng, 3), _vec(rng, 3)
     arrays, _ = strat.aggregate_train(2, [_reply(1, {2: p2}, [50]), _reply(0, {2: p1}, [1])])
-    got = protos_from_arrays(arrays)
+    got = protos_from_arrays(arrays, prefix="anchor")
     d = got.as_dict()
     np.testing.assert_allclose(d[2], m * a2.astype(np.float32).astype(np.float64) + (1 - m) * (np.array(p1) + np.array(p2)) / 2, atol=1e-6)
     np.testing.assert_allclose(d[4], a4, atol=1e-6)  # not uploaded: unchanged
@@ -128,8 +146,8 @@ def test_share_weights_fedavgs_the_backbone_and_checkpoint_roundtrip():
     fresh.load_state_dict(strat.state_dict())
     for s in (strat, fresh):
         s.aggregate_train(2, [_reply(0, {0: [5.0] * DIM, 3: [1.0] * DIM}, [1, 1])])
-    np.testing.assert_array_equal(protos_from_arrays(fresh.global_arrays()).vectors,
-                                  protos_from_arrays(strat.global_arrays()).vectors)
+    np.testing.assert_array_equal(protos_from_arrays(fresh.global_arrays(), prefix="anchor").vectors,
+                                  protos_from_arrays(strat.global_arrays(), prefix="anchor").vectors)
 
 
 def test_registry_and_params():
@@ -148,7 +166,7 @@ def _objective(params: Params, anchors: dict[int, list[float]], num_classes: int
     obj = Objective(params, ClientInfo(0, num_classes, dim, "cpu"))
     classes = sorted(anchors)
     ps = PrototypeSet(classes, np.array([anchors[c] for c in classes], dtype=np.float32), [1] * len(classes))
-    obj.receive(ArrayRecord(protos_to_arrays(ps, with_counts=True)), model)
+    obj.receive(ArrayRecord(protos_to_arrays(ps, prefix="anchor", with_counts=True)), model)
     return obj
 
 

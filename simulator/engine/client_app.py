@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import traceback
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,10 @@ from ..learner.evaluation import per_class_correct, predict
 from ..learner.replay import memory_indices, update_memory
 from ..learner.training import NonFiniteLoss, TrainConfig, compute_prototypes, train_local
 from ..objective import ClientInfo
-from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, record_bytes
+from ..learner.prototypes import PrototypeSet
+from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_to_arrays, record_bytes
 from ..seeding import derive_seed, rng
+from .failures import TRACEBACK_MARK, injected_fault
 from .runtime import RunSetup, Runtime, runtime_for
 from .state_store import to_cpu
 
@@ -48,14 +51,34 @@ class ClientDropout(RuntimeError):
 
 
 def _maybe_fail(rt: Runtime, pid: int, server_round: int) -> None:
-    s = rt.scenario
-    for fault in s.clients.fault_injection:
-        if fault.client == pid and fault.round == server_round:
-            if fault.mode == "exit" and s.resources.engine != "inline":
-                os._exit(17)  # the worker process dies mid-round
-            raise ClientDropout(f"client {pid}: injected fault in round {server_round}")
-    if s.clients.dropout > 0 and rng(s.seed, "dropout", pid, server_round).random() < s.clients.dropout:
-        raise ClientDropout(f"client {pid} dropped out of round {server_round}")
+    fault = injected_fault(rt.scenario, pid, server_round)
+    if fault is None:
+        return
+    mode, message = fault
+    if mode == "exit" and rt.scenario.resources.engine != "inline":
+        os._exit(17)  # the worker process dies mid-round
+    raise ClientDropout(message)
+
+
+class ClientError(RuntimeError):
+    """An unexpected exception in a client handler, carrying its traceback in the message so
+    the server can show it whichever engine (and process) ran the client."""
+
+
+def _with_traceback(handler):
+    """Re-raise unexpected exceptions with their traceback text attached (Flower's Ray engine
+    passes only ``str(exception)`` back to the server). Injected faults and fatal failures pass
+    through unchanged."""
+
+    def run(setup: RunSetup, msg: Message, context: Context) -> Message:
+        try:
+            return handler(setup, msg, context)
+        except (ClientDropout, ClientFailure):
+            raise
+        except Exception as exc:
+            raise ClientError(f"{type(exc).__name__}: {exc}{TRACEBACK_MARK}{traceback.format_exc()}") from exc
+
+    return run
 
 
 def _partition_id(context: Context) -> int:
@@ -102,12 +125,8 @@ def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, 
     prev = state["task"]
     cfg = rt.scenario.continual
     continual = objective.uses_continual
-    if prev is not None and continual and cfg.memory_per_class > 0:
-        idx = rt.stream.train_indices[prev][pid]
-        labels = rt.stream.dataset.y_train[idx]
-        state["memory"] = update_memory(
-            state["memory"], idx, labels, cfg.memory_per_class, rng(rt.scenario.seed, "memory", pid, prev)
-        )
+    if prev is not None and continual:
+        _remember(rt, pid, state, prev)
     if state["first_task"] is None:
         state["first_task"] = task
     state["tasks_learned"] = state.get("tasks_learned", 0) + 1
@@ -119,6 +138,17 @@ def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, 
         rt.stream.dataset.y_train[idx], minlength=rt.stream.dataset.num_classes
     )
     state["task"] = task
+
+
+def _remember(rt: Runtime, pid: int, state: dict[str, Any], task: int) -> None:
+    """Keep exemplars of a finished task in the replay memory (classes already held are kept as
+    they are, so calling this again for the same task changes nothing)."""
+    per_class = rt.scenario.continual.memory_per_class
+    if per_class <= 0:
+        return
+    idx = rt.stream.train_indices[task][pid]
+    labels = rt.stream.dataset.y_train[idx]
+    state["memory"] = update_memory(state["memory"], idx, labels, per_class, rng(rt.scenario.seed, "memory", pid, task))
 
 
 def _timed(handler):
@@ -135,6 +165,7 @@ def _timed(handler):
     return run
 
 
+@_with_traceback
 @_timed
 def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     rt = runtime_for(setup)
@@ -147,19 +178,28 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     state, model, objective = _load(rt, pid)
     objective.receive(msg.content[GLOBAL], model)
     continual = objective.uses_continual
-    # the global task this client learns now: its own under per-client task orders; a client
-    # that gets no new classes this step (STALE) keeps its current task
-    task = step if objective.data_scope == "all" else rt.stream.task_at(pid, step)
-    if task == STALE or task == ABSENT:
-        task = state["task"]
+    # the global task this client learns now: its own under per-client task orders. A client
+    # that gets no new classes at this step (STALE) keeps its current task but trains on its
+    # replay memory only: the data of a finished task is gone in class-incremental learning.
+    scheduled = step if objective.data_scope == "all" else rt.stream.task_at(pid, step)
+    stale = scheduled in (STALE, ABSENT)
+    task = state["task"] if stale else scheduled
     if task is not None and state["task"] != task:
         _begin_task(rt, pid, state, model, objective, task)
+    if stale and task is not None and continual:
+        _remember(rt, pid, state, task)  # its task is over: what it keeps of it is its memory
 
     data = rt.stream.dataset
-    task_idx = _task_indices(rt, objective, task, pid) if task is not None else np.zeros(0, np.int64)
-    mem_idx = memory_indices(state["memory"]) if continual else np.zeros(0, np.int64)
+    no_data = np.zeros(0, np.int64)
+    task_idx = _task_indices(rt, objective, task, pid) if task is not None and not stale else no_data
+    mem_idx = memory_indices(state["memory"]) if continual else no_data
     all_idx = np.concatenate([task_idx, mem_idx])
     x, y = data.x_train[all_idx], data.y_train[all_idx]
+    if len(y) == 0:
+        # nothing to learn from (a STALE client without memory, a client given no samples):
+        # a valid empty reply, counted as trained on nothing, not as a failure
+        return _reply(msg, context, rt, pid, state, task, server_round, objective=None, model=None,
+                      loss=0.0, steps=0, num_examples=0, local_protos=None)
 
     s = rt.scenario
     teacher = None
@@ -205,22 +245,37 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             f"or smaller strategy loss weights"
         ) from None
     local_protos = compute_prototypes(model, x, y, rt.device)
-    upload = objective.upload(model, local_protos)
-    state["model"] = to_cpu(model.state_dict())
-    state["objective"] = objective.state_dict()
+    return _reply(msg, context, rt, pid, state, task, server_round, objective=objective, model=model,
+                  loss=float(stats.loss), steps=int(stats.steps), num_examples=int(len(task_idx)),
+                  local_protos=local_protos)
+
+
+def _reply(msg: Message, context: Context, rt: Runtime, pid: int, state: dict[str, Any], task: int | None,
+           server_round: int, *, objective, model, loss: float, steps: int, num_examples: int,
+           local_protos: PrototypeSet | None) -> Message:
+    """Save the client's state and build its training reply. Without ``model`` (the client had
+    nothing to train on) the upload holds zero prototypes and no weights."""
+    if model is None:
+        upload = protos_to_arrays(PrototypeSet.empty(rt.scenario.model.embedding_dim))
+        counts: list[int] = []
+    else:
+        upload = objective.upload(model, local_protos)
+        counts = [int(c) for c in local_protos.counts]
+        state["model"] = to_cpu(model.state_dict())
+        state["objective"] = objective.state_dict()
     rt.store.save(pid, state)
     meta = context.state.config_records.get("meta", ConfigRecord({"rounds": 0}))
     meta["rounds"] = int(meta["rounds"]) + 1
-    meta["task"] = task
+    meta["task"] = -1 if task is None else task
     context.state["meta"] = meta
     state_bytes = record_bytes(context.state)
     metrics = MetricRecord(
         {
             "partition_id": pid,
-            "num_examples": int(len(task_idx)),
-            "train_loss": float(stats.loss),
-            "steps": int(stats.steps),
-            "proto.counts": [int(c) for c in local_protos.counts],
+            "num_examples": num_examples,
+            "train_loss": loss,
+            "steps": steps,
+            "proto.counts": counts,
             "server_round": server_round,
             "context_state_bytes": state_bytes,
         }
@@ -228,6 +283,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     return Message(RecordDict({UPLOAD: ArrayRecord(upload), METRICS: metrics}), reply_to=msg)
 
 
+@_with_traceback
 @_timed
 def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
     rt = runtime_for(setup)

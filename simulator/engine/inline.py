@@ -14,6 +14,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from .failures import TRACEBACK_MARK
+
 INLINE_RUN_ID = 1
 CLIENT_ERROR_CODE = 2
 
@@ -60,7 +62,11 @@ class InlineGrid(Grid):
         try:
             return self.client_app(msg, ctx)
         except Exception as exc:  # a failing client becomes an error reply, as on Ray
-            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            text = str(exc)
+            if TRACEBACK_MARK in text:  # our client handler attached its traceback already
+                reason = text
+            else:
+                reason = f"{type(exc).__name__}: {text}{TRACEBACK_MARK}{traceback.format_exc()}"
             return Message(Error(code=CLIENT_ERROR_CODE, reason=reason), reply_to=msg)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

@@ -11,6 +11,8 @@ from typing import Any, TextIO
 import numpy as np
 from flwr.app import MetricRecord
 
+from .failures import INJECTED, KINDS, WORKER_DIED, Failure, error_signature
+
 
 @dataclass
 class EvalScores:
@@ -22,11 +24,20 @@ class EvalScores:
     per_client: list[dict[str, Any]]
 
 
-def score_evaluation(replies: list[MetricRecord], tasks: list[list[int]], eval_tasks: list[int]) -> EvalScores:
+def score_evaluation(
+    replies: list[MetricRecord],
+    tasks: list[list[int]],
+    eval_tasks: list[int],
+    learned: dict[int, set[int]] | None = None,
+) -> EvalScores:
     """Turn per-client, per-class counts into the two protocols' accuracies (DESIGN §5 and the
     README): global = each client on the global test set of every seen task, averaged over
     clients; local = each client on the test samples of the classes in its own training data so
-    far, weighted by its own class frequencies, averaged over the clients that hold the task."""
+    far, weighted by its own class frequencies, averaged over the clients that hold the task.
+
+    ``learned`` (``evaluation.population: learned``): client -> the tasks it has learned; then
+    column j averages only over the clients that have learned task j (per-client rows keep
+    every client)."""
     replies = sorted(replies, key=lambda m: int(m["partition_id"]))
     g = np.zeros((len(replies), len(eval_tasks)))
     loc = np.full((len(replies), len(eval_tasks)), np.nan)
@@ -52,11 +63,20 @@ def score_evaluation(replies: list[MetricRecord], tasks: list[list[int]], eval_t
                     "local_accuracy": loc[i, col],
                 }
             )
+    if learned is not None:
+        pids = [int(m["partition_id"]) for m in replies]
+        for col, j in enumerate(eval_tasks):
+            outside = np.array([j not in learned.get(p, set()) for p in pids], dtype=bool)
+            g[outside, col] = np.nan
+            loc[outside, col] = np.nan
     with np.errstate(all="ignore"):
         local_mean = np.array(
             [np.nanmean(loc[:, c]) if np.isfinite(loc[:, c]).any() else np.nan for c in range(len(eval_tasks))]
         )
-    return EvalScores(list(eval_tasks), np.nanmean(g, axis=0), local_mean, rows)
+        global_mean = np.array(
+            [np.nanmean(g[:, c]) if np.isfinite(g[:, c]).any() else np.nan for c in range(len(eval_tasks))]
+        )
+    return EvalScores(list(eval_tasks), global_mean, local_mean, rows)
 
 
 @dataclass
@@ -72,12 +92,17 @@ class RunRecorder:
     eval_bytes: int = 0
     tasks_done: int = 0
     started: float = field(default_factory=time.time)
+    failures: list[Failure] = field(default_factory=list)
+    shown_errors: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.matrix = np.full((self.num_tasks, self.num_tasks), np.nan)
         self.local_matrix = np.full((self.num_tasks, self.num_tasks), np.nan)
 
-    _STATE_FIELDS = ("rows", "client_rows", "bytes_up", "bytes_down", "eval_bytes", "tasks_done", "matrix", "local_matrix")
+    _STATE_FIELDS = (
+        "rows", "client_rows", "bytes_up", "bytes_down", "eval_bytes", "tasks_done", "matrix", "local_matrix",
+        "failures", "shown_errors",
+    )
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._STATE_FIELDS}
@@ -89,6 +114,29 @@ class RunRecorder:
     def say(self, text: str) -> None:
         if self.out is not None:
             print(text, file=self.out, flush=True)
+
+    def record_failure(self, failure: Failure, traceback_text: str = "") -> None:
+        """Keep a failed reply for ``failures.csv``; the first error of each kind of message is
+        printed with its traceback (also without ``--verbose``): an unexpected failure is a
+        finding, not noise."""
+        self.failures.append(failure)
+        if failure.kind == INJECTED:
+            return
+        sig = f"{failure.kind}:{error_signature(failure.message)}"
+        if sig in self.shown_errors:
+            return
+        self.shown_errors.add(sig)
+        what = "its worker process died" if failure.kind == WORKER_DIED else "an error that no fault injection caused"
+        self.say(
+            f"warning: client {failure.client} failed in the {failure.phase} phase of global round "
+            f"{failure.global_round} ({what}; tried {failure.attempts}x): {failure.message}"
+        )
+        if traceback_text:
+            self.say("  " + traceback_text.replace("\n", "\n  "))
+        self.say("  (each failure is listed in failures.csv; later failures with this message are not printed)")
+
+    def failure_counts(self) -> dict[str, int]:
+        return {kind: sum(1 for f in self.failures if f.kind == kind) for kind in KINDS}
 
     def record_round(
         self,
@@ -105,6 +153,11 @@ class RunRecorder:
             "global_round": server_round,
             "clients_trained": train.get("clients_ok", 0),
             "clients_failed": train.get("clients_failed", 0),
+            "clients_failed_injected": train.get("clients_failed_injected", 0),
+            "clients_failed_unexpected": train.get("clients_failed_unexpected", 0),
+            "clients_idle": train.get("clients_idle", 0),
+            "clients_evaluated": train.get("clients_evaluated", 0),
+            "clients_eval_failed": train.get("clients_eval_failed", 0),
             "train_loss": train.get("train_loss", np.nan),
             "bytes_up": train.get("bytes_up", 0),
             "bytes_down": train.get("bytes_down", 0),
@@ -135,8 +188,16 @@ class RunRecorder:
         acc = f" · acc {np.nanmean(scores.global_acc):.3f}" if scores is not None else ""
         loss = train.get("train_loss")
         loss_s = f" · loss {loss:.3f}" if loss is not None and np.isfinite(loss) else ""
-        failed = train.get("clients_failed", 0)
-        fail_s = f" ({failed} failed)" if failed else ""
+        notes = []
+        if train.get("clients_failed_injected", 0):
+            notes.append(f"{train['clients_failed_injected']} dropped out")
+        if train.get("clients_failed_unexpected", 0):
+            notes.append(f"{train['clients_failed_unexpected']} FAILED, see failures.csv")
+        if train.get("clients_idle", 0):
+            notes.append(f"{train['clients_idle']} had no data")
+        if train.get("clients_eval_failed", 0):
+            notes.append(f"{train['clients_eval_failed']} FAILED to evaluate")
+        fail_s = f" ({', '.join(notes)})" if notes else ""
         self.say(
             f"task {task + 1}/{self.num_tasks} · round {rnd + 1}/{self.rounds_per_task} · "
             f"{train.get('clients_ok', 0)}/{train.get('clients_sampled', 0)} clients{fail_s}{loss_s}{acc} · "

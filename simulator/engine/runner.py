@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ..errors import FieldError, UserError
+from ..errors import FieldError, RunFailure, UserError
 from ..scenario import Scenario
 from ..seeding import seed_table
 from .recorder import RunRecorder
@@ -27,8 +27,16 @@ class RunOutcome:
     matrix: np.ndarray
 
 
-def default_run_dir(scenario: Scenario) -> Path:
-    return Path(scenario.output.dir) / scenario.name / scenario.strategy.name / f"seed-{scenario.seed}"
+#: the run directory of the run in progress in this process (the CLI names it when interrupted)
+ACTIVE_RUN_DIR: Path | None = None
+
+
+def default_run_dir(scenario: Scenario, overrides_tag: str = "") -> Path:
+    """``<output.dir>/<name>/<strategy>/seed-<seed>``; ``<name>-set-<tag>`` when ``--set``
+    changed what the run computes (see :mod:`simulator.run_dirs`)."""
+    from ..run_dirs import scenario_folder
+
+    return Path(scenario.output.dir) / scenario_folder(scenario.name, overrides_tag) / scenario.strategy.name / f"seed-{scenario.seed}"
 
 
 def build_stream_checked(scenario: Scenario, source: str):
@@ -59,14 +67,19 @@ def check_writable(run_dir: Path, source: str = "--out") -> None:
         raise UserError.single(source, "output.dir", f"cannot use {run_dir}: {exc.strerror or exc}") from None
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError.single(source, "output.dir", f"cannot write to {probe} (permission denied)")
+    try:  # permission bits are not the whole story (root, /proc, read-only mounts): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".protofed-probe-", dir=probe))
+    except OSError as exc:
+        raise UserError.single(source, "output.dir", f"cannot create {run_dir}: {exc.strerror or exc}") from None
 
 
 def _summary(
     scenario: Scenario, rec: RunRecorder, engine: str, wall: float, completed: bool, tasks: list[list[int]]
 ) -> dict[str, Any]:
-    from ..metrics import summarize_any
+    from ..metrics import metric_definitions, missing_cells, summarize_partial
 
     done = rec.tasks_done
+    definitions = metric_definitions(scenario.clients.task_order)
     summ: dict[str, Any] = {
         "scenario": scenario.name,
         "strategy": scenario.strategy.name,
@@ -75,18 +88,30 @@ def _summary(
         "num_tasks": rec.num_tasks,
         "num_clients": rec.num_clients,
     }
-    if done > 0:
-        g = summarize_any(rec.matrix[:done, :])
-        loc = summarize_any(rec.local_matrix[:done, :]) if np.isfinite(rec.local_matrix[:done]).any() else {}
-    else:
-        g, loc = {}, {}
+
+    def reached(m: np.ndarray) -> np.ndarray:  # the rows (and, standard, columns) of finished tasks
+        return m[:done, :] if definitions != "standard" else m[:done, :done]
+
+    g = summarize_partial(reached(rec.matrix), definitions) if done > 0 else {}
+    has_local = done > 0 and np.isfinite(rec.local_matrix[:done]).any()
+    loc = summarize_partial(reached(rec.local_matrix), definitions) if has_local else {}
+    gaps = {"global": len(missing_cells(reached(rec.matrix), definitions)) if done else 0,
+            "local": len(missing_cells(reached(rec.local_matrix), definitions)) if has_local else 0}
+    selected = scenario.evaluation.protocol
+    other = "global" if selected == "local" else "local"
     for key in ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt"):
         glob_v, loc_v = g.get(key, math.nan), loc.get(key, math.nan)
-        if scenario.evaluation.protocol == "local":  # the selected protocol fills the standard keys
+        if selected == "local":  # the selected protocol fills the standard keys
             glob_v, loc_v = loc_v, glob_v
-            summ[key], summ[f"global_{key}"] = glob_v, loc_v
-        else:
-            summ[key], summ[f"local_{key}"] = glob_v, loc_v
+        summ[key], summ[f"{other}_{key}"] = glob_v, loc_v
+    summ["missing_cells"] = gaps[selected]
+    summ[f"{other}_missing_cells"] = gaps[other]
+    summ["metric_definitions"] = definitions
+    summ["evaluation_population"] = scenario.evaluation.population
+    failures = rec.failure_counts()
+    summ["clients_failed_injected"] = failures["injected"]
+    summ["clients_failed_unexpected"] = failures["error"] + failures["worker_died"]
+    summ["clients_worker_died"] = failures["worker_died"]
     rounds = max(1, done * scenario.training.rounds_per_task)
     summ.update(
         bytes_up=rec.bytes_up,
@@ -113,10 +138,17 @@ def run_scenario(
     plots: bool = True,
     resume: bool = False,
     grid=None,
+    overwrite: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> RunOutcome:
     """Run ``scenario`` and write its run directory. Bad input raises :class:`UserError`
     before anything is written. With ``resume``, continue from the checkpoint in ``run_dir``
-    (written at the end of every task) instead of starting over."""
+    (written at the end of every task) instead of starting over. A directory that holds
+    another run is refused unless ``overwrite`` (see :mod:`simulator.run_dirs`);
+    ``overrides`` (what ``--set`` changed) is recorded in ``config.yaml`` and, without an
+    explicit ``run_dir``, names the default one."""
+    global ACTIVE_RUN_DIR
+    from ..run_dirs import check_run_dir, overrides_tag, resolved_paths
     from ..plots import plot_run
     from ..results import RunWriter
     from .checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
@@ -126,9 +158,12 @@ def run_scenario(
     if grid is None:
         scenario.resources.engine = engine  # type: ignore[assignment]
     out_source = "--out" if run_dir is not None else source  # where the run directory came from
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario)
+    tag = overrides_tag(overrides or {})
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario, tag)
     stream = build_stream_checked(scenario, source)
     check_writable(run_dir, out_source)
+    if not resume:
+        check_run_dir(run_dir, scenario.resolved(), overwrite=overwrite, source=out_source)
 
     started = time.time()
     try:
@@ -154,14 +189,40 @@ def run_scenario(
         start_task, strategy_state = int(ckpt["task"]) + 1, ckpt["strategy"]
         wall_before = float(ckpt.get("wall_seconds", 0.0))
     else:
-        writer.write_config({**resolved, "derived_seeds": seed_table(scenario.seed)})
+        writer.write_config(
+            {
+                **resolved,
+                "derived_seeds": seed_table(scenario.seed),
+                "overrides": dict(overrides or {}),
+                "overrides_tag": tag,
+                "resolved_paths": resolved_paths(resolved),
+            }
+        )
         import pandas as pd
 
         writer.write_table("clients", pd.DataFrame(stream.summary_rows()))
 
-    def on_task_end(task: int, strategy) -> None:
-        writer.write_metrics(rec.rows)
+    def write_results(completed: bool) -> dict[str, Any]:
+        import pandas as pd
+
+        from .failures import FAILURE_COLUMNS
+
+        summary = _summary(scenario, rec, engine, wall_before + time.time() - started, completed, stream.tasks)
+        if rec.rows:
+            writer.write_metrics(rec.rows)
+        if rec.client_rows:
+            writer.write_table("client_metrics", pd.DataFrame(rec.client_rows))
+        writer.write_table("failures", pd.DataFrame([f.row() for f in rec.failures], columns=list(FAILURE_COLUMNS)))
         writer.write_matrix(rec.matrix)
+        if rec.tasks_done > 0 and np.isfinite(rec.local_matrix).any():
+            writer.write_matrix(rec.local_matrix, name="local_accuracy_matrix.csv")
+        writer.write_summary(summary)
+        return summary
+
+    def on_task_end(task: int, strategy) -> None:
+        # everything finished so far is on disk at each task's end (summary with
+        # completed: false), so even a process killed outright leaves its finished tasks
+        write_results(completed=False)
         save_checkpoint(
             run_dir, task, strategy.state_dict(), rec.state_dict(), clients_dir, wall_before + time.time() - started
         )
@@ -173,6 +234,7 @@ def run_scenario(
         f"{scenario.clients.num_clients} clients · {what}"
     )
     completed = False
+    ACTIVE_RUN_DIR = run_dir
     try:
         write_stream(stream, state_dir)
         if start_task < stream.num_tasks:
@@ -182,18 +244,7 @@ def run_scenario(
             )
         completed = True
     finally:
-        wall = wall_before + time.time() - started
-        summary = _summary(scenario, rec, engine, wall, completed, stream.tasks)
-        if rec.rows:
-            writer.write_metrics(rec.rows)
-        if rec.client_rows:
-            import pandas as pd
-
-            writer.write_table("client_metrics", pd.DataFrame(rec.client_rows))
-        writer.write_matrix(rec.matrix)
-        if rec.tasks_done > 0 and np.isfinite(rec.local_matrix).any():
-            writer.write_matrix(rec.local_matrix, name="local_accuracy_matrix.csv")
-        writer.write_summary(summary)
+        summary = write_results(completed)
         if completed:
             remove_checkpoint(run_dir)
         if plots and rec.tasks_done > 0:
@@ -227,12 +278,22 @@ def _launch(
         return
     from .ray_engine import run_ray
 
-    run_ray(
-        build_server_app(setup, rec, **loop_kwargs),
-        client_app,
-        scenario.clients.num_clients,
-        scenario.resources.num_cpus_per_client,
-        scenario.resources.num_gpus_per_client,
-        verbose,
-        scenario.resources.ray_address,
-    )
+    try:
+        run_ray(
+            build_server_app(setup, rec, **loop_kwargs),
+            client_app,
+            scenario.clients.num_clients,
+            scenario.resources.num_cpus_per_client,
+            scenario.resources.num_gpus_per_client,
+            verbose,
+            scenario.resources.ray_address,
+        )
+    except (RunFailure, UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # Ray itself failed (a dead raylet, the object store, start-up)
+        raise RunFailure(
+            f"the Ray engine failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}; "
+            "the machine may be out of memory or Ray could not start: try --engine inline, or fewer actors "
+            "(a larger resources.num_cpus_per_client); finished tasks are kept and "
+            "`protofed run --resume RUN_DIR` continues from them"
+        ) from exc

@@ -9,8 +9,12 @@ from typing import Any, Callable
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+import numpy as np
+
+from .. import seeding
 from ..errors import RunFailure
-from ..records import CONFIG, METRICS, record_bytes, weights_to_arrays
+from ..records import CONFIG, METRICS, payload_bytes, weights_to_arrays
+from .failures import ERROR, INJECTED, KINDS, MAX_DELIVERIES, WORKER_DIED, Failure, injected_fault, is_infrastructure, split_reason
 from .recorder import RunRecorder, score_evaluation
 from .runtime import RunSetup, runtime_for
 
@@ -49,7 +53,86 @@ def _fatal_failure(replies: list[Message]) -> str | None:
     return None
 
 
+class Delivery:
+    """Sends one batch of messages and accounts for every reply that is an error: injected
+    faults are recognised from the scenario, messages lost to the infrastructure are sent
+    again (up to ``MAX_DELIVERIES`` times), everything else is an unexpected error whose first
+    traceback is shown once. Each failure becomes a row of ``failures.csv``."""
+
+    def __init__(self, grid: Grid, scenario, recorder: RunRecorder, partitions: dict[int, int]) -> None:
+        self.grid = grid
+        self.scenario = scenario
+        self.recorder = recorder
+        self.pid_of = {node: pid for pid, node in partitions.items()}
+
+    def exchange(self, msgs: list[Message], phase: str, task: int, rnd: int, server_round: int) -> tuple[list[Message], dict[str, int]]:
+        by_id = {}
+        pending = msgs
+        final: list[Message] = []
+        attempts: dict[int, int] = {}
+        counts = dict.fromkeys(KINDS, 0)
+        for _ in range(MAX_DELIVERIES):
+            if not pending:
+                break
+            replies = list(self.grid.send_and_receive(pending))
+            by_id = {m.metadata.message_id: m for m in pending}
+            pending = []
+            for reply in replies:
+                node = reply.metadata.src_node_id
+                pid = self.pid_of.get(node, -1)
+                attempts[pid] = attempts.get(pid, 0) + 1
+                if not reply.has_error():
+                    final.append(reply)
+                    continue
+                code, reason = int(reply.error.code), str(reply.error.reason)
+                injected = phase == "train" and injected_fault(self.scenario, pid, server_round) is not None
+                if not injected and is_infrastructure(code, reason) and attempts[pid] < MAX_DELIVERIES:
+                    original = by_id.get(reply.metadata.reply_to_message_id)
+                    if original is not None:  # the message was lost, not refused: send it again
+                        pending.append(
+                            Message(original.content, dst_node_id=original.metadata.dst_node_id,
+                                    message_type=original.metadata.message_type, group_id=original.metadata.group_id)
+                        )
+                        continue
+                kind = INJECTED if injected else (WORKER_DIED if is_infrastructure(code, reason) else ERROR)
+                message, tb = split_reason(reason)
+                counts[kind] += 1
+                self.recorder.record_failure(
+                    Failure(phase, task, rnd, server_round, pid, kind, message, attempts[pid]), traceback_text=tb
+                )
+                final.append(reply)
+        return final, counts
+
+
 TaskEndHook = Callable[[int, Any], None]
+
+
+def evaluation_subset(scenario, stream) -> list[int] | None:
+    """The clients evaluated throughout the run when ``evaluation.clients`` is N: drawn once
+    per run (seeded), so the accuracy of a task is followed on the same clients from round to
+    round and forgetting does not pick up sampling noise. Clients that join late are drawn in
+    proportion to their arrival group (largest remainders), so a group enters the subset when
+    it joins and the subset holds N clients once everyone is present."""
+    n = scenario.evaluation.clients
+    num = scenario.clients.num_clients
+    if n == "all" or int(n) >= num:
+        return None
+    joins = np.array([int(np.flatnonzero(stream.schedule[c] != -1)[0]) if (stream.schedule[c] != -1).any() else stream.num_tasks
+                      for c in range(num)])
+    groups = sorted(set(joins.tolist()))
+    sizes = np.array([(joins == g).sum() for g in groups], dtype=np.float64)
+    quota = int(n) * sizes / num
+    take = np.floor(quota).astype(int)
+    order = np.argsort(-(quota - take), kind="stable")
+    for i in order[: int(n) - int(take.sum())]:
+        take[i] += 1
+    gen = seeding.rng(scenario.seed, "eval_subset")
+    chosen: list[int] = []
+    for g, k in zip(groups, take):
+        members = np.flatnonzero(joins == g)
+        k = max(int(k), 1 if g == groups[0] else 0)  # never an empty first evaluation
+        chosen.extend(int(c) for c in gen.choice(members, size=min(k, len(members)), replace=False))
+    return sorted(chosen)
 
 
 def server_loop(
@@ -78,9 +161,11 @@ def server_loop(
             num_classes=stream.dataset.num_classes,
             embedding_dim=s.model.embedding_dim,
             partitions=partitions,
-            eval_clients=None if s.evaluation.clients == "all" else int(s.evaluation.clients),
+            eval_subset=evaluation_subset(s, stream),
         ),
     )
+    delivery = Delivery(grid, s, recorder, partitions)
+    learned_by = learned_tasks_of(s, stream, rt.strategy_cls.Objective.data_scope)
     init_model = rt.new_model()
     arrays = strategy.initial_arrays(weights_to_arrays(init_model, include_head=rt.strategy_cls.Objective.inference == "head"))
     if strategy_state is not None:
@@ -106,27 +191,32 @@ def server_loop(
                 }
             )
             msgs = list(strategy.configure_train(server_round, arrays, config, grid))
-            down = sum(record_bytes(m.content) for m in msgs)
+            down = sum(payload_bytes(m.content) for m in msgs)
             t_send = time.perf_counter()
-            replies = list(grid.send_and_receive(msgs))
+            replies, failed = delivery.exchange(msgs, "train", task, rnd, server_round)
             train_seconds = time.perf_counter() - t_send
-            up = sum(record_bytes(r.content) for r in replies if r.has_content())
+            up = sum(payload_bytes(r.content) for r in replies if r.has_content())
             compute = [
                 float(r.content[METRICS]["compute_seconds"])
                 for r in replies
                 if r.has_content() and METRICS in r.content and "compute_seconds" in r.content[METRICS]
             ]
+            reason = _fatal_failure(replies)
+            if reason is not None:
+                raise RunFailure(reason)
+            if msgs and failed[WORKER_DIED] == len(msgs):
+                raise RunFailure(infrastructure_hint(s, recorder))
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays
             train = dict(train_metrics or MetricRecord())
-            reason = _fatal_failure(replies)
-            if reason is not None:
-                raise RunFailure(reason)
             train.update(
                 bytes_up=up,
                 bytes_down=down,
                 clients_sampled=len(msgs),
+                clients_failed=sum(failed.values()),
+                clients_failed_injected=failed[INJECTED],
+                clients_failed_unexpected=failed[ERROR] + failed[WORKER_DIED],
                 train_seconds=train_seconds,
                 client_seconds=sum(compute),
                 max_client_seconds=max(compute, default=0.0),
@@ -142,21 +232,49 @@ def server_loop(
             if last or s.evaluation.every == "round":
                 t_eval = time.perf_counter()
                 eval_msgs = list(strategy.configure_evaluate(server_round, arrays, config, grid))
-                eval_replies = list(grid.send_and_receive(eval_msgs))
+                eval_replies, eval_failed = delivery.exchange(eval_msgs, "evaluate", task, rnd, server_round)
                 train["eval_seconds"] = time.perf_counter() - t_eval
-                train["clients_evaluated"] = len(eval_msgs)
-                recorder.eval_bytes += sum(record_bytes(m.content) for m in eval_msgs)
-                good = [r.content[METRICS] for r in eval_replies if r.has_content()]
+                recorder.eval_bytes += sum(payload_bytes(m.content) for m in eval_msgs)
+                good = [r.content[METRICS] for r in eval_replies if r.has_content() and not r.has_error()]
+                train["clients_evaluated"] = len(good)
+                train["clients_eval_failed"] = sum(eval_failed.values())
                 strategy.aggregate_evaluate(server_round, eval_replies)
                 if not good:
                     raise RunFailure(
-                        f"every client failed to evaluate after task {task}, round {rnd + 1}: "
-                        + (eval_replies[0].error.reason[:300] if eval_replies else "no replies")
+                        f"every client failed to evaluate after task {task + 1}, round {rnd + 1}: "
+                        + (split_reason(eval_replies[0].error.reason)[0] if eval_replies else "no client to evaluate")
                     )
-                scores = score_evaluation(good, stream.tasks, eval_tasks)
+                scores = score_evaluation(
+                    good, stream.tasks, eval_tasks,
+                    learned=None if s.evaluation.population == "all" else {p: learned_by(p, task) for p in range(s.clients.num_clients)},
+                )
             recorder.record_round(task, rnd, server_round, train, scores, time.time() - t0)
         if on_task_end is not None:
             on_task_end(task, strategy)
+
+
+def learned_tasks_of(scenario, stream, data_scope: str) -> Callable[[int, int], set[int]]:
+    """``f(client, step)``: the global tasks a client has learned by the end of ``step`` (every
+    task for the centralised upper bound, which trains on all data)."""
+    if data_scope == "all":
+        return lambda client, step: set(range(stream.num_tasks))
+    sched = stream.schedule
+
+    def learned(client: int, step: int) -> set[int]:
+        row = sched[client, : step + 1]
+        return {int(t) for t in row[row >= 0]}
+
+    return learned
+
+
+def infrastructure_hint(scenario, recorder: RunRecorder) -> str:
+    last = recorder.failures[-1].message if recorder.failures else "no reply"
+    return (
+        f"every client message of the round was lost: the Ray workers died ({last}). "
+        "This is usually the machine running out of memory. Try fewer actors at once "
+        "(a larger resources.num_cpus_per_client), a smaller model or batch, or --engine inline; "
+        "finished tasks are kept and `protofed run --resume RUN_DIR` continues from them"
+    )
 
 
 def build_server_app(setup: RunSetup, recorder: RunRecorder, **loop_kwargs: Any) -> ServerApp:

@@ -12,6 +12,8 @@ from .backbones import ProtoModel
 from .prototypes import PrototypeSet, nearest_prototype
 from .training import embed
 
+NO_PREDICTION = -1  # never a class id: counted as a wrong prediction
+
 
 @torch.no_grad()
 def predict(
@@ -24,16 +26,23 @@ def predict(
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Predicted class ids for ``x``: nearest prototype among the seen classes, or the argmax of
-    the head restricted to the seen classes."""
-    feats = embed(model, x, device)
+    the head restricted to the seen classes.
+
+    A model that knows no prototype of any seen class (e.g. a client that has not trained yet
+    under ``local``) predicts :data:`NO_PREDICTION` for every sample: each sample counts as
+    wrong, exactly as a sample of a class it cannot predict does. One rule for every strategy,
+    so no strategy's mean is computed over fewer clients than another's."""
     seen = np.asarray(list(seen_classes), dtype=np.int64)
+    if classifier != "head":
+        usable = protos.select(seen) if protos is not None else None
+        if usable is None or len(usable) == 0:
+            return np.full(len(x), NO_PREDICTION, dtype=np.int64)
+    feats = embed(model, x, device)
     if classifier == "head":
         assert model.head is not None
         logits = model.head(feats)[:, torch.as_tensor(seen, device=feats.device)]
         return seen[logits.argmax(1).cpu().numpy()]
-    if protos is None or len(protos) == 0:
-        raise ValueError("prototype inference needs prototypes")
-    return nearest_prototype(feats, protos.select(seen))
+    return nearest_prototype(feats, usable)
 
 
 def per_class_correct(pred: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
