@@ -317,6 +317,18 @@ def _stop_ray() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .supervisor import report_status
+
+    try:
+        code = _main(argv)
+    except SystemExit as exc:  # argparse's usage errors and --help
+        report_status(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2))
+        raise
+    report_status(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -335,12 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         code = 143 if isinstance(exc, Terminated) else 130
         from .engine import runner
+        from .supervisor import report_status
 
         where = str(runner.ACTIVE_RUN_DIR) if runner.ACTIVE_RUN_DIR is not None else "RUN_DIR"
         print(
             f"\ninterrupted: finished tasks are kept; continue with `protofed run --resume {where}`",
             file=sys.stderr,
         )
+        report_status(code)  # before shutting Ray down, which can itself crash on the way out
         _stop_ray()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -368,8 +382,12 @@ def _crash_report() -> str:
 
 
 def entry() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point: commands that may start Ray run under a supervisor
+    (:mod:`simulator.supervisor`), so that Ray's own death ends with a protofed message."""
+    from .supervisor import supervise, wants_supervision
+
+    argv = sys.argv[1:]
+    sys.exit(supervise(argv) if wants_supervision(argv) else main(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,8 +8,6 @@ kept and not run again, so an interrupted comparison can be resumed by repeating
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +16,6 @@ from typing import Any, Sequence, TextIO
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from .errors import Problem, UserError
 from .results import SUMMARY_KEYS, RunWriter

@@ -159,7 +159,6 @@ def plot_accuracy_matrix(matrix: np.ndarray, path: Path, title: str = "", defini
     if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
         raise ValueError(f"accuracy matrix must be a non-empty T x T array, got shape {a.shape}")
     t = a.shape[0]
-    lower = np.tril(np.ones_like(a, dtype=bool))
     if np.isnan(a[t - 1]).all():  # an unfinished run
         subtitle = "incomplete matrix: metrics not defined"
     else:

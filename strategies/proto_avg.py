@@ -49,7 +49,7 @@ class ProtoAvg(FederatedStrategy):
 
     def merge(self, server_round: int, uploads: list[Upload]) -> None:
         merged = merge_class_means([u.protos for u in uploads if u.protos is not None], "samples")
-        if self.params.merge == "running_mean" and len(self.global_protos):
+        if getattr(self.params, "merge", "replace") == "running_mean" and len(self.global_protos):  # plugin subclasses may keep their own Params
             # both sets carry their sample counts: merging them count-weighted is the running mean
             merged = merge_class_means([self.global_protos.select(merged.classes), merged], "samples")
         self.global_protos = self.global_protos.updated_with(merged)

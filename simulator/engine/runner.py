@@ -235,6 +235,9 @@ def run_scenario(
     )
     completed = False
     ACTIVE_RUN_DIR = run_dir
+    from ..supervisor import report_run_dir
+
+    report_run_dir(run_dir)
     try:
         write_stream(stream, state_dir)
         if start_task < stream.num_tasks:
