@@ -129,7 +129,7 @@ def run_bench(
         say(f"\n=== {engine} engine ===")
         with TreeMemorySampler() as mem:
             t0 = time.perf_counter()
-            outcome = run_scenario(scenario, source=source, run_dir=out_dir / engine, engine=engine, verbose=verbose, out=out, plots=False)
+            outcome = run_scenario(scenario, source=source, run_dir=out_dir / engine, engine=engine, verbose=verbose, out=out, plots=False, overwrite=True)
             wall = time.perf_counter() - t0
         workers = 1 if engine == "inline" else max(1, (os.cpu_count() or 1) // scenario.resources.num_cpus_per_client)
         if engine == "ray" and scenario.resources.ray_address:

@@ -22,6 +22,7 @@ from simulator.engine.runner import run_scenario
 from simulator.engine.server_app import evaluation_subset
 from simulator.learner.prototypes import PrototypeSet
 from simulator.metrics import (
+    FIRST_EVALUATION,
     STANDARD,
     average_accuracy_curve,
     missing_cells,
@@ -226,6 +227,12 @@ def test_missing_cells_keep_the_standard_definitions_and_are_counted():
     complete = np.array([[0.9, np.nan], [0.7, 0.6]])
     assert summarize_partial(complete) == summarize(complete)
     np.testing.assert_allclose(average_accuracy_curve(a), [0.9, 0.8, 0.6])
+    # per-client task orders: rows are federation steps, columns global tasks; the compare
+    # curve averages whole rows, as the summary's A_k does
+    async_m = np.array([[np.nan, 0.8, np.nan], [0.5, 0.7, np.nan], [0.4, 0.6, 0.9]])
+    curve = average_accuracy_curve(async_m, FIRST_EVALUATION)
+    np.testing.assert_allclose(curve, [0.8, 0.6, (0.4 + 0.6 + 0.9) / 3])
+    assert summarize_partial(async_m, FIRST_EVALUATION)["avg_incremental_accuracy"] == pytest.approx(curve.mean())
 
 
 def test_compare_shows_how_many_runs_each_figure_rests_on():
