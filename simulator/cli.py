@@ -131,6 +131,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if (df["status"] != "failed").all() else 1
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .compare import labels_arg, seeds_arg
+    from .sweep import grid_arg, run_sweep
+
+    df, _ = run_sweep(
+        args.scenario,
+        grid=grid_arg(args.grid) if args.grid else None,
+        labels=labels_arg(args.strategies) if args.strategies else None,
+        seeds=seeds_arg(args.seeds) if args.seeds else None,
+        out_dir=args.out,
+        engine=args.engine,
+        sets=args.set,
+        verbose=args.verbose,
+        out=sys.stdout,
+    )
+    return 0 if (df["status"] != "failed").all() else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -254,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verbose", action="store_true")
     common(c)
     c.set_defaults(func=cmd_compare)
+
+    sw = sub.add_parser("sweep", help="run a grid of scenario values x strategies x seeds (resumable)")
+    sw.add_argument("scenario")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="a swept scenario key and its values (repeat for a 2-D grid); default: the scenario's sweep: section")
+    sw.add_argument("--strategies", help="comma-separated strategy names or compare: labels (default: sweep.strategies)")
+    sw.add_argument("--seeds", help="comma-separated seeds (default: sweep.seeds)")
+    sw.add_argument("--engine", choices=["ray", "inline"])
+    sw.add_argument("--out", help="output folder (default <output.dir>/<name>/sweep)")
+    sw.add_argument("--verbose", action="store_true")
+    common(sw)
+    sw.set_defaults(func=cmd_sweep)
 
     b = sub.add_parser("bench", help="run a scenario on the inline and the Ray engine and compare where the time goes")
     b.add_argument("scenario")

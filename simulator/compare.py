@@ -50,6 +50,18 @@ def _resolve_label(raw: dict[str, Any], label: str) -> dict[str, Any] | None:
     return None
 
 
+def _label_overrides(raw: dict[str, Any], label: str) -> dict[str, Any]:
+    """``raw`` with the scenario keys of a ``compare:`` label's ``set:`` applied."""
+    from .scenario import set_dotted
+
+    entries = raw.get("compare") if isinstance(raw.get("compare"), dict) else {}
+    entry = entries.get(label) if isinstance(entries.get(label), dict) else {}
+    sets = entry.get("set") if isinstance(entry.get("set"), dict) else {}
+    for key, value in sets.items():
+        raw = set_dotted(raw, str(key), value)
+    return raw
+
+
 def plan(
     scenario_path: str,
     labels: Sequence[str],
@@ -77,7 +89,7 @@ def plan(
     runs = []
     for label in labels:
         for seed in seeds:
-            r = dict(raw, seed=seed, strategy=_resolve_label(raw, label))
+            r = _label_overrides(dict(raw, seed=seed, strategy=_resolve_label(raw, label)), label)
             runs.append(PlannedRun(label, seed, validate_scenario(r, scenario_path), root / label / f"seed-{seed}"))
     return runs, root
 

@@ -33,14 +33,43 @@ MATRIX_SIZE = (6.0, 5.0)
 _MISSING_COLOR = "#e6e6e6"
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    """Render ``fig`` as PNG and write it atomically to ``path``; always closes the figure."""
+# vector figures keep their text as text (TrueType fonts embedded), so a paper's PDF stays
+# searchable and editable; matplotlib's default (Type 3) also keeps text, but journals ask for 42
+matplotlib.rcParams["pdf.fonttype"] = 42
+matplotlib.rcParams["ps.fonttype"] = 42
+matplotlib.rcParams["svg.fonttype"] = "none"
+PLOT_FORMATS = ("png", "pdf", "svg")
+_FORMATS: tuple[str, ...] = ("png",)  # what _save writes when not told: set by plot_run / with_formats
+
+
+def _save(fig: plt.Figure, path: Path, formats: Sequence[str] | None = None) -> None:
+    """Render ``fig`` as PNG at ``path`` (and, per ``formats``, as PDF/SVG next to it, same
+    stem), each written atomically; always closes the figure."""
+    fmts = list(dict.fromkeys(formats or _FORMATS))
     try:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=DPI)
-        atomic_write_bytes(Path(path), buf.getvalue())
+        for fmt in fmts:
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=DPI)
+            atomic_write_bytes(Path(path).with_suffix("." + fmt), buf.getvalue())
     finally:
         plt.close(fig)
+
+
+class with_formats:
+    """``with with_formats(["png", "pdf"]):`` every plot drawn inside is written in these formats."""
+
+    def __init__(self, formats: Sequence[str] | None) -> None:
+        self.formats = tuple(dict.fromkeys(formats)) if formats else None
+
+    def __enter__(self) -> None:
+        global _FORMATS
+        self._before = _FORMATS
+        if self.formats:
+            _FORMATS = self.formats
+
+    def __exit__(self, *exc: object) -> None:
+        global _FORMATS
+        _FORMATS = self._before
 
 
 def _task_label(j: int, task_labels: Mapping[int, Any] | None) -> str:

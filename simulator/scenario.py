@@ -217,13 +217,72 @@ class StrategyConfig(Strict):
         return v
 
 
+# scenario keys that a compare label's ``set:`` or a sweep's grid may not change: the strategy is
+# the label's own, the seed is the run's, and the rest names or drives the study itself
+FIXED_KEYS = ("name", "seed", "strategy", "compare", "sweep")
+DOTTED_KEY = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+
+
+def overridable_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be varied by a compare label's ``set:`` or a sweep grid (None if it can)."""
+    if not re.fullmatch(DOTTED_KEY, key):
+        return "not a dotted key path such as clients.partition.alpha"
+    if key.split(".")[0] in FIXED_KEYS:
+        return f"{key.split('.')[0]} cannot be varied here (strategies are chosen by label, seeds by the seed list)"
+    return None
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of ``raw`` with the dotted ``key`` set to ``value`` (missing mappings created)."""
+    data = copy.deepcopy(raw)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+    return data
+
+
 class CompareEntry(Strict):
-    """One labelled entry of the ``compare:`` section: a strategy name and its params."""
+    """One labelled entry of the ``compare:`` section: a strategy name, its params, and scenario
+    keys this label changes."""
 
     name: str = Field(description="strategy registry name")
     params: dict[str, Any] = Field(default_factory=dict, description="that strategy's params")
+    set: dict[str, Any] = Field(default_factory=dict, description="scenario keys this label overrides (dotted key -> value)")
 
     _known_strategy = field_validator("name")(StrategyConfig._known_strategy.__func__)  # type: ignore[attr-defined]
+
+    @field_validator("set")
+    @classmethod
+    def _keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            problem = overridable_key_problem(str(key))
+            if problem:
+                raise ValueError(f"{key!r}: {problem}")
+        return v
+
+
+class SweepConfig(Strict):
+    """The ``sweep:`` section: what ``protofed sweep SCENARIO`` runs without --grid/--strategies/--seeds."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted scenario key -> list of values; every combination of values is one cell")
+    strategies: list[str] = Field(default_factory=list, description="strategy names or compare: labels run in every cell (empty: the scenario's strategy)")
+    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(default_factory=lambda: [0], description="seeds run for every cell and strategy")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            problem = overridable_key_problem(str(key))
+            if problem:
+                raise ValueError(f"{key!r}: {problem}")
+            if not values:
+                raise ValueError(f"{key!r}: give at least one value")
+        return v
 
 
 class EvaluationConfig(Strict):
@@ -261,8 +320,9 @@ class Scenario(Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     compare: dict[str, CompareEntry] = Field(
         default_factory=dict,
-        description="labels -> {name, params} usable in `protofed compare --strategies` (one strategy may appear under several labels)",
+        description="labels -> {name, params, set} usable in `protofed compare --strategies` (one strategy may appear under several labels; set: overrides scenario keys for that label)",
     )
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="grid, strategies and seeds of `protofed sweep`")
 
     @field_validator("compare")
     @classmethod
