@@ -54,6 +54,42 @@ class RunResult:
         p = self.run_dir / "client_metrics.csv"
         return pd.read_csv(p) if p.is_file() else None
 
+    def global_state(self) -> dict[str, np.ndarray]:
+        """``final/global.npz``: the strategy's final global arrays (``proto.classes``,
+        ``proto.vectors``, ``proto.counts``; model weights for weight-sharing methods)."""
+        p = self.run_dir / "final" / "global.npz"
+        if not p.is_file():
+            raise UserError.single(str(p), "output.save", "not saved (the run used output.save: none, or did not finish)")
+        with np.load(p) as z:
+            return {k: z[k] for k in z.files}
+
+    def client_prototypes(self) -> pd.DataFrame:
+        """Every client's final local prototypes: columns ``client, class, count, vector``."""
+        p = self.run_dir / "final" / "client_prototypes.npz"
+        if not p.is_file():
+            raise UserError.single(str(p), "output.save", "not saved (the run used output.save: none, or did not finish)")
+        with np.load(p) as z:
+            return pd.DataFrame({"client": z["client"], "class": z["classes"], "count": z["counts"], "vector": list(z["vectors"])})
+
+    def client_model(self, client: int):
+        """Rebuild one client's final model (``output.save: clients``) in eval mode on the CPU:
+        ``model(x)`` gives embeddings; the returned object's ``prototypes`` attribute holds the
+        client's local prototypes (``classes``, ``vectors``, ``counts``) for nearest-prototype use."""
+        import torch
+
+        from .learner.backbones import build_model
+
+        p = self.run_dir / "final" / "clients" / f"{int(client)}.pt"
+        if not p.is_file():
+            raise UserError.single(str(p), "output.save", "no saved client model (run with output.save: clients)")
+        saved = torch.load(p, map_location="cpu", weights_only=False)
+        with_head = any(k.startswith("head.") for k in saved["model"])
+        model = build_model(saved["backbone"], saved["input_shape"], saved["embedding_dim"], saved["num_classes"], with_head, 0)
+        model.load_state_dict(saved["model"])
+        model.eval()
+        model.prototypes = saved["prototypes"]  # type: ignore[attr-defined]
+        return model
+
     def __repr__(self) -> str:
         s = self.summary
         acc = s.get("final_avg_accuracy")

@@ -185,6 +185,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import PLOT_FORMATS, with_formats
+
+    formats = [f.strip() for item in (args.format or []) for f in item.split(",") if f.strip()]
+    bad = [f for f in formats if f not in PLOT_FORMATS]
+    if bad:
+        raise UserError.single("--format", "--format", f"unknown format {bad[0]!r}; allowed: {', '.join(PLOT_FORMATS)}")
+    if formats and "png" not in formats:
+        formats.insert(0, "png")  # the PNGs are what the README and the run directory show
+    with with_formats(formats or None):
+        return _plot(args)
+
+
+def _plot(args: argparse.Namespace) -> int:
     from .plots import plot_run
     from .results import is_run_dir
 
@@ -209,6 +222,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
         df = pd.read_csv(table)
         ok = df[df["status"] != "failed"]
         for p in plot_compare(df, [Path(x) for x in ok["run_dir"]], list(ok["label"]), target):
+            print(p)
+    if (target / "sweep.csv").exists():  # a sweep directory: redraw its figure
+        from .sweep import read_sweep
+        from .sweep_plots import plot_sweep
+
+        df, keys = read_sweep(target)
+        for p in plot_sweep(df, keys, target):
             print(p)
     return 0
 
@@ -300,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="(re)draw the plots of a run directory (or of every run under a folder)")
     pl.add_argument("dir")
+    pl.add_argument("--format", action="append", metavar="FMT[,FMT]",
+                    help="also write the plots as pdf and/or svg (vector graphics, text kept as text); default: output.plot_formats")
     pl.set_defaults(func=cmd_plot)
 
     ls = sub.add_parser("list", help="strategies, dataset sources, partition schemes, backbones")

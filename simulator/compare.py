@@ -24,7 +24,7 @@ from .errors import Problem, UserError
 from .results import SUMMARY_KEYS, RunWriter
 from .scenario import Scenario, apply_overrides, read_yaml, validate_scenario
 
-TABLE_COLUMNS = ("final_avg_accuracy", "avg_forgetting", "bwt", "local_final_avg_accuracy", "bytes_per_round", "wall_seconds")
+TABLE_COLUMNS = ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt", "local_final_avg_accuracy", "bytes_per_round", "wall_seconds")
 
 
 @dataclass

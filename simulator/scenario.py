@@ -303,6 +303,15 @@ class ResourcesConfig(Strict):
 
 class OutputConfig(Strict):
     dir: PathText = Field("results", description="results go to <dir>/<name>/<strategy>/seed-<seed>/")
+    plot_formats: list[Literal["png", "pdf", "svg"]] = Field(
+        default_factory=lambda: ["png"], min_length=1,
+        description="file formats of every plot (pdf and svg keep text as text, for papers)",
+    )
+    save: Literal["none", "global", "clients"] = Field(
+        "global",
+        description="what stays after the run: nothing, final/global.npz (the server's prototypes/anchors, counts, weights) "
+        "and final/client_prototypes.npz, or also each client's model and prototypes (final/clients/<id>.pt)",
+    )
 
 
 class Scenario(Strict):

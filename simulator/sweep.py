@@ -252,7 +252,7 @@ def run_sweep(
         from .sweep_plots import plot_sweep
 
         try:
-            for p in plot_sweep(df, sp.keys, sp.root):
+            for p in plot_sweep(df, sp.keys, sp.root, sp.runs[0][1].scenario.output.plot_formats):
                 say(str(p))
         except Exception as exc:  # plotting must never lose the finished runs
             say(f"warning: plotting failed: {exc}")

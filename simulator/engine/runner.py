@@ -162,6 +162,13 @@ def run_scenario(
     def on_task_end(task: int, strategy) -> None:
         writer.write_metrics(rec.rows)
         writer.write_matrix(rec.matrix)
+        if task == stream.num_tasks - 1:  # output.save: the final global state (and clients')
+            from .final_state import save_final
+
+            try:
+                save_final(run_dir, strategy, setup, scenario.output.save)
+            except Exception as exc:  # saving the models must never lose a finished run
+                rec.say(f"warning: could not save the final state: {type(exc).__name__}: {exc}")
         save_checkpoint(
             run_dir, task, strategy.state_dict(), rec.state_dict(), clients_dir, wall_before + time.time() - started
         )
