@@ -233,6 +233,20 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .schema_doc import reference_rows, terminal_reference
+
+    key = args.key.strip().strip(".") if args.key else None
+    text = terminal_reference(key)
+    if text is None:
+        from .scenario import did_you_mean
+
+        keys = sorted({r[0] for r in reference_rows()} | {r[0].rsplit(".", 1)[0] for r in reference_rows() if "." in r[0]})
+        raise UserError.single("protofed schema", args.key, "no such scenario key" + did_you_mean(key or "", keys))
+    print(text)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from strategies import STRATEGIES
 
@@ -323,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--format", action="append", metavar="FMT[,FMT]",
                     help="also write the plots as pdf and/or svg (vector graphics, text kept as text); default: output.plot_formats")
     pl.set_defaults(func=cmd_plot)
+
+    sc = sub.add_parser("schema", help="the scenario reference: every key (or the keys under KEY) with default and allowed values")
+    sc.add_argument("key", nargs="?", help="a dotted key or section, e.g. clients.partition or training.lr")
+    sc.set_defaults(func=cmd_schema)
 
     ls = sub.add_parser("list", help="strategies, dataset sources, partition schemes, backbones")
     ls.set_defaults(func=cmd_list)

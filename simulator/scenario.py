@@ -384,10 +384,61 @@ def _explain(err: dict[str, Any]) -> str:
     return f"{msg} (got {shown})"
 
 
-def problems_from_validation(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[Problem]:
+def _submodels(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside a field's annotation (through Union, list, dict, Annotated)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        out += _submodels(arg)
+    return out
+
+
+def _known_keys(root: type[BaseModel], loc: tuple[Any, ...], extra: tuple[str, ...] = ()) -> list[str]:
+    """The keys allowed next to the last element of ``loc`` (a pydantic error location)."""
+    models = [root]
+    for item in loc[:-1]:
+        if isinstance(item, int):
+            continue
+        nxt: list[type[BaseModel]] = []
+        for m in models:
+            if item in m.model_fields:
+                nxt += _submodels(m.model_fields[item].annotation)
+        if not nxt:  # a discriminator tag (the partition scheme) or a dict key: narrow, not descend
+            tagged = [m for m in models if "scheme" in m.model_fields and item in getattr(m.model_fields["scheme"].annotation, "__args__", ())]
+            if tagged:
+                models = tagged
+            continue
+        models = nxt
+    # aliases (fedproto's lambda) are what users write
+    keys = {f.alias or k for m in models for k, f in m.model_fields.items()} | set(extra)
+    return sorted(keys)
+
+
+def did_you_mean(word: str, candidates: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def problems_from_validation(
+    exc: ValidationError, prefix: tuple[str, ...] = (), model: type[BaseModel] | None = None, extra: tuple[str, ...] = ()
+) -> list[Problem]:
+    """``model``: the schema that was validated, for "did you mean" on unknown keys."""
     out: list[Problem] = []
     for err in exc.errors():
-        out.append(Problem(_loc_to_path(prefix + tuple(err["loc"])), _explain(err)))
+        message = _explain(err)
+        if err.get("type") == "extra_forbidden" and model is not None and err["loc"]:
+            path = _loc_to_path(prefix + tuple(err["loc"]))
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            hint = did_you_mean(str(err["loc"][-1]), _known_keys(model, tuple(err["loc"]), extra))
+            message = f"unknown key{hint} (`protofed schema {parent}` lists the keys)" if hint else (
+                f"unknown key (`protofed schema {parent}` lists the keys; check the spelling)"
+            )
+        out.append(Problem(_loc_to_path(prefix + tuple(err["loc"])), message))
     return out
 
 
@@ -536,7 +587,7 @@ def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scena
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
-        raise UserError(source, problems_from_validation(exc)) from None
+        raise UserError(source, problems_from_validation(exc, model=Scenario)) from None
     except RecursionError:
         raise UserError.single(source, "", "the file nests too deeply") from None
 
@@ -554,19 +605,19 @@ def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scena
             **params.model_dump(mode="json"),
         )
     except ValidationError as exc:
-        problems += problems_from_validation(exc, ("dataset",))
+        problems += problems_from_validation(exc, ("dataset",), src.params_model, ("source", "test_fraction"))
 
     spec = STRATEGIES[scenario.strategy.name]
     try:
         sparams = spec.Params.model_validate(scenario.strategy.params)
         scenario.strategy.params = sparams.model_dump(mode="json", by_alias=True)
     except ValidationError as exc:
-        problems += problems_from_validation(exc, ("strategy", "params"))
+        problems += problems_from_validation(exc, ("strategy", "params"), spec.Params)
     for label, entry in scenario.compare.items():
         try:
             entry.params = STRATEGIES[entry.name].Params.model_validate(entry.params).model_dump(mode="json", by_alias=True)
         except ValidationError as exc:
-            problems += problems_from_validation(exc, ("compare", label, "params"))
+            problems += problems_from_validation(exc, ("compare", label, "params"), STRATEGIES[entry.name].Params)
     problems += _model_problems(scenario)
     if problems:
         raise UserError(source, problems)

@@ -169,3 +169,44 @@ def test_run_and_load_from_a_mapping_and_a_scenario_object(tmp_path):
     assert not (tmp_path / "c").exists()
     with pytest.raises(protofed.UserError, match="not a finished run"):
         protofed.load(tmp_path)
+
+
+def test_small_batch_warning_once_with_a_count_in_the_summary(tmp_path):
+    import io
+
+    from simulator.engine.runner import run_scenario
+
+    out = io.StringIO()
+    outcome = run_scenario(validate_scenario(tiny(training={"rounds_per_task": 1, "batch_size": 24})),
+                           run_dir=tmp_path / "r", out=out)
+    clients = pd.read_csv(tmp_path / "r" / "clients.csv")
+    expected = int(((clients["samples"] > 0) & (clients["samples"] < 24)).sum())
+    assert 0 < expected < len(clients)  # some client-tasks are small, not all: the count means something
+    assert outcome.summary["small_batch_client_tasks"] == expected
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["small_batch_client_tasks"] == expected
+    warnings = [line for line in out.getvalue().splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"{expected} of {int((clients['samples'] > 0).sum())} client-tasks" in warnings[0]
+
+
+def test_unknown_keys_get_a_suggestion_and_schema_prints_the_reference(capsys):
+    with pytest.raises(protofed.UserError) as exc:
+        validate_scenario({"clients": {"partition": {"scheme": "dirichlet", "alph": 0.1}}, "trainig": {}}, "s.yaml")
+    text = exc.value.render()
+    assert "clients.partition.alph: unknown key; did you mean 'alpha'?" in text
+    assert "trainig: unknown key; did you mean 'training'?" in text
+    with pytest.raises(protofed.UserError, match="did you mean 'lambda'"):
+        validate_scenario({"strategy": {"name": "fedproto", "params": {"lamda": 1.0}}}, "s.yaml")
+    assert main(["schema", "clients.partition"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("clients.partition.scheme  (default iid; iid | dirichlet")
+    assert "clients.partition.alpha  (default 0.5" in out and "training.lr" not in out
+    assert main(["schema", "trainig.lr"]) == 2
+    assert "did you mean 'training.lr'" in capsys.readouterr().err
+
+
+def test_readme_lists_the_metrics_columns_of_a_real_run(tmp_path):
+    text = (REPO / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `metrics.csv` |"))
+    listed = [c.strip() for c in re.search(r"\): `([^`]*)`", row).group(1).split(",")]
+    protofed.run(tiny(training={"rounds_per_task": 1}, output={"save": "none"}), run_dir=tmp_path / "r", progress=False)
+    assert listed == list(pd.read_csv(tmp_path / "r" / "metrics.csv").columns)

@@ -102,6 +102,14 @@ def _summary(
     return summ
 
 
+def small_batch_client_tasks(stream, batch_size: int) -> int:
+    """Client-tasks whose new training samples (replay memory not counted) are fewer than one
+    batch but not zero: such clients take one short step per epoch, so their updates are noisy
+    and BatchNorm statistics unreliable. Counted into ``summary.json``; the runner warns once."""
+    sizes = [len(idx) for per_client in stream.train_indices for idx in per_client]
+    return int(sum(1 for n in sizes if 0 < n < batch_size))
+
+
 def run_scenario(
     scenario: Scenario,
     *,
@@ -173,12 +181,20 @@ def run_scenario(
             run_dir, task, strategy.state_dict(), rec.state_dict(), clients_dir, wall_before + time.time() - started
         )
 
+    small = small_batch_client_tasks(stream, scenario.training.batch_size)
     what = f"resuming at task {start_task + 1}" if start_task else f"engine {engine}"
     rec.say(
         f"protofed · {scenario.name} · strategy {scenario.strategy.name} · seed {scenario.seed} · "
         f"{stream.num_tasks} tasks x {scenario.training.rounds_per_task} rounds · "
         f"{scenario.clients.num_clients} clients · {what}"
     )
+    if small:
+        total = sum(1 for per_client in stream.train_indices for idx in per_client if len(idx))
+        rec.say(
+            f"warning: {small} of {total} client-tasks have fewer training samples than one batch "
+            f"(training.batch_size {scenario.training.batch_size}); see clients.csv "
+            "(counted as small_batch_client_tasks in summary.json)"
+        )
     completed = False
     try:
         write_stream(stream, state_dir)
@@ -191,6 +207,7 @@ def run_scenario(
     finally:
         wall = wall_before + time.time() - started
         summary = _summary(scenario, rec, engine, wall, completed, stream.tasks)
+        summary["small_batch_client_tasks"] = small
         if rec.rows:
             writer.write_metrics(rec.rows)
         if rec.client_rows:
