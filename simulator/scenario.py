@@ -301,6 +301,11 @@ class ResourcesConfig(Strict):
     state_dir: PathText | None = Field(None, description="folder for the per-run client state store; on a multi-node Ray cluster it must be on a filesystem every node reaches (default: a private temp folder)")
 
 
+class MlflowConfig(Strict):
+    tracking_uri: str = Field(description="MLflow tracking URI: a server (http://...) or a local store such as sqlite:///mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment name (unset: the scenario name)")
+
+
 class OutputConfig(Strict):
     dir: PathText = Field("results", description="results go to <dir>/<name>/<strategy>/seed-<seed>/")
     plot_formats: list[Literal["png", "pdf", "svg"]] = Field(
@@ -312,6 +317,8 @@ class OutputConfig(Strict):
         description="what stays after the run: nothing, final/global.npz (the server's prototypes/anchors, counts, weights) "
         "and final/client_prototypes.npz, or also each client's model and prototypes (final/clients/<id>.pt)",
     )
+    tensorboard: bool = Field(False, description="write TensorBoard event files to <run dir>/tensorboard/ (extra: protofed[tensorboard])")
+    mlflow: MlflowConfig | None = Field(None, description="log the run to MLflow: {tracking_uri, experiment} (extra: protofed[mlflow])")
 
 
 class Scenario(Strict):

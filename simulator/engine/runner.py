@@ -137,6 +137,9 @@ def run_scenario(
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario)
     stream = build_stream_checked(scenario, source)
     check_writable(run_dir, out_source)
+    from ..tracking import Trackers, check_available
+
+    check_available(scenario, source)
 
     started = time.time()
     try:
@@ -155,6 +158,12 @@ def run_scenario(
         num_clients=scenario.clients.num_clients,
         out=out,
     )
+    try:
+        trackers = Trackers(scenario, resolved, run_dir)
+    except Exception as exc:  # e.g. an MLflow store that cannot be opened
+        shutil.rmtree(state_dir, ignore_errors=True)
+        raise UserError.single(source, "output.mlflow" if scenario.output.mlflow else "output.tensorboard",
+                               f"cannot start experiment tracking: {type(exc).__name__}: {str(exc)[:300]}") from None
     start_task, strategy_state, wall_before = 0, None, 0.0
     if resume and has_checkpoint(run_dir):
         ckpt = load_checkpoint(run_dir, clients_dir)
@@ -167,9 +176,16 @@ def run_scenario(
 
         writer.write_table("clients", pd.DataFrame(stream.summary_rows()))
 
+    def _track(call) -> None:
+        try:
+            call()
+        except Exception as exc:  # tracking must never lose a run
+            rec.say(f"warning: experiment tracking failed: {type(exc).__name__}: {str(exc)[:300]}")
+
     def on_task_end(task: int, strategy) -> None:
         writer.write_metrics(rec.rows)
         writer.write_matrix(rec.matrix)
+        _track(lambda: trackers.log_rows(rec.rows))
         if task == stream.num_tasks - 1:  # output.save: the final global state (and clients')
             from .final_state import save_final
 
@@ -218,6 +234,7 @@ def run_scenario(
         if rec.tasks_done > 0 and np.isfinite(rec.local_matrix).any():
             writer.write_matrix(rec.local_matrix, name="local_accuracy_matrix.csv")
         writer.write_summary(summary)
+        _track(lambda: (trackers.log_rows(rec.rows), trackers.finish(summary, completed)))
         if completed:
             remove_checkpoint(run_dir)
         if plots and rec.tasks_done > 0:
