@@ -188,6 +188,42 @@ class Eta:
         return f"elapsed {_duration(elapsed)}{eta}"
 
 
+class _LineWriter:
+    """A text stream that hands whole lines to ``console.print`` (rich keeps its live progress
+    bar below them)."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.buf = ""
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _live_progress(out: TextIO, total: int):
+    """A rich progress bar over the whole sweep (runs done, elapsed, our ETA)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(file=out, force_terminal=True)
+    progress = Progress(
+        TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("runs ·"), TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]}"), console=console,
+    )
+    task = progress.add_task("sweep", total=total, eta="")
+    return progress, task, _LineWriter(console)
+
+
 def run_sweep(
     scenario_path: str,
     grid: Mapping[str, Sequence[Any]] | None = None,
@@ -200,8 +236,11 @@ def run_sweep(
     verbose: bool = False,
     out: TextIO | None = sys.stdout,
     plots: bool = True,
+    live: bool | None = None,
 ) -> tuple[pd.DataFrame, Path]:
-    from .engine.runner import build_stream_checked, check_writable, run_scenario
+    """``live``: a rich progress bar (default: when ``out`` is a terminal); otherwise plain
+    lines, each run announced with the elapsed time and an ETA (logs, CI)."""
+    from .engine.runner import build_stream_checked, check_writable
 
     sp = plan_sweep(scenario_path, grid, labels, seeds, out_dir, sets)
     for _, r in sp.runs:
@@ -214,6 +253,23 @@ def run_sweep(
         except UserError as exc:
             raise UserError(f"{exc.source} (sweep cell {name})", exc.problems) from None
     check_writable(sp.root)
+    if live is None:
+        live = bool(out is not None and getattr(out, "isatty", lambda: False)())
+    progress = None
+    if live and out is not None:
+        progress, bar, out = _live_progress(out, len(sp.runs))
+        progress.start()
+    try:
+        return _execute(sp, scenario_path, engine, verbose, out, plots, progress, bar if progress else None)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+def _execute(sp: SweepPlan, scenario_path: str, engine: str | None, verbose: bool, out: Any, plots: bool,
+             progress: Any, bar: Any) -> tuple[pd.DataFrame, Path]:
+    from .engine.runner import run_scenario
+
     say = (lambda text: print(text, file=out, flush=True)) if out else (lambda text: None)
     say(
         f"protofed sweep · {len(sp.cells)} cells x {len(sp.labels)} strategies x {len(sp.seeds)} seeds = "
@@ -245,6 +301,8 @@ def run_sweep(
                 say(f"FAILED: {row['error']}")
         row["run_dir"] = str(r.run_dir)
         rows.append(row)
+        if progress is not None:
+            progress.update(bar, advance=1, eta=eta.line(i).split(" · ", 1)[-1] if eta.executed and i < len(sp.runs) else "")
         writer.write_table("sweep", _table(rows, sp.keys))  # the table so far, after every run
     df = _table(rows, sp.keys)
     ok = df[df["status"] != "failed"]

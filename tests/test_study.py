@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -210,3 +209,23 @@ def test_readme_lists_the_metrics_columns_of_a_real_run(tmp_path):
     listed = [c.strip() for c in re.search(r"\): `([^`]*)`", row).group(1).split(",")]
     protofed.run(tiny(training={"rounds_per_task": 1}, output={"save": "none"}), run_dir=tmp_path / "r", progress=False)
     assert listed == list(pd.read_csv(tmp_path / "r" / "metrics.csv").columns)
+
+
+def test_sweep_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
+    import io
+
+    from simulator.sweep import run_sweep
+
+    raw = tiny(training={"rounds_per_task": 1}, output={"save": "none"})
+    scen = _write(tmp_path / "s.yaml", raw)
+    plain = io.StringIO()
+    run_sweep(str(scen), {"clients.num_clients": [2, 3]}, ["proto_avg"], [0], out_dir=str(tmp_path / "o"), out=plain, plots=False)
+    lines = [line for line in plain.getvalue().splitlines() if line.startswith("=== sweep run")]
+    assert lines[0].startswith("=== sweep run 1/2 · clients.num_clients=2 · proto_avg · seed 0 · elapsed ")
+    assert "ETA" in lines[1] and "\x1b[" not in plain.getvalue()  # an estimate once a run has taken time; no escapes
+    term = io.StringIO()
+    run_sweep(str(scen), {"clients.num_clients": [2, 3]}, ["proto_avg"], [0], out_dir=str(tmp_path / "o"), out=term,
+              plots=False, live=True)
+    text = term.getvalue()
+    assert "2/2" in text and "\x1b[" in text  # rich drew its bar, with terminal escapes
+    assert "kept: " in text  # the run's own lines still reach the terminal above the bar
