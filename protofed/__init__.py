@@ -16,5 +16,6 @@ users never need to import.
 from simulator import __version__
 from simulator.api import RunResult, compare, load, run, scenario_from, sweep
 from simulator.errors import UserError
+from simulator.scenario import Scenario
 
-__all__ = ["__version__", "RunResult", "UserError", "run", "compare", "sweep", "load", "scenario_from"]
+__all__ = ["__version__", "RunResult", "Scenario", "UserError", "run", "compare", "sweep", "load", "scenario_from"]

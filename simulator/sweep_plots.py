@@ -4,7 +4,8 @@
 accuracy, average forgetting, bytes per round) against the swept value, one line per strategy
 label (mean over seeds) with a band of ± one standard deviation across seeds; accuracy bands are
 clipped to [0, 1] (a mean ± std may leave the range a metric can take). The x axis is
-logarithmic when the values are positive and span two decades or more (alpha 0.05 .. 10);
+logarithmic when the values are positive and span two decades or more (alpha 0.05 .. 10), with
+ticks at the swept values; bytes per round get a log axis when they differ tenfold or more;
 non-numeric values are placed in grid order.
 
 2-D grid: ``sweep_heatmap.png``, a heatmap of the mean final average accuracy per strategy label
@@ -36,6 +37,24 @@ def _numeric(values: pd.Series) -> np.ndarray | None:
     return None if v.isna().any() else v.to_numpy(dtype=float)
 
 
+def _is(column: pd.Series, value: object) -> pd.Series:
+    """Rows whose swept value is ``value`` (10 and 10.0 are the same value; texts compare as text)."""
+    num = pd.to_numeric(column, errors="coerce")
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        v = None
+    if v is not None and num.notna().all():
+        return pd.Series(np.isclose(num.to_numpy(float), v, rtol=1e-12, atol=0), index=column.index)
+    return column.astype(str) == str(value)
+
+
+def _tick(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _spans_decades(x: np.ndarray) -> bool:
     return bool(len(x) > 1 and (x > 0).all() and x.max() / x.min() >= 100)
 
@@ -58,6 +77,24 @@ def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out_dir: Path, formats: Se
     return []
 
 
+def band(sub: pd.DataFrame, key: str, order: Sequence, col: str, clip: tuple[float, float] | None):
+    """Per swept value (in ``order``): mean over seeds, mean - std and mean + std clipped to
+    ``clip`` (a band may not leave the range the metric can take), and the number of seeds."""
+    means, lo, hi, ns = [], [], [], []
+    for v in order:
+        vals = pd.to_numeric(sub[_is(sub[key], v)][col], errors="coerce").dropna()
+        m = vals.mean() if len(vals) else np.nan
+        sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
+        means.append(m)
+        lo.append(m - sd)
+        hi.append(m + sd)
+        ns.append(len(vals))
+    means_a, lo_a, hi_a = (np.asarray(a, dtype=float) for a in (means, lo, hi))
+    if clip is not None:
+        lo_a, hi_a = np.clip(lo_a, *clip), np.clip(hi_a, *clip)
+    return means_a, lo_a, hi_a, ns
+
+
 def plot_sweep_1d(df: pd.DataFrame, key: str, path: Path, formats: Sequence[str] | None = None) -> Path:
     labels = list(dict.fromkeys(df["label"]))
     order = list(dict.fromkeys(df[key]))  # grid order
@@ -70,31 +107,20 @@ def plot_sweep_1d(df: pd.DataFrame, key: str, path: Path, formats: Sequence[str]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.0), layout="constrained")
     for ax, (col, title, clip) in zip(axes, METRICS):
         for color, lab in zip(_colors(len(labels)), labels):
-            sub = df[df["label"] == lab]
-            means, lo, hi, ns = [], [], [], []
-            for v in order:
-                vals = pd.to_numeric(sub[sub[key].astype(str) == str(v)][col], errors="coerce").dropna()
-                m = vals.mean() if len(vals) else np.nan
-                sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
-                means.append(m)
-                lo.append(m - sd)
-                hi.append(m + sd)
-                ns.append(len(vals))
-            means_a, lo_a, hi_a = (np.asarray(a, dtype=float) for a in (means, lo, hi))
-            if clip is not None:
-                lo_a, hi_a = np.clip(lo_a, *clip), np.clip(hi_a, *clip)
+            means_a, lo_a, hi_a, ns = band(df[df["label"] == lab], key, order, col, clip)
             n = max(ns) if ns else 0
             ax.plot(xpos, means_a, marker="o", color=color, label=f"{lab} (n={n})")
             ax.fill_between(xpos, lo_a, hi_a, color=color, alpha=0.18, linewidth=0)
         if logx:
             ax.set_xscale("log")
-        if x_num is None:
-            ax.set_xticks(xpos, [str(v) for v in order], rotation=20)
+            ax.minorticks_off()
+        # ticks at the swept values, written as in the grid (0.05, not 5x10^-2)
+        ax.set_xticks(xpos, [_tick(v) for v in order], rotation=20 if x_num is None else 0)
         if clip == (0.0, 1.0):
             ax.set_ylim(-0.02, 1.02)
         if col == "bytes_per_round":
             pos = pd.to_numeric(df[col], errors="coerce").dropna()
-            if len(pos) and (pos > 0).all() and pos.max() / pos.min() >= 100:
+            if len(pos) and (pos > 0).all() and pos.max() / pos.min() >= 10:
                 ax.set_yscale("log")
         ax.set_xlabel(key)
         ax.set_title(title, fontsize=10)
@@ -123,7 +149,7 @@ def plot_sweep_2d(df: pd.DataFrame, key_r: str, key_c: str, path: Path, formats:
         count = np.zeros((len(rows), len(cols)), dtype=int)
         for i, rv in enumerate(rows):
             for j, cv in enumerate(cols):
-                sel = sub[(sub[key_r].astype(str) == str(rv)) & (sub[key_c].astype(str) == str(cv))]
+                sel = sub[_is(sub[key_r], rv) & _is(sub[key_c], cv)]
                 vals = pd.to_numeric(sel["final_avg_accuracy"], errors="coerce").dropna()
                 if len(vals):
                     grid[i, j], count[i, j] = vals.mean(), len(vals)

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -229,3 +230,16 @@ def test_sweep_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
     text = term.getvalue()
     assert "2/2" in text and "\x1b[" in text  # rich drew its bar, with terminal escapes
     assert "kept: " in text  # the run's own lines still reach the terminal above the bar
+
+
+def test_sweep_bands_are_clipped_and_alpha_gets_a_log_axis():
+    from simulator.sweep_plots import _spans_decades, band
+
+    df = pd.DataFrame({"a": [0.1, 0.1, 0.1, 10, 10], "final_avg_accuracy": [0.99, 0.97, 0.6, 0.02, 0.3]})
+    means, lo, hi, n = band(df, "a", [0.1, 10], "final_avg_accuracy", (0.0, 1.0))
+    assert n == [3, 2]
+    assert means == pytest.approx([np.mean([0.99, 0.97, 0.6]), 0.16])
+    sd = np.std([0.99, 0.97, 0.6], ddof=1)
+    assert hi[0] == 1.0 and means[0] + sd > 1.0  # the band would leave [0, 1]: clipped
+    assert lo[1] == 0.0 and lo[0] == pytest.approx(means[0] - sd)
+    assert _spans_decades(np.array([0.05, 0.1, 0.5, 1, 10])) and not _spans_decades(np.array([2.0, 3.0, 5.0]))
