@@ -171,21 +171,20 @@ def _duration(seconds: float) -> str:
 
 class Eta:
     """Elapsed time and an estimate of the time left: the mean wall time of the runs executed so
-    far (kept runs cost nothing) times the runs still to do."""
+    far times the runs still to execute (runs already finished on disk are kept and cost nothing)."""
 
-    def __init__(self, total: int) -> None:
-        self.total = total
+    def __init__(self, to_run: int) -> None:
+        self.to_run = to_run
         self.started = time.time()
         self.executed: list[float] = []
 
-    def line(self, done: int) -> str:
-        elapsed = time.time() - self.started
-        left = self.total - done
-        if self.executed and left:
-            eta = f" · ETA {_duration(float(np.mean(self.executed)) * left)}"
-        else:
-            eta = ""
-        return f"elapsed {_duration(elapsed)}{eta}"
+    def eta(self) -> str:
+        left = self.to_run - len(self.executed)
+        return f"ETA {_duration(float(np.mean(self.executed)) * left)}" if self.executed and left > 0 else ""
+
+    def line(self) -> str:
+        eta = self.eta()
+        return f"elapsed {_duration(time.time() - self.started)}" + (f" · {eta}" if eta else "")
 
 
 class _LineWriter:
@@ -275,13 +274,16 @@ def _execute(sp: SweepPlan, scenario_path: str, engine: str | None, verbose: boo
         f"protofed sweep · {len(sp.cells)} cells x {len(sp.labels)} strategies x {len(sp.seeds)} seeds = "
         f"{len(sp.runs)} runs · {', '.join(f'{k}: {len(set(map(value_text, (c.values[k] for c in sp.cells))))} values' for k in sp.keys)}"
     )
-    eta = Eta(len(sp.runs))
+    finished = [_finished(r) for _, r in sp.runs]
+    if any(f is not None for f in finished):
+        say(f"{sum(f is not None for f in finished)} runs already finished: kept")
+    eta = Eta(sum(f is None for f in finished))
     rows: list[dict[str, Any]] = []
     writer = RunWriter(sp.root)
     for i, (cell, r) in enumerate(sp.runs, 1):
-        say(f"\n=== sweep run {i}/{len(sp.runs)} · {cell.name} · {r.label} · seed {r.seed} · {eta.line(i - 1)} ===")
+        say(f"\n=== sweep run {i}/{len(sp.runs)} · {cell.name} · {r.label} · seed {r.seed} · {eta.line()} ===")
         row: dict[str, Any] = {**cell.values, "cell": cell.name, "label": r.label, "seed": r.seed}
-        done = _finished(r)
+        done = finished[i - 1]
         if done is not None:
             say(f"kept: {r.run_dir} already holds this completed run")
             row.update(done, status="kept", error="")
@@ -302,7 +304,7 @@ def _execute(sp: SweepPlan, scenario_path: str, engine: str | None, verbose: boo
         row["run_dir"] = str(r.run_dir)
         rows.append(row)
         if progress is not None:
-            progress.update(bar, advance=1, eta=eta.line(i).split(" · ", 1)[-1] if eta.executed and i < len(sp.runs) else "")
+            progress.update(bar, advance=1, eta=eta.eta())
         writer.write_table("sweep", _table(rows, sp.keys))  # the table so far, after every run
     df = _table(rows, sp.keys)
     ok = df[df["status"] != "failed"]
