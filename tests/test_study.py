@@ -243,3 +243,17 @@ def test_sweep_bands_are_clipped_and_alpha_gets_a_log_axis():
     assert hi[0] == 1.0 and means[0] + sd > 1.0  # the band would leave [0, 1]: clipped
     assert lo[1] == 0.0 and lo[0] == pytest.approx(means[0] - sd)
     assert _spans_decades(np.array([0.05, 0.1, 0.5, 1, 10])) and not _spans_decades(np.array([2.0, 3.0, 5.0]))
+
+
+def test_run_progress_lines_carry_elapsed_time_and_an_eta(tmp_path):
+    import io
+
+    from simulator.engine.runner import run_scenario
+
+    out = io.StringIO()
+    run_scenario(validate_scenario(tiny(output={"save": "none"})), run_dir=tmp_path / "r", out=out)
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("task ")]
+    assert len(lines) == 6  # 3 tasks x 2 rounds
+    assert all(re.search(r" · elapsed \d+s", line) for line in lines)
+    assert all(" · ETA " in line for line in lines[:-1]) and " · ETA " not in lines[-1]
+    assert lines[0].startswith("task 1/3 · round 1/2 · ")  # positions: ids + 1 (README: Counting)

@@ -152,7 +152,9 @@ def run_scenario(
     setup = RunSetup(scenario=resolved, state_dir=str(state_dir), verbose=verbose)
     clients_dir = state_dir / "clients"
     writer = RunWriter(run_dir)
-    rec = RunRecorder(
+    from .progress import TimedRecorder
+
+    rec = TimedRecorder(
         num_tasks=stream.num_tasks,
         rounds_per_task=scenario.training.rounds_per_task,
         num_clients=scenario.clients.num_clients,
