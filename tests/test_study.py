@@ -101,6 +101,14 @@ def test_sweep_two_keys_from_the_command_line_draws_heatmaps(tmp_path, capsys):
     assert sorted(df["num_clients"]) == [2, 2, 3, 3]
     assert (out / "clients.num_clients=2,continual.memory_per_class=5" / "proto_avg" / "seed-0" / "summary.json").is_file()
     assert (out / "sweep_heatmap.png").stat().st_size > 10_000
+    # protofed plot redraws a sweep folder: every run's plots and the sweep figure, here also as PDF
+    assert main(["plot", str(out), "--format", "pdf"]) == 0
+    assert (out / "sweep_heatmap.pdf").is_file()
+    assert (out / "clients.num_clients=3,continual.memory_per_class=0" / "proto_avg" / "seed-0" / "plots" / "forgetting.pdf").is_file()
+    from pypdf import PdfReader
+
+    text = PdfReader(out / "sweep_heatmap.pdf").pages[0].extract_text()
+    assert "clients.num_clients" in text and "continual.memory_per_class" in text and "n=1" in text
 
 
 @pytest.mark.parametrize(
