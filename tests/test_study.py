@@ -90,7 +90,7 @@ def test_sweep_cli_runs_every_cell_and_resumes(tmp_path, capsys):
 
 
 def test_sweep_two_keys_from_the_command_line_draws_heatmaps(tmp_path, capsys):
-    scen = _write(tmp_path / "s.yaml", tiny(training={"rounds_per_task": 1, "batch_size": 16}))
+    scen = _write(tmp_path / "s.yaml", tiny(training={"rounds_per_task": 1, "batch_size": 16}, output={"save": "none"}))
     out = tmp_path / "out"
     code = main(["sweep", str(scen), "--grid", "clients.num_clients=2,3", "--grid", "continual.memory_per_class=0,5",
                  "--strategies", "proto_avg", "--seeds", "0", "--out", str(out)])
