@@ -152,6 +152,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if (df["status"] != "failed").all() else 1
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .compare import labels_arg, seeds_arg
+    from .sweep import grid_arg, run_sweep
+
+    df, _ = run_sweep(
+        args.scenario,
+        grid=grid_arg(args.grid) if args.grid else None,
+        labels=labels_arg(args.strategies) if args.strategies else None,
+        seeds=seeds_arg(args.seeds) if args.seeds else None,
+        out_dir=args.out,
+        engine=args.engine,
+        sets=args.set,
+        verbose=args.verbose,
+        out=sys.stdout,
+    )
+    return 0 if (df["status"] != "failed").all() else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -188,6 +206,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import PLOT_FORMATS, with_formats
+
+    formats = [f.strip() for item in (args.format or []) for f in item.split(",") if f.strip()]
+    bad = [f for f in formats if f not in PLOT_FORMATS]
+    if bad:
+        raise UserError.single("--format", "--format", f"unknown format {bad[0]!r}; allowed: {', '.join(PLOT_FORMATS)}")
+    if formats and "png" not in formats:
+        formats.insert(0, "png")  # the PNGs are what the README and the run directory show
+    with with_formats(formats or None):
+        return _plot(args)
+
+
+def _plot(args: argparse.Namespace) -> int:
     from .plots import plot_run
     from .results import is_run_dir
 
@@ -213,6 +244,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
         ok = df[df["status"] != "failed"]
         for p in plot_compare(df, [Path(x) for x in ok["run_dir"]], list(ok["label"]), target):
             print(p)
+    if (target / "sweep.csv").exists():  # a sweep directory: redraw its figure
+        from .sweep import read_sweep
+        from .sweep_plots import plot_sweep
+
+        df, keys = read_sweep(target)
+        for p in plot_sweep(df, keys, target):
+            print(p)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .schema_doc import reference_rows, terminal_reference
+
+    key = args.key.strip().strip(".") if args.key else None
+    text = terminal_reference(key)
+    if text is None:
+        from .scenario import did_you_mean
+
+        keys = sorted({r[0] for r in reference_rows()} | {r[0].rsplit(".", 1)[0] for r in reference_rows() if "." in r[0]})
+        raise UserError.single("protofed schema", args.key, "no such scenario key" + did_you_mean(key or "", keys))
+    print(text)
     return 0
 
 
@@ -278,6 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     c.set_defaults(func=cmd_compare)
 
+    sw = sub.add_parser("sweep", help="run a grid of scenario values x strategies x seeds (resumable)")
+    sw.add_argument("scenario")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="a swept scenario key and its values (repeat for a 2-D grid); default: the scenario's sweep: section")
+    sw.add_argument("--strategies", help="comma-separated strategy names or compare: labels (default: sweep.strategies)")
+    sw.add_argument("--seeds", help="comma-separated seeds (default: sweep.seeds)")
+    sw.add_argument("--engine", choices=["ray", "inline"])
+    sw.add_argument("--out", help="output folder (default <output.dir>/<name>/sweep)")
+    sw.add_argument("--verbose", action="store_true")
+    common(sw)
+    sw.set_defaults(func=cmd_sweep)
+
     b = sub.add_parser("bench", help="run a scenario on the inline and the Ray engine and compare where the time goes")
     b.add_argument("scenario")
     b.add_argument("--out", help="output folder (default <output.dir>/<name>/bench)")
@@ -293,7 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="(re)draw the plots of a run directory (or of every run under a folder)")
     pl.add_argument("dir")
+    pl.add_argument("--format", action="append", metavar="FMT[,FMT]",
+                    help="also write the plots as pdf and/or svg (vector graphics, text kept as text); default: output.plot_formats")
     pl.set_defaults(func=cmd_plot)
+
+    sc = sub.add_parser("schema", help="the scenario reference: every key (or the keys under KEY) with default and allowed values")
+    sc.add_argument("key", nargs="?", help="a dotted key or section, e.g. clients.partition or training.lr")
+    sc.set_defaults(func=cmd_schema)
 
     ls = sub.add_parser("list", help="strategies, dataset sources, partition schemes, backbones")
     ls.set_defaults(func=cmd_list)

@@ -21,7 +21,7 @@ from .errors import Problem, UserError
 from .results import SUMMARY_KEYS, RunWriter
 from .scenario import Scenario, apply_overrides, read_yaml, validate_scenario
 
-TABLE_COLUMNS = ("final_avg_accuracy", "avg_forgetting", "bwt", "local_final_avg_accuracy", "bytes_per_round", "wall_seconds")
+TABLE_COLUMNS = ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt", "local_final_avg_accuracy", "bytes_per_round", "wall_seconds")
 
 
 @dataclass
@@ -45,6 +45,18 @@ def _resolve_label(raw: dict[str, Any], label: str) -> dict[str, Any] | None:
         params = own.get("params", {}) if own.get("name", "proto_avg") == label else {}
         return {"name": label, "params": params}
     return None
+
+
+def _label_overrides(raw: dict[str, Any], label: str) -> dict[str, Any]:
+    """``raw`` with the scenario keys of a ``compare:`` label's ``set:`` applied."""
+    from .scenario import set_dotted
+
+    entries = raw.get("compare") if isinstance(raw.get("compare"), dict) else {}
+    entry = entries.get(label) if isinstance(entries.get(label), dict) else {}
+    sets = entry.get("set") if isinstance(entry.get("set"), dict) else {}
+    for key, value in sets.items():
+        raw = set_dotted(raw, str(key), value)
+    return raw
 
 
 def plan(
@@ -82,7 +94,7 @@ def plan(
     runs = []
     for label in labels:
         for seed in seeds:
-            r = dict(raw, seed=seed, strategy=_resolve_label(raw, label))
+            r = _label_overrides(dict(raw, seed=seed, strategy=_resolve_label(raw, label)), label)
             runs.append(PlannedRun(label, seed, validate_scenario(r, scenario_path), root / label / f"seed-{seed}"))
     return runs, root
 

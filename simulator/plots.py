@@ -40,14 +40,43 @@ MATRIX_SIZE = (6.0, 5.0)
 _MISSING_COLOR = "#e6e6e6"
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    """Render ``fig`` as PNG and write it atomically to ``path``; always closes the figure."""
+# vector figures keep their text as text (TrueType fonts embedded), so a paper's PDF stays
+# searchable and editable; matplotlib's default (Type 3) also keeps text, but journals ask for 42
+matplotlib.rcParams["pdf.fonttype"] = 42
+matplotlib.rcParams["ps.fonttype"] = 42
+matplotlib.rcParams["svg.fonttype"] = "none"
+PLOT_FORMATS = ("png", "pdf", "svg")
+_FORMATS: tuple[str, ...] = ("png",)  # what _save writes when not told: set by plot_run / with_formats
+
+
+def _save(fig: plt.Figure, path: Path, formats: Sequence[str] | None = None) -> None:
+    """Render ``fig`` as PNG at ``path`` (and, per ``formats``, as PDF/SVG next to it, same
+    stem), each written atomically; always closes the figure."""
+    fmts = list(dict.fromkeys(formats or _FORMATS))
     try:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=DPI)
-        atomic_write_bytes(Path(path), buf.getvalue())
+        for fmt in fmts:
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=DPI)
+            atomic_write_bytes(Path(path).with_suffix("." + fmt), buf.getvalue())
     finally:
         plt.close(fig)
+
+
+class with_formats:
+    """``with with_formats(["png", "pdf"]):`` every plot drawn inside is written in these formats."""
+
+    def __init__(self, formats: Sequence[str] | None) -> None:
+        self.formats = tuple(dict.fromkeys(formats)) if formats else None
+
+    def __enter__(self) -> None:
+        global _FORMATS
+        self._before = _FORMATS
+        if self.formats:
+            _FORMATS = self.formats
+
+    def __exit__(self, *exc: object) -> None:
+        global _FORMATS
+        _FORMATS = self._before
 
 
 def _task_label(j: int, task_labels: Mapping[int, Any] | None) -> str:
@@ -224,9 +253,19 @@ def _run_title(run_dir: Path, summary: dict, config: dict) -> str:
     seed = summary.get("seed", config.get("seed"))
     if scenario is None and strategy is None:
         return run_dir.name
-    parts = [str(scenario if scenario is not None else "?"), str(strategy if strategy is not None else "?")]
+    # inside a compare or sweep folder (<label>/seed-<s>/) the label names the variant
+    # (proto_avg_shared), which the strategy name alone does not
+    label = run_dir.parent.name if run_dir.name.startswith("seed-") else None
+    shown = str(strategy if strategy is not None else "?")
+    if label and strategy is not None and label != strategy:
+        shown = f"{label} ({strategy})"
+    parts = [str(scenario if scenario is not None else "?"), shown]
     if seed is not None:
         parts.append(f"seed {seed}")
+    evaluation = config.get("evaluation") if isinstance(config.get("evaluation"), dict) else {}
+    protocol = summary.get("protocol") or evaluation.get("protocol")
+    if protocol:
+        parts.append(f"{protocol} protocol")
     return " · ".join(parts)
 
 
@@ -243,12 +282,13 @@ def _task_labels(summary: dict, config: dict) -> dict[int, Any] | None:
     return None
 
 
-def plot_run(run_dir: Path) -> list[Path]:
+def plot_run(run_dir: Path, formats: Sequence[str] | None = None) -> list[Path]:
     """Draw ``plots/forgetting.png`` and ``plots/accuracy_matrix.png`` of a run directory.
 
     Reads ``metrics.csv`` (required), ``accuracy_matrix.csv`` (rebuilt from the metrics when
     absent) and, for the title and task labels, ``summary.json`` / ``config.yaml`` if present.
-    Returns the two paths.
+    Returns the PNG paths; ``formats`` (default: the run's ``output.plot_formats``) adds PDF/SVG
+    files of the same names.
     """
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.csv"
@@ -267,12 +307,20 @@ def plot_run(run_dir: Path) -> list[Path]:
     labels = _task_labels(summary, config)
     out = run_dir / "plots"
     paths = [out / "forgetting.png", out / "accuracy_matrix.png"]
-    plot_forgetting(metrics, paths[0], title=title, task_labels=labels)
-    plot_accuracy_matrix(matrix, paths[1], title=title, definitions=summary.get("metric_definitions", STANDARD))
-    clients_path = run_dir / "client_metrics.csv"
-    if clients_path.is_file():
-        paths.append(out / "clients.png")
-        plot_clients(pd.read_csv(clients_path), paths[-1], title=title, task_labels=labels)
+    if formats is None and _FORMATS == ("png",):  # no caller's choice (protofed plot --format): the run's own
+        formats = _run_formats(run_dir)
+    with with_formats(formats):
+        plot_forgetting(metrics, paths[0], title=title, task_labels=labels)
+        plot_accuracy_matrix(matrix, paths[1], title=title, definitions=summary.get("metric_definitions", STANDARD))
+        clients_path = run_dir / "client_metrics.csv"
+        if clients_path.is_file():
+            paths.append(out / "clients.png")
+            plot_clients(pd.read_csv(clients_path), paths[-1], title=title, task_labels=labels)
+        if (run_dir / "final" / "global.npz").is_file() and (run_dir / "final" / "client_prototypes.npz").is_file():
+            from .prototype_plots import plot_prototypes
+
+            paths.append(out / "prototypes.png")
+            plot_prototypes(run_dir, paths[-1], title=title)
     return paths
 
 
@@ -300,6 +348,22 @@ def plot_clients(client_metrics: pd.DataFrame, path: Path, title: str = "", task
 
 
 # --------------------------------------------------------------------------- comparisons
+def _run_formats(run_dir: Path) -> list[str] | None:
+    """``output.plot_formats`` recorded in a run directory's ``config.yaml`` (None if absent)."""
+    try:
+        output = _read_optional_yaml(Path(run_dir) / "config.yaml").get("output")
+    except (OSError, yaml.YAMLError):
+        return None
+    return output.get("plot_formats") if isinstance(output, dict) else None
+
+
+def _study(df: pd.DataFrame) -> str:
+    """"<scenario> · <protocol> protocol" from a comparison or sweep table."""
+    scen = ", ".join(str(s) for s in dict.fromkeys(df["scenario"].dropna())) if "scenario" in df.columns else ""
+    prot = ", ".join(str(s) for s in dict.fromkeys(df["protocol"].dropna())) if "protocol" in df.columns else ""
+    return " · ".join(p for p in (scen, f"{prot or 'global'} protocol") if p)
+
+
 def plot_compare(df: pd.DataFrame, run_dirs: Sequence[Path], labels: Sequence[str], out_dir: Path) -> list[Path]:
     """``comparison.png`` (final average accuracy and average forgetting per strategy, mean with
     std error bars across seeds) and ``forgetting_curves.png`` (average accuracy over the tasks
@@ -308,12 +372,17 @@ def plot_compare(df: pd.DataFrame, run_dirs: Sequence[Path], labels: Sequence[st
     ok = df[df["status"] != "failed"].copy()
     order = list(dict.fromkeys(ok["label"]))
     paths = []
+    fmts = _run_formats(run_dirs[0]) if run_dirs and _FORMATS == ("png",) else None
 
-    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.1 * len(order) + 4), 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(max(11.0, 1.5 * len(order) + 5), 4.6))
     for ax, col, title in (
         (axes[0], "final_avg_accuracy", "final average accuracy (higher is better)"),
-        (axes[1], "avg_forgetting", "average forgetting (lower is better)"),
+        (axes[1], "avg_incremental_accuracy", "average incremental accuracy (higher is better)"),
+        (axes[2], "avg_forgetting", "average forgetting (lower is better)"),
     ):
+        if col not in ok.columns:
+            ax.set_visible(False)
+            continue
         vals = [pd.to_numeric(ok[ok["label"] == lab][col], errors="coerce").dropna() for lab in order]
         means = [v.mean() if len(v) else np.nan for v in vals]
         stds = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]
@@ -328,10 +397,10 @@ def plot_compare(df: pd.DataFrame, run_dirs: Sequence[Path], labels: Sequence[st
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     seeds = sorted(set(int(s) for s in ok["seed"]))
-    fig.suptitle(f"strategies compared · mean ± std over seeds {seeds}", fontsize=11)
+    fig.suptitle(f"{_study(ok)} · strategies compared · mean ± std over {len(seeds)} seed{'s' if len(seeds) != 1 else ''} {seeds}", fontsize=11)
     fig.tight_layout()
     p = out_dir / "comparison.png"
-    _save(fig, p)
+    _save(fig, p, fmts)
     paths.append(p)
 
     curves: dict[str, list[np.ndarray]] = {}
@@ -352,16 +421,16 @@ def plot_compare(df: pd.DataFrame, run_dirs: Sequence[Path], labels: Sequence[st
         mean = np.nanmean(arr, axis=0)
         std = np.nanstd(arr, axis=0, ddof=1) if len(arr) > 1 else np.zeros_like(mean)
         ax.plot(x, mean, marker="o", color=color, label=f"{lab} (n={len(arr)})")
-        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15)
+        ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=color, alpha=0.15)
     ax.set_xlabel("after training task k")
     ax.set_ylabel("average accuracy over tasks 0..k")
     ax.set_ylim(-0.02, 1.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.set_title("average accuracy over seen tasks, per strategy (shaded: ± std across seeds)", fontsize=10)
+    ax.set_title(f"{_study(ok)}\naverage accuracy over seen tasks, per strategy (shaded: ± std across seeds)", fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     p = out_dir / "forgetting_curves.png"
-    _save(fig, p)
+    _save(fig, p, fmts)
     paths.append(p)
     return paths

@@ -217,13 +217,72 @@ class StrategyConfig(Strict):
         return v
 
 
+# scenario keys that a compare label's ``set:`` or a sweep's grid may not change: the strategy is
+# the label's own, the seed is the run's, and the rest names or drives the study itself
+FIXED_KEYS = ("name", "seed", "strategy", "compare", "sweep")
+DOTTED_KEY = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+
+
+def overridable_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be varied by a compare label's ``set:`` or a sweep grid (None if it can)."""
+    if not re.fullmatch(DOTTED_KEY, key):
+        return "not a dotted key path such as clients.partition.alpha"
+    if key.split(".")[0] in FIXED_KEYS:
+        return f"{key.split('.')[0]} cannot be varied here (strategies are chosen by label, seeds by the seed list)"
+    return None
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of ``raw`` with the dotted ``key`` set to ``value`` (missing mappings created)."""
+    data = copy.deepcopy(raw)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+    return data
+
+
 class CompareEntry(Strict):
-    """One labelled entry of the ``compare:`` section: a strategy name and its params."""
+    """One labelled entry of the ``compare:`` section: a strategy name, its params, and scenario
+    keys this label changes."""
 
     name: str = Field(description="strategy registry name")
     params: dict[str, Any] = Field(default_factory=dict, description="that strategy's params")
+    set: dict[str, Any] = Field(default_factory=dict, description="scenario keys this label overrides (dotted key -> value)")
 
     _known_strategy = field_validator("name")(StrategyConfig._known_strategy.__func__)  # type: ignore[attr-defined]
+
+    @field_validator("set")
+    @classmethod
+    def _keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            problem = overridable_key_problem(str(key))
+            if problem:
+                raise ValueError(f"{key!r}: {problem}")
+        return v
+
+
+class SweepConfig(Strict):
+    """The ``sweep:`` section: what ``protofed sweep SCENARIO`` runs without --grid/--strategies/--seeds."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted scenario key -> list of values; every combination of values is one cell")
+    strategies: list[str] = Field(default_factory=list, description="strategy names or compare: labels run in every cell (empty: the scenario's strategy)")
+    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(default_factory=lambda: [0], description="seeds run for every cell and strategy")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            problem = overridable_key_problem(str(key))
+            if problem:
+                raise ValueError(f"{key!r}: {problem}")
+            if not values:
+                raise ValueError(f"{key!r}: give at least one value")
+        return v
 
 
 class EvaluationConfig(Strict):
@@ -249,8 +308,24 @@ class ResourcesConfig(Strict):
     state_dir: PathText | None = Field(None, description="folder for the per-run client state store; on a multi-node Ray cluster it must be on a filesystem every node reaches (default: a private temp folder)")
 
 
+class MlflowConfig(Strict):
+    tracking_uri: str = Field(description="MLflow tracking URI: a server (http://...) or a local store such as sqlite:///mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment name (unset: the scenario name)")
+
+
 class OutputConfig(Strict):
     dir: PathText = Field("results", description="results go to <dir>/<name>/<strategy>/seed-<seed>/")
+    plot_formats: list[Literal["png", "pdf", "svg"]] = Field(
+        default_factory=lambda: ["png"], min_length=1,
+        description="file formats of every plot (pdf and svg keep text as text, for papers)",
+    )
+    save: Literal["none", "global", "clients"] = Field(
+        "global",
+        description="what stays after the run: nothing, final/global.npz (the server's prototypes/anchors, counts, weights) "
+        "and final/client_prototypes.npz, or also each client's model and prototypes (final/clients/<id>.pt)",
+    )
+    tensorboard: bool = Field(False, description="write TensorBoard event files to <run dir>/tensorboard/ (extra: protofed[tensorboard])")
+    mlflow: MlflowConfig | None = Field(None, description="log the run to MLflow: {tracking_uri, experiment} (extra: protofed[mlflow])")
 
 
 class Scenario(Strict):
@@ -268,8 +343,9 @@ class Scenario(Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     compare: dict[str, CompareEntry] = Field(
         default_factory=dict,
-        description="labels -> {name, params} usable in `protofed compare --strategies` (one strategy may appear under several labels)",
+        description="labels -> {name, params, set} usable in `protofed compare --strategies` (one strategy may appear under several labels; set: overrides scenario keys for that label)",
     )
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="grid, strategies and seeds of `protofed sweep`")
 
     @field_validator("compare")
     @classmethod
@@ -322,10 +398,61 @@ def _explain(err: dict[str, Any]) -> str:
     return f"{msg} (got {shown})"
 
 
-def problems_from_validation(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[Problem]:
+def _submodels(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside a field's annotation (through Union, list, dict, Annotated)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        out += _submodels(arg)
+    return out
+
+
+def _known_keys(root: type[BaseModel], loc: tuple[Any, ...], extra: tuple[str, ...] = ()) -> list[str]:
+    """The keys allowed next to the last element of ``loc`` (a pydantic error location)."""
+    models = [root]
+    for item in loc[:-1]:
+        if isinstance(item, int):
+            continue
+        nxt: list[type[BaseModel]] = []
+        for m in models:
+            if item in m.model_fields:
+                nxt += _submodels(m.model_fields[item].annotation)
+        if not nxt:  # a discriminator tag (the partition scheme) or a dict key: narrow, not descend
+            tagged = [m for m in models if "scheme" in m.model_fields and item in getattr(m.model_fields["scheme"].annotation, "__args__", ())]
+            if tagged:
+                models = tagged
+            continue
+        models = nxt
+    # aliases (fedproto's lambda) are what users write
+    keys = {f.alias or k for m in models for k, f in m.model_fields.items()} | set(extra)
+    return sorted(keys)
+
+
+def did_you_mean(word: str, candidates: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def problems_from_validation(
+    exc: ValidationError, prefix: tuple[str, ...] = (), model: type[BaseModel] | None = None, extra: tuple[str, ...] = ()
+) -> list[Problem]:
+    """``model``: the schema that was validated, for "did you mean" on unknown keys."""
     out: list[Problem] = []
     for err in exc.errors():
-        out.append(Problem(_loc_to_path(prefix + tuple(err["loc"])), _explain(err)))
+        message = _explain(err)
+        if err.get("type") == "extra_forbidden" and model is not None and err["loc"]:
+            path = _loc_to_path(prefix + tuple(err["loc"]))
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            hint = did_you_mean(str(err["loc"][-1]), _known_keys(model, tuple(err["loc"]), extra))
+            message = f"unknown key{hint} (`protofed schema {parent}` lists the keys)" if hint else (
+                f"unknown key (`protofed schema {parent}` lists the keys; check the spelling)"
+            )
+        out.append(Problem(_loc_to_path(prefix + tuple(err["loc"])), message))
     return out
 
 
@@ -474,7 +601,7 @@ def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scena
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
-        raise UserError(source, problems_from_validation(exc)) from None
+        raise UserError(source, problems_from_validation(exc, model=Scenario)) from None
     except RecursionError:
         raise UserError.single(source, "", "the file nests too deeply") from None
 
@@ -492,19 +619,19 @@ def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scena
             **params.model_dump(mode="json"),
         )
     except ValidationError as exc:
-        problems += problems_from_validation(exc, ("dataset",))
+        problems += problems_from_validation(exc, ("dataset",), src.params_model, ("source", "test_fraction"))
 
     spec = STRATEGIES[scenario.strategy.name]
     try:
         sparams = spec.Params.model_validate(scenario.strategy.params)
         scenario.strategy.params = sparams.model_dump(mode="json", by_alias=True)
     except ValidationError as exc:
-        problems += problems_from_validation(exc, ("strategy", "params"))
+        problems += problems_from_validation(exc, ("strategy", "params"), spec.Params)
     for label, entry in scenario.compare.items():
         try:
             entry.params = STRATEGIES[entry.name].Params.model_validate(entry.params).model_dump(mode="json", by_alias=True)
         except ValidationError as exc:
-            problems += problems_from_validation(exc, ("compare", label, "params"))
+            problems += problems_from_validation(exc, ("compare", label, "params"), STRATEGIES[entry.name].Params)
     problems += _model_problems(scenario)
     if problems:
         raise UserError(source, problems)

@@ -90,7 +90,8 @@ def _rows(model: type[BaseModel], prefix: str, note: str = "") -> Iterator[tuple
         yield (key, (note + " " if note else "") + (field.description or ""), _default(field), _allowed(field))
 
 
-def reference_table() -> str:
+def reference_rows() -> list[tuple[str, str, str, str]]:
+    """(key, meaning, default, allowed) for every scenario key, source key and strategy param."""
     from strategies import STRATEGIES
 
     from .data.sources import SOURCES
@@ -101,6 +102,27 @@ def reference_table() -> str:
         rows += list(_rows(spec.params_model, "dataset.", f"({name})"))
     for name, cls in sorted(STRATEGIES.items()):
         rows += list(_rows(cls.Params, "strategy.params.", f"({name})"))
+    return rows
+
+
+def terminal_reference(key: str | None = None, width: int = 100) -> str | None:
+    """The reference for the terminal (``protofed schema [KEY]``): every key, or the keys at or
+    below ``key``; None when nothing matches."""
+    import textwrap
+
+    rows = [r for r in reference_rows() if key is None or r[0] == key or r[0].startswith(key + ".")]
+    if not rows:
+        return None
+    out = []
+    for k, meaning, default, allowed in rows:
+        plain = lambda t: t.replace("`", "").replace("\\|", "|")  # noqa: E731
+        out.append(f"{k}  (default {plain(default)}{'; ' + plain(allowed) if allowed else ''})")
+        out += textwrap.wrap(plain(meaning), width=width, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(out)
+
+
+def reference_table() -> str:
+    rows = reference_rows()
     lines = ["| key | meaning | default | allowed |", "|---|---|---|---|"]
     for key, meaning, default, allowed in rows:
         lines.append(f"| `{key}` | {meaning.strip()} | {default} | {allowed} |")

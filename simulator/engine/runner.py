@@ -127,6 +127,14 @@ def _summary(
     return summ
 
 
+def small_batch_client_tasks(stream, batch_size: int) -> int:
+    """Client-tasks whose new training samples (replay memory not counted) are fewer than one
+    batch but not zero: such clients take one short step per epoch, so their updates are noisy
+    and BatchNorm statistics unreliable. Counted into ``summary.json``; the runner warns once."""
+    sizes = [len(idx) for per_client in stream.train_indices for idx in per_client]
+    return int(sum(1 for n in sizes if 0 < n < batch_size))
+
+
 def run_scenario(
     scenario: Scenario,
     *,
@@ -164,6 +172,9 @@ def run_scenario(
     check_writable(run_dir, out_source)
     if not resume:
         check_run_dir(run_dir, scenario.resolved(), overwrite=overwrite, source=out_source)
+    from ..tracking import Trackers, check_available
+
+    check_available(scenario, source)
 
     started = time.time()
     try:
@@ -176,12 +187,20 @@ def run_scenario(
     setup = RunSetup(scenario=resolved, state_dir=str(state_dir), verbose=verbose)
     clients_dir = state_dir / "clients"
     writer = RunWriter(run_dir)
-    rec = RunRecorder(
+    from .progress import TimedRecorder
+
+    rec = TimedRecorder(
         num_tasks=stream.num_tasks,
         rounds_per_task=scenario.training.rounds_per_task,
         num_clients=scenario.clients.num_clients,
         out=out,
     )
+    try:
+        trackers = Trackers(scenario, resolved, run_dir)
+    except Exception as exc:  # e.g. an MLflow store that cannot be opened
+        shutil.rmtree(state_dir, ignore_errors=True)
+        raise UserError.single(source, "output.mlflow" if scenario.output.mlflow else "output.tensorboard",
+                               f"cannot start experiment tracking: {type(exc).__name__}: {str(exc)[:300]}") from None
     start_task, strategy_state, wall_before = 0, None, 0.0
     if resume and has_checkpoint(run_dir):
         ckpt = load_checkpoint(run_dir, clients_dir)
@@ -208,6 +227,7 @@ def run_scenario(
         from .failures import FAILURE_COLUMNS
 
         summary = _summary(scenario, rec, engine, wall_before + time.time() - started, completed, stream.tasks)
+        summary["small_batch_client_tasks"] = small
         if rec.rows:
             writer.write_metrics(rec.rows)
         if rec.client_rows:
@@ -219,20 +239,42 @@ def run_scenario(
         writer.write_summary(summary)
         return summary
 
+    def _track(call) -> None:
+        try:
+            call()
+        except Exception as exc:  # tracking must never lose a run
+            rec.say(f"warning: experiment tracking failed: {type(exc).__name__}: {str(exc)[:300]}")
+
     def on_task_end(task: int, strategy) -> None:
         # everything finished so far is on disk at each task's end (summary with
         # completed: false), so even a process killed outright leaves its finished tasks
         write_results(completed=False)
+        _track(lambda: trackers.log_rows(rec.rows))
+        if task == stream.num_tasks - 1:  # output.save: the final global state (and clients')
+            from .final_state import save_final
+
+            try:
+                save_final(run_dir, strategy, setup, scenario.output.save)
+            except Exception as exc:  # saving the models must never lose a finished run
+                rec.say(f"warning: could not save the final state: {type(exc).__name__}: {exc}")
         save_checkpoint(
             run_dir, task, strategy.state_dict(), rec.state_dict(), clients_dir, wall_before + time.time() - started
         )
 
+    small = small_batch_client_tasks(stream, scenario.training.batch_size)
     what = f"resuming at task {start_task + 1}" if start_task else f"engine {engine}"
     rec.say(
         f"protofed · {scenario.name} · strategy {scenario.strategy.name} · seed {scenario.seed} · "
         f"{stream.num_tasks} tasks x {scenario.training.rounds_per_task} rounds · "
         f"{scenario.clients.num_clients} clients · {what}"
     )
+    if small:
+        total = sum(1 for per_client in stream.train_indices for idx in per_client if len(idx))
+        rec.say(
+            f"warning: {small} of {total} client-tasks have fewer training samples than one batch "
+            f"(training.batch_size {scenario.training.batch_size}); see clients.csv "
+            "(counted as small_batch_client_tasks in summary.json)"
+        )
     completed = False
     ACTIVE_RUN_DIR = run_dir
     from ..supervisor import report_run_dir
@@ -248,6 +290,7 @@ def run_scenario(
         completed = True
     finally:
         summary = write_results(completed)
+        _track(lambda: (trackers.log_rows(rec.rows), trackers.finish(summary, completed)))
         if completed:
             remove_checkpoint(run_dir)
         if plots and rec.tasks_done > 0:

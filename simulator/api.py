@@ -1,0 +1,297 @@
+"""The Python API behind ``import protofed`` (DESIGN.md §10).
+
+``protofed.run`` / ``compare`` / ``sweep`` / ``load`` drive the same code as the command line
+and return plain pandas objects, so a study can be driven from a notebook. A scenario is given
+as a path to a YAML file, a mapping (the YAML's content) or a validated
+:class:`~simulator.scenario.Scenario`; bad input raises :class:`~simulator.errors.UserError`
+(its message names the field) before anything is written.
+
+``compare`` and ``sweep`` given a mapping or a Scenario object write it to
+``<out>/scenario.yaml`` first and run from that file: the output folder then records what was
+asked, and ``protofed compare <out>/scenario.yaml ...`` repeats (or resumes) it from a shell.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .errors import UserError
+from .scenario import Scenario, apply_overrides, read_yaml, validate_scenario
+
+__all__ = ["RunResult", "run", "compare", "sweep", "load", "scenario_from"]
+
+ScenarioLike = "str | Path | Mapping[str, Any] | Scenario"
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class RunResult:
+    """A finished (or interrupted) run directory, read back.
+
+    ``matrix`` / ``local_matrix``: rows = task trained through (index ``trained_through``),
+    columns ``task_0 .. task_{T-1}`` = evaluated task, under the global and the local protocol
+    (``local_matrix`` is None when the run recorded none). ``metrics`` is ``metrics.csv``.
+    """
+
+    run_dir: Path
+    summary: dict[str, Any]
+    matrix: pd.DataFrame
+    local_matrix: pd.DataFrame | None
+    metrics: pd.DataFrame
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def client_metrics(self) -> pd.DataFrame | None:
+        p = self.run_dir / "client_metrics.csv"
+        return pd.read_csv(p) if p.is_file() else None
+
+    def global_state(self) -> dict[str, np.ndarray]:
+        """``final/global.npz``: the strategy's final global arrays (``proto.classes``,
+        ``proto.vectors``, ``proto.counts``; model weights for weight-sharing methods)."""
+        p = self.run_dir / "final" / "global.npz"
+        if not p.is_file():
+            raise UserError.single(str(p), "output.save", "not saved (the run used output.save: none, or did not finish)")
+        with np.load(p) as z:
+            return {k: z[k] for k in z.files}
+
+    def client_prototypes(self) -> pd.DataFrame:
+        """Every client's final local prototypes: columns ``client, class, count, vector``."""
+        p = self.run_dir / "final" / "client_prototypes.npz"
+        if not p.is_file():
+            raise UserError.single(str(p), "output.save", "not saved (the run used output.save: none, or did not finish)")
+        with np.load(p) as z:
+            return pd.DataFrame({"client": z["client"], "class": z["classes"], "count": z["counts"], "vector": list(z["vectors"])})
+
+    def client_model(self, client: int):
+        """Rebuild one client's final model (``output.save: clients``) in eval mode on the CPU:
+        ``model(x)`` gives embeddings; the returned object's ``prototypes`` attribute holds the
+        client's local prototypes (``classes``, ``vectors``, ``counts``) for nearest-prototype use."""
+        import torch
+
+        from .learner.backbones import build_model
+
+        p = self.run_dir / "final" / "clients" / f"{int(client)}.pt"
+        if not p.is_file():
+            raise UserError.single(str(p), "output.save", "no saved client model (run with output.save: clients)")
+        saved = torch.load(p, map_location="cpu", weights_only=False)
+        with_head = any(k.startswith("head.") for k in saved["model"])
+        model = build_model(saved["backbone"], saved["input_shape"], saved["embedding_dim"], saved["num_classes"], with_head, 0)
+        model.load_state_dict(saved["model"])
+        model.eval()
+        model.prototypes = saved["prototypes"]  # type: ignore[attr-defined]
+        return model
+
+    def __repr__(self) -> str:
+        s = self.summary
+        acc = s.get("final_avg_accuracy")
+        shown = f"{acc:.4f}" if isinstance(acc, float) else acc
+        return (
+            f"RunResult({s.get('scenario')!r}, strategy={s.get('strategy')!r}, seed={s.get('seed')}, "
+            f"final_avg_accuracy={shown}, run_dir={str(self.run_dir)!r})"
+        )
+
+
+def _matrix_frame(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path)
+    df = df.drop(columns=["task_name"], errors="ignore")
+    return df.set_index("trained_through") if "trained_through" in df.columns else df
+
+
+def load(run_dir: str | Path) -> RunResult:
+    """Read a run directory back (``summary.json``, the matrices, ``metrics.csv``, ``config.yaml``)."""
+    from .results import RUN_FILES, _read_summary
+
+    rd = Path(run_dir)
+    if not rd.is_dir():
+        raise UserError.single(str(run_dir), "", "not a directory")
+    missing = [n for n in RUN_FILES if not (rd / n).is_file()]
+    if missing:
+        raise UserError.single(str(run_dir), "", f"not a finished run directory (no {', '.join(missing)})")
+    config = yaml.safe_load((rd / "config.yaml").read_text(encoding="utf-8")) or {}
+    return RunResult(
+        run_dir=rd,
+        summary=_read_summary(rd / "summary.json"),
+        matrix=_matrix_frame(rd / "accuracy_matrix.csv"),  # type: ignore[arg-type]
+        local_matrix=_matrix_frame(rd / "local_accuracy_matrix.csv"),
+        metrics=pd.read_csv(rd / "metrics.csv"),
+        config=config,
+    )
+
+
+# --------------------------------------------------------------------------- scenarios
+def _override_texts(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
+    """``{"clients.num_clients": 20}`` (or ``["clients.num_clients=20"]``) as ``--set`` texts.
+
+    Values are written as JSON, which YAML reads back as the same value (a string stays a string).
+    """
+    if not overrides:
+        return []
+    if isinstance(overrides, Mapping):
+        return [f"{k}={json.dumps(_plain(v))}" for k, v in overrides.items()]
+    if isinstance(overrides, str):
+        return [overrides]
+    return [str(o) for o in overrides]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _raw(scenario: Any) -> tuple[dict[str, Any], str]:
+    """The raw mapping of a scenario given as a path, a mapping or a Scenario, and its source name."""
+    if isinstance(scenario, Scenario):
+        return scenario.resolved(), "<scenario object>"
+    if isinstance(scenario, Mapping):
+        return copy.deepcopy(dict(scenario)), "<scenario mapping>"
+    if isinstance(scenario, (str, Path)):
+        return read_yaml(scenario), str(scenario)
+    raise TypeError(f"scenario must be a path, a mapping or a Scenario, not {type(scenario).__name__}")
+
+
+def scenario_from(
+    scenario: Any,
+    strategy: str | None = None,
+    seed: int | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+) -> tuple[Scenario, str]:
+    """Validate ``scenario`` with the same rules as ``protofed run --strategy --seed --set``."""
+    raw, source = _raw(scenario)
+    texts = _override_texts(overrides)
+    if texts:
+        raw = apply_overrides(raw, texts)
+    if strategy is not None:  # as the CLI: the scenario's params when it names the same strategy
+        current = raw.get("strategy") if isinstance(raw.get("strategy"), dict) else {}
+        params = current.get("params", {}) if current.get("name", "proto_avg") == strategy else {}
+        raw["strategy"] = {"name": strategy, "params": params}
+    if seed is not None:
+        raw["seed"] = seed
+    return validate_scenario(raw, source), source
+
+
+# --------------------------------------------------------------------------- run / compare / sweep
+def run(
+    scenario: Any,
+    strategy: str | None = None,
+    seed: int | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    engine: str | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> RunResult:
+    """Run one scenario; the result read back from its run directory.
+
+    ``overrides`` maps dotted keys to values (``{"clients.partition.alpha": 0.1}``). ``run_dir``
+    defaults to the CLI's default path (with the overrides' hash, as ``--set``). A directory
+    that holds another run is refused unless ``overwrite``. ``progress=False`` prints nothing.
+    """
+    from .engine.runner import run_scenario
+    from .run_dirs import overrides_of
+
+    sc, source = scenario_from(scenario, strategy, seed, overrides)
+    changed: dict[str, Any] = {}
+    if overrides:
+        try:
+            base = scenario_from(scenario, strategy, seed, None)[0].resolved()
+        except UserError:
+            base = None
+        changed = overrides_of(base, sc.resolved())
+    outcome = run_scenario(
+        sc, source=source, run_dir=Path(run_dir) if run_dir is not None else None, engine=engine,
+        out=sys.stdout if progress else None, overwrite=overwrite, overrides=changed,
+    )
+    return load(outcome.run_dir)
+
+
+def _as_file(scenario: Any, out_dir: str | Path | None, overrides: Any) -> tuple[str, str | None]:
+    """A path for the compare/sweep machinery (which reads the scenario from a file), and the
+    output folder. A mapping or Scenario is validated, then written to ``<out>/scenario.yaml``."""
+    if isinstance(scenario, (str, Path)):
+        return str(scenario), (str(out_dir) if out_dir is not None else None)
+    sc, _ = scenario_from(scenario, overrides=overrides)
+    raw, _ = _raw(scenario)
+    root = Path(out_dir) if out_dir is not None else Path(sc.output.dir) / sc.name
+    from .results import atomic_write_text
+
+    path = root / "scenario.yaml"
+    atomic_write_text(path, yaml.safe_dump(_plain(raw), sort_keys=False, allow_unicode=True))
+    return str(path), str(root)
+
+
+def _names(items: str | Sequence[Any]) -> list[str]:
+    return [s.strip() for s in items.split(",") if s.strip()] if isinstance(items, str) else [str(s) for s in items]
+
+
+def _seeds(items: int | str | Sequence[int]) -> list[int]:
+    from .compare import seeds_arg
+
+    if isinstance(items, int):
+        return [items]
+    return seeds_arg(items if isinstance(items, str) else ",".join(str(int(s)) for s in items))
+
+
+def compare(
+    scenario: Any,
+    strategies: str | Sequence[str],
+    seeds: int | str | Sequence[int] = (0,),
+    *,
+    out_dir: str | Path | None = None,
+    engine: str | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """``protofed compare``: one row per (label, seed) run with every summary key, ``status``
+    (ok | kept | failed) and ``run_dir``; the table is also written to ``<out>/comparison.csv``."""
+    from .compare import labels_arg, run_compare
+
+    path, out = _as_file(scenario, out_dir, overrides)
+    df, _ = run_compare(
+        path, labels_arg(",".join(_names(strategies))), _seeds(seeds), out_dir=out, engine=engine,
+        sets=_override_texts(overrides), out=sys.stdout if progress else None,
+    )
+    return df
+
+
+def sweep(
+    scenario: Any,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    strategies: str | Sequence[str] | None = None,
+    seeds: int | str | Sequence[int] | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    engine: str | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """``protofed sweep``: every grid cell x strategy x seed; one row per run (the swept keys as
+    columns, then every summary key), also written to ``<out>/sweep.csv``. ``grid`` maps dotted
+    keys to lists of values; unset, the scenario's ``sweep:`` section gives grid, strategies and seeds."""
+    from .sweep import run_sweep
+
+    path, out = _as_file(scenario, out_dir, overrides)
+    df, _ = run_sweep(
+        path,
+        grid={k: [_plain(v) for v in vals] for k, vals in grid.items()} if grid else None,
+        labels=_names(strategies) if strategies is not None else None,
+        seeds=_seeds(seeds) if seeds is not None else None,
+        out_dir=out, engine=engine, sets=_override_texts(overrides), out=sys.stdout if progress else None,
+    )
+    return df

@@ -1,0 +1,90 @@
+"""What stays after a run (``output.save``), written by the driver at the end of the last task.
+
+``global``  (default) ``final/global.npz``: every array the strategy publishes as its global
+            state (``proto.classes``, ``proto.vectors``, ``proto.counts`` for prototypes or
+            anchors, and the server-side model weights of weight-sharing methods), exactly as it
+            is sent to clients; ``final/client_prototypes.npz``: each client's final local
+            prototypes (``client``, ``classes``, ``vectors``, ``counts``, one row per
+            client-class), recomputed with its final model in eval mode on all of its training
+            data, so that ``plots/prototypes.png`` can show whether the clients' feature spaces agree.
+``clients`` the above and ``final/clients/<id>.pt`` per client: its final model weights, backbone
+            name, local prototypes and class counts (``protofed`` rebuilds the model:
+            ``RunResult.client_model(id)``).
+``none``    nothing.
+
+The client state store is private to a run and removed at its end; this is the only copy kept.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..results import atomic_write_bytes
+from .runtime import RunSetup, runtime_for
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def save_final(run_dir: Path, strategy: Any, setup: RunSetup, mode: str) -> None:
+    if mode == "none":
+        return
+    from ..learner.training import compute_prototypes
+
+    final = Path(run_dir) / "final"
+    arrays = {k: np.asarray(v.numpy()) for k, v in strategy.global_arrays().items()}
+    atomic_write_bytes(final / "global.npz", _npz(arrays))
+
+    rt = runtime_for(setup)
+    stream, data = rt.stream, rt.stream.dataset
+    rows_client, rows_class, rows_count, vectors = [], [], [], []
+    for pid in range(rt.scenario.clients.num_clients):
+        state = rt.store.load(pid)
+        if state is None or state.get("model") is None:
+            continue  # never trained (absent all run)
+        model = rt.new_model(pid)
+        model.load_state_dict(state["model"])
+        idx = np.concatenate([np.asarray(per_client[pid]) for per_client in stream.train_indices])
+        if len(idx) == 0:
+            continue
+        protos = compute_prototypes(model, data.x_train[idx], data.y_train[idx], "cpu")
+        rows_client += [pid] * len(protos.classes)
+        rows_class += list(protos.classes)
+        rows_count += list(protos.counts)
+        vectors.append(protos.vectors)
+        if mode == "clients":
+            buf = io.BytesIO()
+            torch.save(
+                {
+                    "partition_id": pid,
+                    "backbone": rt.scenario.model.backbone_of(pid),
+                    "input_shape": tuple(int(d) for d in data.input_shape),
+                    "embedding_dim": rt.scenario.model.embedding_dim,
+                    "num_classes": int(data.num_classes),
+                    "model": state["model"],
+                    "prototypes": {"classes": protos.classes, "vectors": protos.vectors, "counts": protos.counts},
+                    "class_counts": np.asarray(state.get("class_counts")),
+                },
+                buf,
+            )
+            atomic_write_bytes(final / "clients" / f"{pid}.pt", buf.getvalue())
+    dim = rt.scenario.model.embedding_dim
+    atomic_write_bytes(
+        final / "client_prototypes.npz",
+        _npz(
+            {
+                "client": np.asarray(rows_client, dtype=np.int64),
+                "classes": np.asarray(rows_class, dtype=np.int64),
+                "counts": np.asarray(rows_count, dtype=np.int64),
+                "vectors": np.vstack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32),
+            }
+        ),
+    )

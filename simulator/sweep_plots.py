@@ -1,0 +1,171 @@
+"""Plots of a sweep (``sweep.csv``).
+
+1-D grid: ``sweep.png``, one panel per metric (final average accuracy, average incremental
+accuracy, average forgetting, bytes per round) against the swept value, one line per strategy
+label (mean over seeds) with a band of ± one standard deviation across seeds; accuracy bands are
+clipped to [0, 1] (a mean ± std may leave the range a metric can take). The x axis is
+logarithmic when the values are positive and span two decades or more (alpha 0.05 .. 10), with
+ticks at the swept values; bytes per round get a log axis when they differ tenfold or more;
+non-numeric values are placed in grid order.
+
+2-D grid: ``sweep_heatmap.png``, a heatmap of the mean final average accuracy per strategy label
+(rows = first key, columns = second key), annotated with mean and the number of seeds.
+
+More than two keys: no figure (the table holds everything); a note says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .plots import _colors, _save, plt
+
+METRICS = (
+    ("final_avg_accuracy", "final average accuracy", (0.0, 1.0)),
+    ("avg_incremental_accuracy", "average incremental accuracy", (0.0, 1.0)),
+    ("avg_forgetting", "average forgetting", (-1.0, 1.0)),
+    ("bytes_per_round", "bytes per round (up + down)", None),
+)
+
+
+def _numeric(values: pd.Series) -> np.ndarray | None:
+    v = pd.to_numeric(values, errors="coerce")
+    return None if v.isna().any() else v.to_numpy(dtype=float)
+
+
+def _is(column: pd.Series, value: object) -> pd.Series:
+    """Rows whose swept value is ``value`` (10 and 10.0 are the same value; texts compare as text)."""
+    num = pd.to_numeric(column, errors="coerce")
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        v = None
+    if v is not None and num.notna().all():
+        return pd.Series(np.isclose(num.to_numpy(float), v, rtol=1e-12, atol=0), index=column.index)
+    return column.astype(str) == str(value)
+
+
+def _tick(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _spans_decades(x: np.ndarray) -> bool:
+    return bool(len(x) > 1 and (x > 0).all() and x.max() / x.min() >= 100)
+
+
+def _subtitle(df: pd.DataFrame) -> str:
+    scenario = ", ".join(str(s) for s in dict.fromkeys(df["scenario"].dropna())) if "scenario" in df else "?"
+    protocol = ", ".join(str(s) for s in dict.fromkeys(df["protocol"].dropna())) if "protocol" in df else "global"
+    seeds = sorted({int(s) for s in df["seed"].dropna()})
+    return f"{scenario} · {protocol or 'global'} protocol · {len(seeds)} seed{'s' if len(seeds) != 1 else ''} {seeds}"
+
+
+def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out_dir: Path, formats: Sequence[str] | None = None) -> list[Path]:
+    ok = df[df["status"] != "failed"]
+    if ok.empty:
+        return []
+    if len(keys) == 1:
+        return [plot_sweep_1d(ok, keys[0], Path(out_dir) / "sweep.png", formats)]
+    if len(keys) == 2:
+        return [plot_sweep_2d(ok, keys[0], keys[1], Path(out_dir) / "sweep_heatmap.png", formats)]
+    return []
+
+
+def band(sub: pd.DataFrame, key: str, order: Sequence, col: str, clip: tuple[float, float] | None):
+    """Per swept value (in ``order``): mean over seeds, mean - std and mean + std clipped to
+    ``clip`` (a band may not leave the range the metric can take), and the number of seeds."""
+    means, lo, hi, ns = [], [], [], []
+    for v in order:
+        vals = pd.to_numeric(sub[_is(sub[key], v)][col], errors="coerce").dropna()
+        m = vals.mean() if len(vals) else np.nan
+        sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
+        means.append(m)
+        lo.append(m - sd)
+        hi.append(m + sd)
+        ns.append(len(vals))
+    means_a, lo_a, hi_a = (np.asarray(a, dtype=float) for a in (means, lo, hi))
+    if clip is not None:
+        lo_a, hi_a = np.clip(lo_a, *clip), np.clip(hi_a, *clip)
+    return means_a, lo_a, hi_a, ns
+
+
+def plot_sweep_1d(df: pd.DataFrame, key: str, path: Path, formats: Sequence[str] | None = None) -> Path:
+    labels = list(dict.fromkeys(df["label"]))
+    order = list(dict.fromkeys(df[key]))  # grid order
+    x_num = _numeric(pd.Series(order))
+    if x_num is not None:
+        order = [v for _, v in sorted(zip(x_num, order))]
+        x_num = np.sort(x_num)
+    xpos = x_num if x_num is not None else np.arange(len(order), dtype=float)
+    logx = x_num is not None and _spans_decades(x_num)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.0), layout="constrained")
+    for ax, (col, title, clip) in zip(axes, METRICS):
+        for color, lab in zip(_colors(len(labels)), labels):
+            means_a, lo_a, hi_a, ns = band(df[df["label"] == lab], key, order, col, clip)
+            n = max(ns) if ns else 0
+            ax.plot(xpos, means_a, marker="o", color=color, label=f"{lab} (n={n})")
+            ax.fill_between(xpos, lo_a, hi_a, color=color, alpha=0.18, linewidth=0)
+        if logx:
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        # ticks at the swept values, written as in the grid (0.05, not 5x10^-2)
+        ax.set_xticks(xpos, [_tick(v) for v in order], rotation=20 if x_num is None else 0)
+        if clip == (0.0, 1.0):
+            ax.set_ylim(-0.02, 1.02)
+        if col == "bytes_per_round":
+            pos = pd.to_numeric(df[col], errors="coerce").dropna()
+            if len(pos) and (pos > 0).all() and pos.max() / pos.min() >= 10:
+                ax.set_yscale("log")
+        ax.set_xlabel(key)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title="strategy (seeds)", title_fontsize=8)
+    fig.suptitle(f"sweep over {key} · {_subtitle(df)} · mean ± std across seeds", fontsize=11)
+    _save(fig, path, formats)
+    return path
+
+
+def plot_sweep_2d(df: pd.DataFrame, key_r: str, key_c: str, path: Path, formats: Sequence[str] | None = None) -> Path:
+    labels = list(dict.fromkeys(df["label"]))
+
+    def ordered(key: str) -> list:
+        vals = list(dict.fromkeys(df[key]))
+        num = _numeric(pd.Series(vals))
+        return [v for _, v in sorted(zip(num, vals))] if num is not None else vals
+
+    rows, cols = ordered(key_r), ordered(key_c)
+    fig, axes = plt.subplots(1, len(labels), figsize=(1.1 * len(cols) * len(labels) + 2.5, 0.8 * len(rows) + 2.2),
+                             layout="constrained", squeeze=False)
+    im = None
+    for ax, lab in zip(axes[0], labels):
+        sub = df[df["label"] == lab]
+        grid = np.full((len(rows), len(cols)), np.nan)
+        count = np.zeros((len(rows), len(cols)), dtype=int)
+        for i, rv in enumerate(rows):
+            for j, cv in enumerate(cols):
+                sel = sub[_is(sub[key_r], rv) & _is(sub[key_c], cv)]
+                vals = pd.to_numeric(sel["final_avg_accuracy"], errors="coerce").dropna()
+                if len(vals):
+                    grid[i, j], count[i, j] = vals.mean(), len(vals)
+        im = ax.imshow(np.ma.masked_invalid(grid), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                if count[i, j]:
+                    ax.text(j, i, f"{grid[i, j]:.2f}\nn={count[i, j]}", ha="center", va="center", fontsize=8,
+                            color="white" if grid[i, j] < 0.6 else "black")
+        ax.set_xticks(range(len(cols)), [str(v) for v in cols])
+        ax.set_yticks(range(len(rows)), [str(v) for v in rows])
+        ax.set_xlabel(key_c)
+        ax.set_ylabel(key_r)
+        ax.set_title(lab, fontsize=10)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), label="final average accuracy (mean over seeds)", shrink=0.9)
+    fig.suptitle(f"final average accuracy · {_subtitle(df)}", fontsize=11)
+    _save(fig, path, formats)
+    return path
