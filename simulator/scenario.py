@@ -164,7 +164,14 @@ class ModelConfig(Strict):
         description="feature extractor (registry name; `protofed list`); a list is assigned to clients round-robin; "
         "a mapping gives each backbone its client ids (model heterogeneity: all share embedding_dim)",
     )
-    embedding_dim: int = Field(64, ge=1, le=65_536, description="dimension of embeddings and prototypes")
+    embedding_dim: int = Field(64, ge=1, le=65_536, description="dimension of embeddings and prototypes (resnets: a linear projection of the pooled feature only when this differs from its width, 64 / 512)")
+    norm: Literal["batch", "group", "none"] = Field(
+        "batch",
+        description="normalisation layers of cnn1d, cnn and the resnets; under weight sharing BatchNorm running mean/var are FedAvg-averaged with the weights (group/none keep no running statistics)",
+    )
+    pretrained: PathText | None = Field(
+        None, description="a PyTorch state dict of the backbone (torch.save) loaded into every client's initial model; strict key and shape check; never downloaded"
+    )
 
     @field_validator("backbone")
     @classmethod
@@ -176,8 +183,19 @@ class ModelConfig(Strict):
             raise ValueError("give at least one backbone")
         for name in names:
             if name not in BACKBONES:
-                raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}")
+                raise ValueError(BACKBONES.unknown(name))  # type: ignore[attr-defined]  # names a broken plugin too
         return v
+
+    @model_validator(mode="after")
+    def _norm_supported(self) -> "ModelConfig":
+        from .learner.backbones import BACKBONES
+
+        names = [self.backbone] if isinstance(self.backbone, str) else list(self.backbone)
+        for name in names:
+            norms = BACKBONES[name].norms
+            if norms and self.norm not in norms:
+                raise ValueError(f"backbone {name!r} supports norm {', '.join(norms)}, not {self.norm!r}")
+        return self
 
     def backbone_of(self, client: int) -> str:
         """The backbone of one client (partition id)."""
