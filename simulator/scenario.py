@@ -215,10 +215,34 @@ class ModelConfig(Strict):
         return not isinstance(b, str) and len(set(b)) > 1
 
 
+class LwfConfig(Strict):
+    weight: float = Field(1.0, ge=0.0, le=1e6, description="weight of the KL distillation of the task-start model's outputs on the old classes")
+    temperature: float = Field(2.0, gt=0.0, le=1e3, description="distillation temperature")
+
+
+class EwcConfig(Strict):
+    weight: float = Field(1000.0, ge=0.0, le=1e9, description="lambda of (lambda/2) sum F (theta - theta*)^2; Fisher accumulated over the client's tasks (online EWC)")
+
+
+class PrdConfig(Strict):
+    weight: float = Field(1.0, ge=0.0, le=1e6, description="weight of supervised contrastive + prototype-sample relation distillation")
+    temperature: float = Field(0.1, gt=0.0, le=1e3, description="temperature of both terms (cosine similarities)")
+
+
+class TeenConfig(Strict):
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="share of the calibration towards old prototypes")
+    tau: float = Field(16.0, gt=0.0, le=1e4, description="scale of the cosine similarities in the softmax weights")
+
+
 class ContinualConfig(Strict):
     backbone: Literal["train", "freeze_after_first_task"] = Field("train", description="keep training the backbone, or freeze it after the client's first task")
     feature_distillation: float = Field(0.0, ge=0.0, le=1e6, description="weight of an MSE pull towards the features of the model at task start")
     memory_per_class: int = Field(0, ge=0, le=1_000_000, description="exemplars kept per class per client for replay (0 = exemplar-free)")
+    memory_selection: Literal["random", "herding"] = Field("random", description="how exemplars are chosen: seeded random, or iCaRL herding on normalised features")
+    lwf: LwfConfig | None = Field(None, description="Learning without Forgetting, e.g. {weight: 1.0, temperature: 2.0} (fedavg + lwf = FedLwF)")
+    ewc: EwcConfig | None = Field(None, description="online EWC with the diagonal empirical Fisher, e.g. {weight: 1000.0} (fedavg + ewc = FedEWC)")
+    prd: PrdConfig | None = Field(None, description="prototype-sample relation distillation (Asadi et al. 2023), e.g. {weight: 1.0, temperature: 0.1}")
+    teen: TeenConfig | None = Field(None, description="TEEN calibration of new classes' uploaded prototypes towards old ones, e.g. {alpha: 0.5, tau: 16}")
 
 
 class StrategyConfig(Strict):

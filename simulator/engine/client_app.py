@@ -20,9 +20,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from ..data.schedule import ABSENT, STALE
+from ..learner import continual as mechanisms
 from ..learner.evaluation import per_class_correct, predict
-from ..learner.replay import memory_indices, update_memory
-from ..learner.training import NonFiniteLoss, TrainConfig, compute_prototypes, train_local
+from ..learner.replay import memory_indices
+from ..learner.training import NonFiniteLoss, TrainConfig, compute_prototypes, embed, train_local
 from ..objective import ClientInfo
 from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, record_bytes
 from ..seeding import derive_seed, rng
@@ -96,18 +97,32 @@ def _task_indices(rt: Runtime, objective, task: int, pid: int) -> np.ndarray:
     return rt.stream.train_indices[task][pid]
 
 
-def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, task: int) -> None:
+def _task_data(rt: Runtime, objective, pid: int, task: int, seen: list[int]):
+    idx = _task_indices(rt, objective, task, pid)
+    d = rt.stream.dataset
+    return mechanisms.task_data(d.x_train[idx], d.y_train[idx], rt.stream.tasks[task], seen, d.num_classes,
+                                objective.inference_prototypes(None), objective.train_loss, rt.device, rt.scenario.training.batch_size)
+
+
+def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, task: int, stack=None, seen=()) -> None:
     """Bookkeeping when this client meets a new task: remember exemplars of the task it just
-    finished, snapshot the model as the distillation teacher, count its classes."""
+    finished, snapshot the model as the distillation teacher, count its classes, and tell the
+    continual mechanisms (``stack``) that a task ended and another started."""
     prev = state["task"]
     cfg = rt.scenario.continual
     continual = objective.uses_continual
     if prev is not None and continual and cfg.memory_per_class > 0:
         idx = rt.stream.train_indices[prev][pid]
         labels = rt.stream.dataset.y_train[idx]
-        state["memory"] = update_memory(
-            state["memory"], idx, labels, cfg.memory_per_class, rng(rt.scenario.seed, "memory", pid, prev)
+        state["memory"] = mechanisms.select_memory(
+            cfg.memory_selection, state["memory"], idx, labels, cfg.memory_per_class,
+            rng(rt.scenario.seed, "memory", pid, prev),
+            lambda i: embed(model, rt.stream.dataset.x_train[i], rt.device).cpu().numpy(),
         )
+    if stack:
+        new = [c for c in seen if c not in set(rt.stream.tasks[task])]
+        ended = _task_data(rt, objective, pid, prev, new) if prev is not None else None
+        stack.task_change(model, ended, _task_data(rt, objective, pid, task, list(seen)))
     if state["first_task"] is None:
         state["first_task"] = task
     state["tasks_learned"] = state.get("tasks_learned", 0) + 1
@@ -152,8 +167,9 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     task = step if objective.data_scope == "all" else rt.stream.task_at(pid, step)
     if task == STALE or task == ABSENT:
         task = state["task"]
+    stack = mechanisms.build_stack(rt.scenario.continual, continual, state.get("continual"))
     if task is not None and state["task"] != task:
-        _begin_task(rt, pid, state, model, objective, task)
+        _begin_task(rt, pid, state, model, objective, task, stack, seen)
 
     data = rt.stream.dataset
     task_idx = _task_indices(rt, objective, task, pid) if task is not None else np.zeros(0, np.int64)
@@ -184,6 +200,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
         distill_weight=s.continual.feature_distillation if continual else 0.0,
     )
     objective.before_training(model, x, y)
+    stack.prepare(model, rt.device)
     try:
         stats = train_local(
             model,
@@ -194,7 +211,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             num_classes=data.num_classes,
             known=objective.known_prototypes(),
             teacher=teacher,
-            hooks=[objective],
+            hooks=[objective, stack],
             seed=derive_seed(s.seed, "client_train", pid, task, rnd),
             device=rt.device,
         )
@@ -204,10 +221,11 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             f"try a smaller training.lr "
             f"or smaller strategy loss weights"
         ) from None
-    local_protos = compute_prototypes(model, x, y, rt.device)
+    local_protos = stack.calibrate(compute_prototypes(model, x, y, rt.device))
     upload = objective.upload(model, local_protos)
     state["model"] = to_cpu(model.state_dict())
     state["objective"] = objective.state_dict()
+    state["continual"] = stack.state_dict()
     rt.store.save(pid, state)
     meta = context.state.config_records.get("meta", ConfigRecord({"rounds": 0}))
     meta["rounds"] = int(meta["rounds"]) + 1
