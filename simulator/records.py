@@ -20,12 +20,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .learner.prototypes import PrototypeSet
+from .learner.second_order import SecondOrderStats
 
 GLOBAL = "global"
 CONFIG = "config"
 UPLOAD = "upload"
 METRICS = "metrics"
 WEIGHT_PREFIX = "w."
+FROZEN_FLAG = "share.frozen"  # global record: share_weights first_task has frozen the backbone (weights no longer averaged)
 
 
 # --------------------------------------------------------------------------- prototypes
@@ -56,6 +58,26 @@ def protos_from_arrays(
     else:
         cnt = np.ones(len(classes), dtype=np.int64)
     return PrototypeSet(classes, vectors.reshape(len(classes), -1), cnt)
+
+
+# --------------------------------------------------------------------------- second-order statistics
+SECOND_ORDER = "so"
+
+
+def stats_to_arrays(stats: SecondOrderStats) -> dict[str, Array]:
+    """Per-class counts, feature sums and sums of outer products (float64: they are summed)."""
+    return {
+        f"{SECOND_ORDER}.classes": Array(np.ascontiguousarray(stats.classes, dtype=np.int64)),
+        f"{SECOND_ORDER}.counts": Array(np.ascontiguousarray(stats.counts, dtype=np.int64)),
+        f"{SECOND_ORDER}.sums": Array(np.ascontiguousarray(stats.sums, dtype=np.float64)),
+        f"{SECOND_ORDER}.squares": Array(np.ascontiguousarray(stats.squares, dtype=np.float64)),
+    }
+
+
+def stats_from_arrays(arrays: ArrayRecord) -> SecondOrderStats | None:
+    if f"{SECOND_ORDER}.classes" not in arrays:
+        return None
+    return SecondOrderStats(*(arrays[f"{SECOND_ORDER}.{k}"].numpy() for k in ("classes", "counts", "sums", "squares")))
 
 
 # --------------------------------------------------------------------------- weights

@@ -169,6 +169,10 @@ class ModelConfig(Strict):
         "batch",
         description="normalisation layers of cnn1d, cnn and the resnets; under weight sharing BatchNorm running mean/var are FedAvg-averaged with the weights (group/none keep no running statistics)",
     )
+    classifier: Literal["ncm", "mahalanobis", "lda"] = Field(
+        "ncm",
+        description="prototype inference: nearest class mean, FeCAM-style per-class covariance (Mahalanobis), or a shared shrunk covariance (LDA); second-order statistics are sums, merged exactly by the server (head-based strategies ignore it)",
+    )
     pretrained: PathText | None = Field(
         None, description="a PyTorch state dict of the backbone (torch.save) loaded into every client's initial model; strict key and shape check; never downloaded"
     )

@@ -23,9 +23,11 @@ from ..data.schedule import ABSENT, STALE
 from ..learner import continual as mechanisms
 from ..learner.evaluation import per_class_correct, predict
 from ..learner.replay import memory_indices
-from ..learner.training import NonFiniteLoss, TrainConfig, compute_prototypes, embed, train_local
+from ..learner.training import NonFiniteLoss, TrainConfig, embed, train_local
 from ..objective import ClientInfo
-from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, record_bytes
+from ..learner.prototypes import class_means
+from ..learner.second_order import SecondOrderStats
+from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, record_bytes, stats_from_arrays, stats_to_arrays
 from ..seeding import derive_seed, rng
 from .runtime import RunSetup, Runtime, runtime_for
 from .state_store import to_cpu
@@ -187,7 +189,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
         continual
         and s.continual.backbone == "freeze_after_first_task"
         and state.get("tasks_learned", 0) > 1
-    )
+    ) or objective.backbone_frozen  # share_weights: first_task, after the first task
     tcfg = TrainConfig(
         epochs=s.training.local_epochs,
         batch_size=s.training.batch_size,
@@ -221,8 +223,11 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             f"try a smaller training.lr "
             f"or smaller strategy loss weights"
         ) from None
-    local_protos = stack.calibrate(compute_prototypes(model, x, y, rt.device))
+    feats = embed(model, x, rt.device)
+    local_protos = stack.calibrate(class_means(feats, y))
     upload = objective.upload(model, local_protos)
+    if s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
+        upload.update(stats_to_arrays(SecondOrderStats.of(feats, y)))
     state["model"] = to_cpu(model.state_dict())
     state["objective"] = objective.state_dict()
     state["continual"] = stack.state_dict()
@@ -265,6 +270,8 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
         seen_classes=seen,
         protos=objective.inference_prototypes(None),
         device=rt.device,
+        second_order=rt.scenario.model.classifier,
+        stats=stats_from_arrays(msg.content[GLOBAL]),
     )
     correct, total = per_class_correct(pred, y, data.num_classes)
     metrics = MetricRecord(

@@ -10,6 +10,7 @@ import torch
 
 from .backbones import ProtoModel
 from .prototypes import PrototypeSet, nearest_prototype
+from .second_order import SecondOrderStats, fit_classifier
 from .training import embed
 
 
@@ -22,11 +23,17 @@ def predict(
     seen_classes: Sequence[int],
     protos: PrototypeSet | None = None,
     device: str | torch.device = "cpu",
+    second_order: str = "ncm",
+    stats: SecondOrderStats | None = None,
 ) -> np.ndarray:
     """Predicted class ids for ``x``: nearest prototype among the seen classes, or the argmax of
-    the head restricted to the seen classes."""
+    the head restricted to the seen classes. With ``second_order`` ``mahalanobis`` or ``lda`` and
+    ``stats`` that cover every seen class, prototype inference uses that second-order classifier
+    instead of the nearest prototype (otherwise it falls back to the nearest prototype)."""
     feats = embed(model, x, device)
     seen = np.asarray(list(seen_classes), dtype=np.int64)
+    if classifier == "prototype" and second_order != "ncm" and stats is not None and set(seen.tolist()) <= set(stats.classes.tolist()):
+        return fit_classifier(stats.select(seen), second_order).predict(feats)
     if classifier == "head":
         assert model.head is not None
         logits = model.head(feats)[:, torch.as_tensor(seen, device=feats.device)]
