@@ -22,7 +22,7 @@ import yaml
 
 from .errors import Problem, UserError
 from .results import SUMMARY_KEYS, RunWriter
-from .scenario import Scenario, apply_overrides, read_yaml, validate_scenario
+from .scenario import Scenario, apply_overrides, read_yaml, validate_scenario, with_overrides
 
 TABLE_COLUMNS = ("final_avg_accuracy", "avg_forgetting", "bwt", "local_final_avg_accuracy", "bytes_per_round", "wall_seconds")
 
@@ -78,6 +78,8 @@ def plan(
     for label in labels:
         for seed in seeds:
             r = dict(raw, seed=seed, strategy=_resolve_label(raw, label))
+            if label in base.compare and base.compare[label].overrides:  # e.g. continual mechanisms of this label
+                r = with_overrides(r, base.compare[label].overrides)
             runs.append(PlannedRun(label, seed, validate_scenario(r, scenario_path), root / label / f"seed-{seed}"))
     return runs, root
 

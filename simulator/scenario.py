@@ -268,8 +268,40 @@ class CompareEntry(Strict):
 
     name: str = Field(description="strategy registry name")
     params: dict[str, Any] = Field(default_factory=dict, description="that strategy's params")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="other scenario keys for this label, as dotted paths (e.g. continual.lwf: {weight: 1.0}); not name, seed, strategy, compare or output",
+    )
 
     _known_strategy = field_validator("name")(StrategyConfig._known_strategy.__func__)  # type: ignore[attr-defined]
+
+    @field_validator("overrides")
+    @classmethod
+    def _override_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", str(key)):
+                raise ValueError(f"{_shown(str(key))!r} is not a dotted key path such as continual.lwf")
+            if str(key).split(".")[0] in LABEL_FIXED:
+                raise ValueError(f"{key!r}: a label may not change {', '.join(LABEL_FIXED)} (use name and params for the strategy)")
+        return v
+
+
+LABEL_FIXED = ("name", "seed", "strategy", "compare", "output")
+
+
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a raw scenario mapping with ``dotted.key: value`` overrides applied (a compare
+    label's ``overrides``); a non-mapping in the way is replaced by a mapping."""
+    data = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        node = data
+        parts = str(key).split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = copy.deepcopy(value)
+    return data
 
 
 class EvaluationConfig(Strict):
@@ -307,7 +339,7 @@ class Scenario(Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     compare: dict[str, CompareEntry] = Field(
         default_factory=dict,
-        description="labels -> {name, params} usable in `protofed compare --strategies` (one strategy may appear under several labels)",
+        description="labels -> {name, params, overrides} usable in `protofed compare --strategies` (one strategy may appear under several labels; overrides: other scenario keys of that label)",
     )
 
     @field_validator("compare")
@@ -544,6 +576,12 @@ def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scena
             entry.params = STRATEGIES[entry.name].Params.model_validate(entry.params).model_dump(mode="json", by_alias=True)
         except ValidationError as exc:
             problems += problems_from_validation(exc, ("compare", label, "params"))
+    for label, entry in scenario.compare.items():
+        if entry.overrides:  # the label's scenario must be valid too
+            try:
+                Scenario.model_validate(with_overrides({k: v for k, v in data.items() if k != "compare"}, entry.overrides))
+            except ValidationError as exc:
+                problems += [Problem(f"compare.{label}.overrides: {p.field}", p.message) for p in problems_from_validation(exc)]
     problems += _model_problems(scenario)
     if problems:
         raise UserError(source, problems)
