@@ -75,6 +75,14 @@ def test_lwf_is_zero_for_an_unchanged_model_and_positive_with_gradients_after_a_
     assert sum(float(p.grad.abs().sum()) for p in model.backbone.parameters()) > 0
     if with_head:  # only the old classes' logits are distilled: the new classes' rows get no gradient from LwF
         assert float(model.head.weight.grad[4:].abs().sum()) == 0.0 and float(model.head.weight.grad[:4].abs().sum()) > 0
+        # and the cross-entropy keeps the task's own classes (plus those of the replay memory)
+        assert lwf.train_classes([0, 1, 2, 3, 4, 5]) == [4, 5]
+        with_memory = task_data(x, y, [4, 5], [0, 1, 2, 3, 4, 5], 6, None, "head", "cpu", 8, memory_classes=[1])
+        lwf.on_task_start(model, with_memory)
+        assert lwf.train_classes([0, 1, 2, 3, 4, 5]) == [1, 4, 5]
+        assert LwF(weight=0.0).train_classes([0, 1]) == [0, 1]
+    else:
+        assert lwf.train_classes([0, 1, 2, 3, 4, 5]) == [0, 1, 2, 3, 4, 5]
 
 
 def test_kl_distillation_by_hand():
@@ -105,7 +113,7 @@ def test_online_ewc_zero_at_the_anchor_and_fisher_accumulates():
 
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     f = model(xt)
-    assert float(ewc.extra_loss(f, yt, model.head(f), model, None)) == 0.0
+    assert float(ewc.extra_loss(f, yt, model.head(f), model, None).detach()) == 0.0
     perturb(model, 0.1)
     loss = ewc.extra_loss(model(xt), yt, None, model, None)
     # by hand: (lambda / 2) sum F (theta - theta*)^2

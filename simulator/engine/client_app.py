@@ -99,11 +99,12 @@ def _task_indices(rt: Runtime, objective, task: int, pid: int) -> np.ndarray:
     return rt.stream.train_indices[task][pid]
 
 
-def _task_data(rt: Runtime, objective, pid: int, task: int, seen: list[int]):
+def _task_data(rt: Runtime, objective, pid: int, task: int, seen: list[int], memory_classes=()):
     idx = _task_indices(rt, objective, task, pid)
     d = rt.stream.dataset
     return mechanisms.task_data(d.x_train[idx], d.y_train[idx], rt.stream.tasks[task], seen, d.num_classes,
-                                objective.inference_prototypes(None), objective.train_loss, rt.device, rt.scenario.training.batch_size)
+                                objective.inference_prototypes(None), objective.train_loss, rt.device,
+                                rt.scenario.training.batch_size, memory_classes)
 
 
 def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, task: int, stack=None, seen=()) -> None:
@@ -124,7 +125,7 @@ def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, 
     if stack:
         new = [c for c in seen if c not in set(rt.stream.tasks[task])]
         ended = _task_data(rt, objective, pid, prev, new) if prev is not None else None
-        stack.task_change(model, ended, _task_data(rt, objective, pid, task, list(seen)))
+        stack.task_change(model, ended, _task_data(rt, objective, pid, task, list(seen), list(state["memory"]) if continual else []))
     if state["first_task"] is None:
         state["first_task"] = task
     state["tasks_learned"] = state.get("tasks_learned", 0) + 1
@@ -189,7 +190,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
         continual
         and s.continual.backbone == "freeze_after_first_task"
         and state.get("tasks_learned", 0) > 1
-    ) or objective.backbone_frozen  # share_weights: first_task, after the first task
+    ) or getattr(objective, "backbone_frozen", False)  # share_weights: first_task, after the first task
     tcfg = TrainConfig(
         epochs=s.training.local_epochs,
         batch_size=s.training.batch_size,
@@ -209,7 +210,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             x,
             y,
             tcfg,
-            seen_classes=seen,
+            seen_classes=stack.train_classes(seen),
             num_classes=data.num_classes,
             known=objective.known_prototypes(),
             teacher=teacher,

@@ -97,6 +97,13 @@ class ContinualStack:
             protos = p.calibrate(protos)
         return protos
 
+    def train_classes(self, seen: Sequence[int]) -> list[int]:
+        """The classes the head's cross-entropy ranges over (the seen ones unless a mechanism narrows them)."""
+        out = [int(c) for c in seen]
+        for p in self.plugins:
+            out = p.train_classes(out)
+        return out
+
     # ---- client state store
     def state_dict(self) -> dict[str, Any]:
         return {"old_state": self.old_state, "plugins": {p.name: p.state_dict() for p in self.plugins}}
@@ -153,6 +160,7 @@ def task_data(
     kind: str,
     device: str | torch.device,
     batch_size: int,
+    memory_classes: Sequence[int] = (),
 ) -> TaskData:
     """A :class:`TaskData` for one client and task: the old classes are the seen ones that are
     not the task's own."""
@@ -167,6 +175,8 @@ def task_data(
         loss_fn=task_loss(kind, seen, num_classes, prototypes),
         device=device,
         batch_size=batch_size,
+        head=kind == "head",
+        memory_classes=sorted(int(c) for c in memory_classes),
     )
 
 

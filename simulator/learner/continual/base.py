@@ -11,6 +11,7 @@ A mechanism is an object with
   when it meets the next one, and the model it has then: for weight-sharing strategies the
   global model after the last round of the finished task);
 * ``calibrate(protos)`` - may change the prototypes the client uploads (TEEN);
+* ``train_classes(seen)`` - may narrow the classes the head's cross-entropy ranges over (LwF);
 * ``state_dict()`` / ``load_state_dict()`` - kept in the client state store between rounds.
 
 ``old`` is the one deviation from DESIGN's four-argument ``extra_loss``: distillation needs the
@@ -42,6 +43,8 @@ class TaskData:
     loss_fn: Callable[[torch.Tensor, torch.Tensor, ProtoModel], torch.Tensor]  # the client's task loss
     device: str | torch.device = "cpu"
     batch_size: int = 32
+    head: bool = False  # the strategy trains a linear head with cross-entropy
+    memory_classes: list[int] = field(default_factory=list)  # classes in the client's replay memory
     extra: dict[str, Any] = field(default_factory=dict)
 
     def old_prototypes(self) -> PrototypeSet | None:
@@ -84,6 +87,9 @@ class ContinualPlugin:
 
     def calibrate(self, protos: PrototypeSet) -> PrototypeSet:
         return protos
+
+    def train_classes(self, seen: list[int]) -> list[int]:
+        return seen
 
     def state_dict(self) -> dict[str, Any]:
         return {}

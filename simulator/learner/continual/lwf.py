@@ -9,6 +9,13 @@ compares the distributions over the **old classes** (learned before the task) on
   to the old classes' prototypes (the prototypes the client knows when the task starts, kept fixed
   for the task), i.e. the classifier the prototype loss trains; "similarity to old prototypes".
 
+While LwF is on and old classes exist, the cross-entropy of head-based strategies ranges over the
+current task's classes only (plus the classes of the replay memory, if any), as in the original
+method and PyCIL (``cross_entropy(logits[:, known:], targets - known)``): the old classes are kept
+by the distillation alone. With a cross-entropy over every seen class, the new data push every old
+logit down while the distillation (which only sees the old classes' relative logits) cannot
+stop it, and LwF does nothing in class-incremental learning (measured: identical to finetune).
+
 The old model is the client's model when it meets the task (for weight-sharing strategies, the
 global model after the previous task), as in FedLwF implementations. Defaults (weight 1,
 temperature 2) are the original paper's; PyCIL uses lamda 3. Deviation: KL divergence instead of
@@ -36,9 +43,13 @@ class LwF(ContinualPlugin):
         self.temperature = float(temperature)
         self.old_classes: list[int] = []
         self.old_protos: torch.Tensor | None = None
+        self.ce_classes: list[int] | None = None  # head-based: the classes the cross-entropy keeps
 
     def on_task_start(self, model: ProtoModel, data: TaskData) -> None:
         self.old_classes = sorted(int(c) for c in data.old_classes)
+        self.ce_classes = None
+        if data.head and self.old_classes:
+            self.ce_classes = sorted({int(c) for c in data.classes} | {int(c) for c in data.memory_classes})
         old = data.old_prototypes()
         self.old_protos = None if old is None else torch.as_tensor(old.vectors, dtype=torch.float32)
 
@@ -53,9 +64,15 @@ class LwF(ContinualPlugin):
         p = self.old_protos.to(features.device)
         return self.weight * kl_distillation(-squared_distances(old.features, p), -squared_distances(features, p), self.temperature)
 
+    def train_classes(self, seen: list[int]) -> list[int]:
+        if self.ce_classes is None or self.weight == 0:
+            return seen
+        return [c for c in seen if c in set(self.ce_classes)]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"old_classes": list(self.old_classes), "old_protos": self.old_protos}
+        return {"old_classes": list(self.old_classes), "old_protos": self.old_protos, "ce_classes": self.ce_classes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.old_classes = list(state.get("old_classes", []))
         self.old_protos = state.get("old_protos")
+        self.ce_classes = state.get("ce_classes")
