@@ -577,11 +577,13 @@ def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scena
         except ValidationError as exc:
             problems += problems_from_validation(exc, ("compare", label, "params"))
     for label, entry in scenario.compare.items():
-        if entry.overrides:  # the label's scenario must be valid too
+        if entry.overrides and not problems:  # the label's whole scenario must be valid too
+            own = {k: v for k, v in data.items() if k != "compare"}
+            own["strategy"] = {"name": entry.name, "params": entry.params}
             try:
-                Scenario.model_validate(with_overrides({k: v for k, v in data.items() if k != "compare"}, entry.overrides))
-            except ValidationError as exc:
-                problems += [Problem(f"compare.{label}.overrides: {p.field}", p.message) for p in problems_from_validation(exc)]
+                validate_scenario(with_overrides(own, entry.overrides), source)
+            except UserError as exc:
+                problems += [Problem(f"compare.{label}.overrides: {p.field}", p.message) for p in exc.problems]
     problems += _model_problems(scenario)
     if problems:
         raise UserError(source, problems)

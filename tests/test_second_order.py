@@ -62,10 +62,21 @@ def test_federated_second_order_statistics_equal_pooled_ones():
     w = within / (len(y_all) - 4)
     np.testing.assert_allclose(lda_covariance(merged), 0.9 * w + 0.1 * np.trace(w) / 8 * np.eye(8), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fecam_covariances(merged), fecam_covariances(pooled), rtol=1e-5, atol=1e-6)
-    for kind in ("mahalanobis", "lda"):
-        a, b = fit_classifier(merged, kind), fit_classifier(pooled, kind)
-        np.testing.assert_allclose(a.scores(f_all), b.scores(f_all), rtol=1e-5, atol=1e-4)
-        assert np.array_equal(a.predict(f_all), b.predict(f_all))
+    a, b = fit_classifier(merged, "lda"), fit_classifier(pooled, "lda")
+    np.testing.assert_allclose(a.scores(f_all), b.scores(f_all), rtol=1e-5, atol=1e-4)
+    assert np.array_equal(a.predict(f_all), b.predict(f_all))
+    # mahalanobis: statistics of L2-normalised embeddings, merged the same way
+    norm_up = [stats_to_arrays(SecondOrderStats.of(embed(model, x), y, normalize=True)) for x, y in parts]
+    from simulator.learner.second_order import merge_stats
+
+    merged_n = merge_stats([stats_from_arrays(ArrayRecord(u)) for u in norm_up])
+    pooled_n = SecondOrderStats.of(f_all, y_all, normalize=True)
+    np.testing.assert_allclose(fecam_covariances(merged_n), fecam_covariances(pooled_n), rtol=1e-5, atol=1e-6)
+    a, b = fit_classifier(merged_n, "mahalanobis"), fit_classifier(pooled_n, "mahalanobis")
+    np.testing.assert_allclose(a.scores(f_all), b.scores(f_all), rtol=1e-5, atol=1e-4)
+    assert np.array_equal(a.predict(f_all), b.predict(f_all))
+    corr = fecam_covariances(pooled_n)
+    np.testing.assert_allclose(np.diagonal(corr, axis1=1, axis2=2), 1.0)  # correlation matrices
     # a class uploaded again replaces its statistics; the others stay
     f = embed(model, parts[0][0][:10])
     again = Upload(0, 10, ArrayRecord(stats_to_arrays(SecondOrderStats.of(f, np.zeros(10, np.int64)))), MetricRecord({}), None)
@@ -82,12 +93,13 @@ def test_second_order_classifiers_beat_ncm_on_correlated_classes():
     mu = np.array([[0.0, 0.0], [1.0, 0.0]])
     y = np.repeat([0, 1], 400)
     f = mu[y] + rng.multivariate_normal([0, 0], cov, size=len(y))
+    f = f + np.array([4.0, 4.0])  # away from the origin: L2 normalisation (mahalanobis) keeps the direction
     stats = SecondOrderStats.of(f[::2], y[::2])
     test_f, test_y = f[1::2], y[1::2]
     d = ((test_f[:, None, :] - stats.means[None]) ** 2).sum(-1)
     ncm = (stats.classes[d.argmin(1)] == test_y).mean()
     lda = (fit_classifier(stats, "lda").predict(test_f) == test_y).mean()
-    maha = (fit_classifier(stats, "mahalanobis").predict(test_f) == test_y).mean()
+    maha = (fit_classifier(SecondOrderStats.of(f[::2], y[::2], normalize=True), "mahalanobis").predict(test_f) == test_y).mean()
     assert ncm < 0.8 and lda > ncm + 0.1 and maha > ncm + 0.05, (ncm, lda, maha)
 
 

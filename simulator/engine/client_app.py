@@ -26,7 +26,7 @@ from ..learner.replay import memory_indices
 from ..learner.training import NonFiniteLoss, TrainConfig, embed, train_local
 from ..objective import ClientInfo
 from ..learner.prototypes import class_means
-from ..learner.second_order import SecondOrderStats
+from ..learner.second_order import SecondOrderStats, normalized_features
 from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, record_bytes, stats_from_arrays, stats_to_arrays
 from ..seeding import derive_seed, rng
 from .runtime import RunSetup, Runtime, runtime_for
@@ -228,7 +228,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     local_protos = stack.calibrate(class_means(feats, y))
     upload = objective.upload(model, local_protos)
     if s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
-        upload.update(stats_to_arrays(SecondOrderStats.of(feats, y)))
+        upload.update(stats_to_arrays(SecondOrderStats.of(feats, y, normalized_features(s.model.classifier))))
     state["model"] = to_cpu(model.state_dict())
     state["objective"] = objective.state_dict()
     state["continual"] = stack.state_dict()

@@ -7,13 +7,16 @@ exactly the statistics of the pooled data when every client embeds with the same
 the classifier fitted on merged statistics is the classifier fitted on all the data at once.
 
 * ``ncm``: nearest class mean (the prototypes; the default, no statistics needed).
-* ``mahalanobis`` (FeCAM, Goswami et al. NeurIPS 2023): a covariance per class,
-  ``C_c = (Q_c - n_c mu_c mu_c^T) / (n_c - 1)``, shrunk as FeCAM does,
+* ``mahalanobis`` (FeCAM, Goswami et al. NeurIPS 2023): statistics of L2-normalised embeddings
+  (the clients normalise each embedding before summing, so merging stays exact), a covariance
+  per class ``C_c = (Q_c - n_c mu_c mu_c^T) / (n_c - 1)``, shrunk as FeCAM does,
   ``C + g1 V1 I + g2 V2 (1 - I)`` (V1: mean of the diagonal, V2: mean of the off-diagonal,
-  g1 = g2 = 1), and ``argmin_c (x - mu_c)^T C_c^+ (x - mu_c)`` (pseudo-inverse).
-  Deviations from FeCAM: no Tukey power transform and no normalisation of the features or of the
-  covariance to a correlation matrix (our embeddings are not non-negative ReLU outputs, and the
-  statistics must stay sums of the raw embeddings to merge exactly); FeCAM freezes the backbone
+  g1 = g2 = 1), normalised to a correlation matrix, and
+  ``argmin_c (x - mu_c)^T C_c^+ (x - mu_c)`` (pseudo-inverse) on the L2-normalised test embedding.
+  The normalisations matter: without them (measured on the benchmark with a frozen backbone) the
+  class with the widest covariance wins almost every sample (0.24 final accuracy against 0.64
+  for NCM). Deviation from FeCAM: no Tukey power transform (``x^0.5`` needs the non-negative
+  ReLU features of a ResNet; protofed's embeddings take any sign). FeCAM freezes the backbone
   after the first task, as ``share_weights: first_task`` or ``continual.backbone`` do here.
 * ``lda``: one shared within-class covariance ``W = sum_c (Q_c - n_c mu_c mu_c^T) / (N - C)``
   with shrinkage towards a scaled identity, ``(1 - l) W + l (tr W / D) I`` (``l`` 0.1, fixed), and
@@ -65,9 +68,12 @@ class SecondOrderStats:
         return cls(np.zeros(0), np.zeros(0), np.zeros((0, dim)), np.zeros((0, dim, dim)))
 
     @classmethod
-    def of(cls, features: torch.Tensor | np.ndarray, labels: np.ndarray) -> "SecondOrderStats":
+    def of(cls, features: torch.Tensor | np.ndarray, labels: np.ndarray, normalize: bool = False) -> "SecondOrderStats":
+        """Statistics of ``features`` (each row L2-normalised first with ``normalize``)."""
         f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
         f = f.astype(np.float64)
+        if normalize and f.size:
+            f = l2_normalize(f)
         labels = np.asarray(labels, dtype=np.int64)
         if len(labels) == 0:
             return cls.empty(f.shape[1] if f.ndim == 2 else 0)
@@ -106,6 +112,16 @@ class SecondOrderStats:
         return self.squares - self.counts[:, None, None] * np.einsum("ci,cj->cij", mu, mu)
 
 
+def l2_normalize(f: np.ndarray) -> np.ndarray:
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def normalized_features(kind: str) -> bool:
+    """Whether the classifier ``kind`` works on L2-normalised embeddings (the clients' statistics
+    and the test embeddings alike)."""
+    return kind == "mahalanobis"
+
+
 def merge_stats(sets: list[SecondOrderStats]) -> SecondOrderStats:
     """Class-wise sums over several clients' statistics, in the order given (exact pooling)."""
     sets = [s for s in sets if len(s)]
@@ -129,7 +145,7 @@ def merge_stats(sets: list[SecondOrderStats]) -> SecondOrderStats:
 
 
 def fecam_covariances(stats: SecondOrderStats) -> np.ndarray:
-    """Shrunk per-class covariances ``[C, D, D]`` (see the module docstring)."""
+    """Shrunk per-class covariances normalised to correlation matrices ``[C, D, D]`` (module docstring)."""
     n = np.maximum(stats.counts - 1, 1)[:, None, None]
     cov = stats.scatter() / n
     d = stats.dim
@@ -139,7 +155,9 @@ def fecam_covariances(stats: SecondOrderStats) -> np.ndarray:
     for i, c in enumerate(cov):
         v1 = float(np.trace(c)) / d
         v2 = float((c.sum() - np.trace(c)) / (d * (d - 1))) if d > 1 else 0.0
-        out[i] = c + g1 * v1 * eye + g2 * v2 * (1.0 - eye)
+        shrunk = c + g1 * v1 * eye + g2 * v2 * (1.0 - eye)
+        sd = np.sqrt(np.maximum(np.diag(shrunk), 1e-12))
+        out[i] = shrunk / np.outer(sd, sd)  # FeCAM's normalisation to a correlation matrix
     return out
 
 
@@ -163,6 +181,8 @@ class FittedClassifier:
     def scores(self, features: np.ndarray) -> np.ndarray:
         """``[N, C]``: higher is more likely."""
         x = np.asarray(features, dtype=np.float64)
+        if normalized_features(self.kind):
+            x = l2_normalize(x)
         if self.kind == "lda":
             a = self.means @ self.precisions  # [C, D]
             return x @ a.T - 0.5 * np.einsum("cd,cd->c", a, self.means)[None, :]
