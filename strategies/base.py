@@ -13,7 +13,7 @@ sums do not depend on arrival order), and holding the global prototypes and weig
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Literal, Union
+from typing import Annotated, Any, ClassVar, Iterable, Literal, Union
 
 import numpy as np
 from flwr.app import (
@@ -27,7 +27,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError, WrapValidator
 
 from simulator import seeding
 from simulator.learner.prototypes import PrototypeSet
@@ -57,7 +57,15 @@ class StrategyParams(BaseModel):
 # ``share_weights`` of the prototype strategies: never, every round, or during the first task only
 # (FedAvg of the backbone while the federation learns its first task; then every client freezes
 # the backbone it received and only prototypes / statistics travel).
-ShareWeights = Union[bool, Literal["first_task"]]
+def _one_share_weights_error(value: Any, handler: Any) -> Any:
+    """One clear message instead of one per branch of the union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError("expected a bool (true or false) or first_task") from None
+
+
+ShareWeights = Annotated[Union[bool, Literal["first_task"]], WrapValidator(_one_share_weights_error)]
 
 
 @dataclass

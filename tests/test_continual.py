@@ -14,7 +14,7 @@ import simulator.engine.checkpoint as checkpoint
 from simulator.engine.runner import run_scenario
 from simulator.errors import UserError
 from simulator.learner.backbones import build_model
-from simulator.learner.continual import MECHANISMS, ContinualStack, build_stack, herding_order, select_memory, task_data
+from simulator.learner.continual import MECHANISMS, build_stack, herding_order, select_memory, task_data
 from simulator.learner.continual.base import OldOutputs, kl_distillation
 from simulator.learner.continual.ewc import EWC, FISHER_MAX
 from simulator.learner.continual.lwf import LwF
@@ -118,7 +118,7 @@ def test_online_ewc_zero_at_the_anchor_and_fisher_accumulates():
     loss = ewc.extra_loss(model(xt), yt, None, model, None)
     # by hand: (lambda / 2) sum F (theta - theta*)^2
     expected = 0.5 * 1000.0 * sum(float((f1[k] * (p.detach() - ewc.anchor[k]) ** 2).sum()) for k, p in model.named_parameters())
-    assert float(loss) == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5) and expected > 0
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 

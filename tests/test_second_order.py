@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 import simulator.engine.checkpoint as checkpoint
 from simulator.engine.runner import run_scenario
@@ -107,7 +106,7 @@ def test_first_task_sends_the_frozen_backbone_once_per_client():
     params = ProtoAvg.Params.model_validate({"share_weights": "first_task"})
     assert params.share_weights == "first_task" and ProtoAvg.weight_sharing(params)
     server = ProtoAvg(params, RunInfo(seed=0, participation=1.0, num_classes=4, embedding_dim=2, partitions={0: 10, 1: 11, 2: 12}))
-    server.global_weights = {WEIGHT_PREFIX + "x": ArrayRecord({"a": __import__("flwr").app.Array(np.ones(3))})["a"]}
+    server.global_weights = {WEIGHT_PREFIX + "x": Array(np.ones(3))}
     arrays = server.global_arrays()
 
     def sent(task: int) -> dict[int, ArrayRecord]:
@@ -122,7 +121,7 @@ def test_first_task_sends_the_frozen_backbone_once_per_client():
     for p in (0, 2):
         assert FROZEN_FLAG in later[p] and WEIGHT_PREFIX + "x" not in later[p]
     before = dict(server.global_weights)
-    server.merge_weights([Upload(0, 5, ArrayRecord({WEIGHT_PREFIX + "x": __import__("flwr").app.Array(np.zeros(3))}), MetricRecord({}), None)])
+    server.merge_weights([Upload(0, 5, ArrayRecord({WEIGHT_PREFIX + "x": Array(np.zeros(3))}), MetricRecord({}), None)])
     assert server.global_weights == before  # no averaging once frozen
     state = server.state_dict()
     again = ProtoAvg(params, server.run)
@@ -201,4 +200,3 @@ def test_classifier_key_is_validated():
         validate_scenario(tiny(model={"backbone": "mlp", "classifier": "knn"}))
     with pytest.raises(UserError, match="strategy.params.share_weights"):
         validate_scenario(tiny(strategy={"name": "proto_avg", "params": {"share_weights": "last_task"}}))
-    torch.manual_seed(0)

@@ -22,11 +22,11 @@ from flwr.clientapp import ClientApp
 from ..data.schedule import ABSENT, STALE
 from ..learner import continual as mechanisms
 from ..learner.evaluation import per_class_correct, predict
+from ..learner.prototypes import class_means
 from ..learner.replay import memory_indices
+from ..learner.second_order import SecondOrderStats, normalized_features
 from ..learner.training import NonFiniteLoss, TrainConfig, embed, train_local
 from ..objective import ClientInfo
-from ..learner.prototypes import class_means
-from ..learner.second_order import SecondOrderStats, normalized_features
 from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, record_bytes, stats_from_arrays, stats_to_arrays
 from ..seeding import derive_seed, rng
 from .runtime import RunSetup, Runtime, runtime_for
