@@ -179,7 +179,7 @@ def test_supcon_by_hand_and_prd_loss_finite_with_gradients():
     prd = PRD(weight=1.0, temperature=0.1)
     prd.on_task_start(model, data)
     old = old_outputs(model, xt)
-    assert float(prd.relation_loss(model(xt), old.features)) == pytest.approx(0.0, abs=1e-6)
+    assert float(prd.relation_loss(model(xt), old.features).detach()) == pytest.approx(0.0, abs=1e-6)
     perturb(model, 0.2)
     feats = model(xt)
     rel = prd.relation_loss(feats, old.features)
