@@ -83,12 +83,18 @@ def stats_from_arrays(arrays: ArrayRecord) -> SecondOrderStats | None:
 # --------------------------------------------------------------------------- weights
 def shared_state(model: torch.nn.Module, include_head: bool) -> dict[str, torch.Tensor]:
     """The tensors of a model that weight-sharing strategies average (float tensors only:
-    BatchNorm's integer step counter stays local)."""
+    BatchNorm's integer step counter stays local; with ``model.norm: batch_local`` (FedBN) every
+    BatchNorm layer stays local)."""
+    local: tuple[str, ...] = ()
+    if getattr(model, "local_norm", False):
+        local = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
     out = {}
     for k, v in model.state_dict().items():
         if not include_head and k.startswith("head."):
             continue
         if not torch.is_floating_point(v):
+            continue
+        if local and k.startswith(local):
             continue
         out[k] = v
     return out

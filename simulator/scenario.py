@@ -165,9 +165,9 @@ class ModelConfig(Strict):
         "a mapping gives each backbone its client ids (model heterogeneity: all share embedding_dim)",
     )
     embedding_dim: int = Field(64, ge=1, le=65_536, description="dimension of embeddings and prototypes (resnets: a linear projection of the pooled feature only when this differs from its width, 64 / 512)")
-    norm: Literal["batch", "group", "none"] = Field(
+    norm: Literal["batch", "batch_local", "group", "none"] = Field(
         "batch",
-        description="normalisation layers of cnn1d, cnn and the resnets; under weight sharing BatchNorm running mean/var are FedAvg-averaged with the weights (group/none keep no running statistics)",
+        description="normalisation layers of cnn1d, cnn and the resnets; under weight sharing BatchNorm running mean/var are FedAvg-averaged with the weights; batch_local: BatchNorm kept local as in FedBN (its weights and statistics never travel); group/none keep no running statistics",
     )
     classifier: Literal["ncm", "mahalanobis", "lda"] = Field(
         "ncm",
@@ -197,7 +197,7 @@ class ModelConfig(Strict):
         names = [self.backbone] if isinstance(self.backbone, str) else list(self.backbone)
         for name in names:
             norms = BACKBONES[name].norms
-            if norms and self.norm not in norms:
+            if norms and layer_norm(self.norm) not in norms:
                 raise ValueError(f"backbone {name!r} supports norm {', '.join(norms)}, not {self.norm!r}")
         return self
 
@@ -236,6 +236,11 @@ class PrdConfig(Strict):
 class TeenConfig(Strict):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="share of the calibration towards old prototypes")
     tau: float = Field(16.0, gt=0.0, le=1e4, description="scale of the cosine similarities in the softmax weights")
+
+
+def layer_norm(norm: str) -> str:
+    """The layers a ``model.norm`` value builds (``batch_local`` builds BatchNorm, kept local)."""
+    return "batch" if norm == "batch_local" else norm
 
 
 class ContinualConfig(Strict):

@@ -136,6 +136,30 @@ def test_batchnorm_running_statistics_are_fedavg_averaged_and_the_step_counter_s
     assert not any("running" in k or "num_batches" in k for k in g0.arrays.keys())
 
 
+def test_batch_local_keeps_every_batchnorm_layer_local_like_fedbn(tmp_path):
+    (b0, m0) = _client_upload(0, "batch_local", -2.0, 24)
+    (b1, _) = _client_upload(0, "batch", -2.0, 24)
+    bn = {k for k in m0.state_dict() if k.startswith("backbone.features.1.")}
+    assert bn == {f"backbone.features.1.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    sent = {k[len(WEIGHT_PREFIX):] for k in b0.arrays.keys()}
+    assert not sent & bn and not any(".running_" in k for k in sent)
+    bn_layers = [n for n, m in m0.named_modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(bn_layers) == 3
+    bn_floats = {f"{n}.{p}" for n in bn_layers for p in ("weight", "bias", "running_mean", "running_var")}
+    assert {k[len(WEIGHT_PREFIX):] for k in b1.arrays.keys()} - sent == bn_floats  # exactly the BatchNorm layers stay home
+    # the same layers otherwise: convolutions and the projection still travel
+    assert "backbone.features.0.weight" in sent and "backbone.proj.weight" in sent and "head.weight" in sent
+    # end to end: FedAvg with FedBN-style local BatchNorm runs, and uploads less
+    from simulator.engine.runner import run_scenario
+
+    def run(norm):
+        raw = tiny(tmp_path, backbone="cnn1d", embedding_dim=16, norm=norm)
+        return run_scenario(validate_scenario(raw), run_dir=tmp_path / norm, plots=False)
+
+    a, b = run("batch"), run("batch_local")
+    assert b.summary["completed"] and b.summary["bytes_up"] < a.summary["bytes_up"]
+
+
 # --------------------------------------------------------------------------- pretrained
 def tiny(tmp_path: Path, **model) -> dict:
     return {

@@ -22,8 +22,9 @@ weight-sharing strategies (:func:`simulator.records.shared_state`), so BatchNorm
 and variance are FedAvg-averaged with the weights (sample-weighted, as Flower's FedAvg and most
 FL code do); only the integer ``num_batches_tracked`` counter stays local. The averaged running
 variance is the mean of the clients' variances, not the variance of the pooled data (it lacks
-the spread of the client means). ``model.norm: group`` or ``none`` avoids running statistics
-altogether.
+the spread of the client means). ``model.norm: batch_local`` keeps every BatchNorm layer local
+(FedBN, Li et al. ICLR 2021: its affine weights and running statistics never travel, each client
+normalises with its own statistics); ``group`` or ``none`` avoid running statistics altogether.
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ class ProtoModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head: nn.Linear | None = nn.Linear(embedding_dim, num_classes) if with_head else None
+        self.local_norm = False  # model.norm: batch_local (FedBN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -207,9 +209,11 @@ def build_model(
     backbone state dict checked by :func:`load_pretrained`)."""
     spec = BACKBONES[backbone]
     devices: list[int] = []
+    layers = "batch" if norm == "batch_local" else norm
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(init_seed)
-        model = ProtoModel(spec.make(tuple(input_shape), embedding_dim, norm), embedding_dim, num_classes, with_head)
+        model = ProtoModel(spec.make(tuple(input_shape), embedding_dim, layers), embedding_dim, num_classes, with_head)
+    model.local_norm = norm == "batch_local"  # FedBN: BatchNorm layers never travel (records.shared_state)
     if pretrained is not None:
         load_pretrained(model.backbone, pretrained)
     return model
