@@ -184,7 +184,7 @@ def test_supcon_by_hand_and_prd_loss_finite_with_gradients():
     feats = model(xt)
     rel = prd.relation_loss(feats, old.features)
     loss = prd.extra_loss(feats, yt, None, model, old)
-    assert float(rel) > 0 and math.isfinite(float(loss)) and float(loss) > float(rel)
+    assert float(rel.detach()) > 0 and math.isfinite(float(loss.detach())) and float(loss.detach()) > float(rel.detach())
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.backbone.parameters())
 
