@@ -290,8 +290,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name}")
     print("backbones:")
     for name, b in sorted(BACKBONES.items()):
-        print(f"  {name:<12} {b.description}")
-    broken = [*STRATEGIES.problems.values(), *SOURCES.problems.values()]  # type: ignore[attr-defined]
+        print(f"  {name:<12} {b.description}{origin(BACKBONES, name)}")
+    broken = [*STRATEGIES.problems.values(), *SOURCES.problems.values(), *BACKBONES.problems.values()]  # type: ignore[attr-defined]
     if broken:  # installed but unusable plugins: listed, not fatal (scenarios that name them get the same error)
         print("warning: plugins left out:", file=sys.stderr)
         for p in broken:

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from .learner.backbones import ProtoModel
 from .learner.prototypes import PrototypeSet
-from .records import has_weights, load_weights, protos_from_arrays, protos_to_arrays, weights_to_arrays
+from .records import FROZEN_FLAG, has_weights, load_weights, protos_from_arrays, protos_to_arrays, weights_to_arrays
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,17 @@ class ClientObjective:
         self.params = params
         self.info = info
         self.global_protos: PrototypeSet | None = None
+        self.backbone_frozen = False  # share_weights: first_task, after the first task
 
     @property
     def share_weights(self) -> bool:
-        return bool(getattr(self.params, "share_weights", False))
+        """Whether the client uploads its weights now (``first_task``: until the server freezes them)."""
+        return bool(getattr(self.params, "share_weights", False)) and not self.backbone_frozen
 
     # ---- receiving
     def receive(self, arrays: ArrayRecord, model: ProtoModel) -> None:
         self.global_protos = protos_from_arrays(arrays)
+        self.backbone_frozen = FROZEN_FLAG in arrays
         if has_weights(arrays):
             load_weights(model, arrays)
 

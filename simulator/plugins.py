@@ -10,6 +10,9 @@ packages that declare entry points::
     [project.entry-points."protofed.datasets"]
     blobs = "my_package.data:BLOBS"             # a SourceSpec named "blobs" (or a function returning one)
 
+    [project.entry-points."protofed.backbones"]
+    tiny = "my_package.nets:TINY"               # a BackboneSpec named "tiny" (or a function returning one)
+
 A :class:`Registry` is a ``dict`` of the built-in entries that adds the installed plugins the first
 time it is read (so that importing protofed stays cheap and a plugin may import protofed itself).
 A plugin that cannot be imported, has the wrong type, a name that is not a safe path component or
@@ -28,6 +31,7 @@ from typing import Any, TypeVar
 
 STRATEGY_GROUP = "protofed.strategies"
 SOURCE_GROUP = "protofed.datasets"
+BACKBONE_GROUP = "protofed.backbones"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # the scenario's name pattern: one safe path component
 
 V = TypeVar("V")

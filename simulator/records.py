@@ -20,12 +20,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .learner.prototypes import PrototypeSet
+from .learner.second_order import SecondOrderStats
 
 GLOBAL = "global"
 CONFIG = "config"
 UPLOAD = "upload"
 METRICS = "metrics"
 WEIGHT_PREFIX = "w."
+FROZEN_FLAG = "share.frozen"  # global record: share_weights first_task has frozen the backbone (weights no longer averaged)
 
 
 # --------------------------------------------------------------------------- prototypes
@@ -60,15 +62,41 @@ def protos_from_arrays(
     return PrototypeSet(classes, vectors.reshape(len(classes), -1), cnt)
 
 
+# --------------------------------------------------------------------------- second-order statistics
+SECOND_ORDER = "so"
+
+
+def stats_to_arrays(stats: SecondOrderStats) -> dict[str, Array]:
+    """Per-class counts, feature sums and sums of outer products (float64: they are summed)."""
+    return {
+        f"{SECOND_ORDER}.classes": Array(np.ascontiguousarray(stats.classes, dtype=np.int64)),
+        f"{SECOND_ORDER}.counts": Array(np.ascontiguousarray(stats.counts, dtype=np.int64)),
+        f"{SECOND_ORDER}.sums": Array(np.ascontiguousarray(stats.sums, dtype=np.float64)),
+        f"{SECOND_ORDER}.squares": Array(np.ascontiguousarray(stats.squares, dtype=np.float64)),
+    }
+
+
+def stats_from_arrays(arrays: ArrayRecord) -> SecondOrderStats | None:
+    if f"{SECOND_ORDER}.classes" not in arrays:
+        return None
+    return SecondOrderStats(*(arrays[f"{SECOND_ORDER}.{k}"].numpy() for k in ("classes", "counts", "sums", "squares")))
+
+
 # --------------------------------------------------------------------------- weights
 def shared_state(model: torch.nn.Module, include_head: bool) -> dict[str, torch.Tensor]:
     """The tensors of a model that weight-sharing strategies average (float tensors only:
-    BatchNorm's integer step counter stays local)."""
+    BatchNorm's integer step counter stays local; with ``model.norm: batch_local`` (FedBN) every
+    BatchNorm layer stays local)."""
+    local: tuple[str, ...] = ()
+    if getattr(model, "local_norm", False):
+        local = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
     out = {}
     for k, v in model.state_dict().items():
         if not include_head and k.startswith("head."):
             continue
         if not torch.is_floating_point(v):
+            continue
+        if local and k.startswith(local):
             continue
         out[k] = v
     return out

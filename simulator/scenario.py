@@ -164,7 +164,18 @@ class ModelConfig(Strict):
         description="feature extractor (registry name; `protofed list`); a list is assigned to clients round-robin; "
         "a mapping gives each backbone its client ids (model heterogeneity: all share embedding_dim)",
     )
-    embedding_dim: int = Field(64, ge=1, le=65_536, description="dimension of embeddings and prototypes")
+    embedding_dim: int = Field(64, ge=1, le=65_536, description="dimension of embeddings and prototypes (resnets: a linear projection of the pooled feature only when this differs from its width, 64 / 512)")
+    norm: Literal["batch", "batch_local", "group", "none"] = Field(
+        "batch",
+        description="normalisation layers of cnn1d, cnn and the resnets; under weight sharing BatchNorm running mean/var are FedAvg-averaged with the weights; batch_local: BatchNorm kept local as in FedBN (its weights and statistics never travel); group/none keep no running statistics",
+    )
+    classifier: Literal["ncm", "mahalanobis", "lda"] = Field(
+        "ncm",
+        description="prototype inference: nearest class mean, FeCAM-style per-class covariance (Mahalanobis), or a shared shrunk covariance (LDA); second-order statistics are sums, merged exactly by the server (head-based strategies ignore it)",
+    )
+    pretrained: PathText | None = Field(
+        None, description="a PyTorch state dict of the backbone (torch.save) loaded into every client's initial model; strict key and shape check; never downloaded"
+    )
 
     @field_validator("backbone")
     @classmethod
@@ -176,8 +187,19 @@ class ModelConfig(Strict):
             raise ValueError("give at least one backbone")
         for name in names:
             if name not in BACKBONES:
-                raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}")
+                raise ValueError(BACKBONES.unknown(name))  # type: ignore[attr-defined]  # names a broken plugin too
         return v
+
+    @model_validator(mode="after")
+    def _norm_supported(self) -> "ModelConfig":
+        from .learner.backbones import BACKBONES
+
+        names = [self.backbone] if isinstance(self.backbone, str) else list(self.backbone)
+        for name in names:
+            norms = BACKBONES[name].norms
+            if norms and layer_norm(self.norm) not in norms:
+                raise ValueError(f"backbone {name!r} supports norm {', '.join(norms)}, not {self.norm!r}")
+        return self
 
     def backbone_of(self, client: int) -> str:
         """The backbone of one client (partition id)."""
@@ -197,10 +219,39 @@ class ModelConfig(Strict):
         return not isinstance(b, str) and len(set(b)) > 1
 
 
+class LwfConfig(Strict):
+    weight: float = Field(1.0, ge=0.0, le=1e6, description="weight of the KL distillation of the task-start model's outputs on the old classes")
+    temperature: float = Field(2.0, gt=0.0, le=1e3, description="distillation temperature")
+
+
+class EwcConfig(Strict):
+    weight: float = Field(1000.0, ge=0.0, le=1e9, description="lambda of (lambda/2) sum F (theta - theta*)^2; Fisher accumulated over the client's tasks (online EWC)")
+
+
+class PrdConfig(Strict):
+    weight: float = Field(1.0, ge=0.0, le=1e6, description="weight of supervised contrastive + prototype-sample relation distillation")
+    temperature: float = Field(0.1, gt=0.0, le=1e3, description="temperature of both terms (cosine similarities)")
+
+
+class TeenConfig(Strict):
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="share of the calibration towards old prototypes")
+    tau: float = Field(16.0, gt=0.0, le=1e4, description="scale of the cosine similarities in the softmax weights")
+
+
+def layer_norm(norm: str) -> str:
+    """The layers a ``model.norm`` value builds (``batch_local`` builds BatchNorm, kept local)."""
+    return "batch" if norm == "batch_local" else norm
+
+
 class ContinualConfig(Strict):
     backbone: Literal["train", "freeze_after_first_task"] = Field("train", description="keep training the backbone, or freeze it after the client's first task")
     feature_distillation: float = Field(0.0, ge=0.0, le=1e6, description="weight of an MSE pull towards the features of the model at task start")
     memory_per_class: int = Field(0, ge=0, le=1_000_000, description="exemplars kept per class per client for replay (0 = exemplar-free)")
+    memory_selection: Literal["random", "herding"] = Field("random", description="how exemplars are chosen: seeded random, or iCaRL herding on normalised features")
+    lwf: LwfConfig | None = Field(None, description="Learning without Forgetting, e.g. {weight: 1.0, temperature: 2.0} (fedavg + lwf = FedLwF)")
+    ewc: EwcConfig | None = Field(None, description="online EWC with the diagonal empirical Fisher, e.g. {weight: 1000.0} (fedavg + ewc = FedEWC)")
+    prd: PrdConfig | None = Field(None, description="prototype-sample relation distillation (Asadi et al. 2023), e.g. {weight: 1.0, temperature: 0.1}")
+    teen: TeenConfig | None = Field(None, description="TEEN calibration of new classes' uploaded prototypes towards old ones, e.g. {alpha: 0.5, tau: 16}")
 
 
 class StrategyConfig(Strict):
@@ -632,6 +683,16 @@ def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scena
             entry.params = STRATEGIES[entry.name].Params.model_validate(entry.params).model_dump(mode="json", by_alias=True)
         except ValidationError as exc:
             problems += problems_from_validation(exc, ("compare", label, "params"), STRATEGIES[entry.name].Params)
+    for label, entry in scenario.compare.items():
+        if entry.set and not problems:  # the label's whole scenario must be valid too
+            own = {k: v for k, v in data.items() if k not in ("compare", "sweep")}
+            own["strategy"] = {"name": entry.name, "params": entry.params}
+            for key, value in entry.set.items():
+                own = set_dotted(own, str(key), value)
+            try:
+                validate_scenario(own, source)
+            except UserError as exc:
+                problems += [Problem(f"compare.{label}.set: {p.field}", p.message) for p in exc.problems]
     problems += _model_problems(scenario)
     if problems:
         raise UserError(source, problems)

@@ -77,6 +77,11 @@ def _rows(model: type[BaseModel], prefix: str, note: str = "") -> Iterator[tuple
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             yield from _rows(ann, key + ".")
             continue
+        inner = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(inner) == 1 and type(None) in typing.get_args(ann):  # an optional section: off unless given
+            yield (key, field.description or "", "unset", "mapping \\| unset")
+            yield from _rows(inner[0], key + ".", "(when set)")
+            continue
         if name == "partition":
             from .scenario import PARTITION_SCHEMES, Partition
 

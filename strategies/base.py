@@ -13,7 +13,7 @@ sums do not depend on arrival order), and holding the global prototypes and weig
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Annotated, Any, ClassVar, Iterable, Literal, Union
 
 import numpy as np
 from flwr.app import (
@@ -27,26 +27,45 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError, WrapValidator
 
 from simulator import seeding
 from simulator.learner.prototypes import PrototypeSet
 from simulator.objective import ClientObjective
 from simulator.records import (
     CONFIG,
+    FROZEN_FLAG,
     GLOBAL,
     METRICS,
     UPLOAD,
+    WEIGHT_PREFIX,
     protos_from_arrays,
     protos_to_arrays,
+    stats_from_arrays,
+    stats_to_arrays,
     weighted_average,
 )
+from simulator.learner.second_order import SecondOrderStats, merge_stats
 
 
 class StrategyParams(BaseModel):
     """Base of every strategy's parameter schema: unknown keys, NaN and infinities are errors."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# ``share_weights`` of the prototype strategies: never, every round, or during the first task only
+# (FedAvg of the backbone while the federation learns its first task; then every client freezes
+# the backbone it received and only prototypes / statistics travel).
+def _one_share_weights_error(value: Any, handler: Any) -> Any:
+    """One clear message instead of one per branch of the union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError("expected a bool (true or false) or first_task") from None
+
+
+ShareWeights = Annotated[Union[bool, Literal["first_task"]], WrapValidator(_one_share_weights_error)]
 
 
 @dataclass
@@ -83,9 +102,12 @@ class FederatedStrategy(Strategy):
         self.run = run
         self.global_protos = PrototypeSet.empty(run.embedding_dim)
         self.global_weights: dict[str, Array] = {}
+        self.global_stats = SecondOrderStats.empty(run.embedding_dim)  # second-order prototypes, when clients send them
         self.last_failed = 0
         self.last_ok = 0
         self.available: list[int] | None = None  # clients present this step (None: all); set by the engine
+        self.step = 0  # the federation's current task (step), from the train config
+        self.holding_frozen: set[int] = set()  # clients that hold the frozen backbone (share_weights: first_task)
 
     @classmethod
     def weight_sharing(cls, params: StrategyParams) -> bool:
@@ -95,6 +117,11 @@ class FederatedStrategy(Strategy):
     @property
     def shares_weights(self) -> bool:
         return self.weight_sharing(self.params)
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """``share_weights: first_task`` after the first task: weights are no longer averaged."""
+        return getattr(self.params, "share_weights", False) == "first_task" and self.step > 0
 
     # ------------------------------------------------------------------ global state
     def initial_arrays(self, initial_weights: dict[str, Array]) -> ArrayRecord:
@@ -108,6 +135,8 @@ class FederatedStrategy(Strategy):
         content: dict[str, Array] = {}
         if len(self.global_protos):
             content.update(protos_to_arrays(self.global_protos, with_counts=True))
+        if len(self.global_stats):
+            content.update(stats_to_arrays(self.global_stats))
         content.update(self.global_weights)
         return ArrayRecord(content)
 
@@ -125,9 +154,17 @@ class FederatedStrategy(Strategy):
     def _messages(
         self, pids: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str, server_round: int
     ) -> list[Message]:
+        per_client = {p: arrays for p in pids}
+        if self.backbone_frozen:
+            # the frozen backbone goes only to clients that do not hold it yet (late joiners, and
+            # every client in the first round after the first task); all get the frozen flag
+            flag = {FROZEN_FLAG: Array(np.ones(1, dtype=np.int8))}
+            full = ArrayRecord({**dict(arrays.items()), **flag})
+            light = ArrayRecord({**{k: v for k, v in arrays.items() if not k.startswith(WEIGHT_PREFIX)}, **flag})
+            per_client = {p: light if p in self.holding_frozen else full for p in pids}
         return [
             Message(
-                RecordDict({GLOBAL: arrays, CONFIG: config}),
+                RecordDict({GLOBAL: per_client[p], CONFIG: config}),
                 dst_node_id=self.run.partitions[p],
                 message_type=kind,
                 group_id=str(server_round),
@@ -139,6 +176,8 @@ class FederatedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if "task" in config:
+            self.step = int(config["task"])  # type: ignore[arg-type]
         return self._messages(self.sample(server_round), arrays, config, MessageType.TRAIN, server_round)
 
     def present(self) -> list[int]:
@@ -190,11 +229,14 @@ class FederatedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         uploads = self.decode(replies)
+        if self.backbone_frozen:  # a client that trained this round saved the frozen backbone
+            self.holding_frozen.update(u.partition_id for u in uploads)
         idle = sum(1 for u in uploads if int(u.metrics.get("steps", 1)) == 0)
         stats = MetricRecord({"clients_ok": len(uploads), "clients_failed": self.last_failed, "clients_idle": idle})
         if not uploads:
             return None, stats  # nothing to merge: the global state stays as it was
         self.merge(server_round, uploads)
+        self.merge_second_order(uploads)
         n = sum(u.num_examples for u in uploads)
         if n > 0:
             stats["train_loss"] = float(
@@ -211,10 +253,21 @@ class FederatedStrategy(Strategy):
 
     def merge_weights(self, uploads: list[Upload]) -> None:
         """FedAvg: the sample-weighted mean of the uploaded weights becomes the global weights
-        (kept unchanged when no upload carries samples)."""
+        (kept unchanged when no upload carries samples, and once ``share_weights: first_task`` has
+        frozen the backbone)."""
+        if self.backbone_frozen:
+            return
         avg = weighted_average([u.arrays for u in uploads], [float(u.num_examples) for u in uploads])
         if avg:
             self.global_weights = avg
+
+    def merge_second_order(self, uploads: list[Upload]) -> None:
+        """Second-order prototypes (``model.classifier: mahalanobis | lda``), for every strategy
+        whose clients send them: the class-wise sums of this round's uploads (exactly the pooled
+        statistics), replacing the classes uploaded again, as proto_avg does with prototypes."""
+        sets = [s for s in (stats_from_arrays(u.arrays) for u in uploads) if s is not None]
+        if sets:
+            self.global_stats = self.global_stats.updated_with(merge_stats(sets))
 
     def summary(self) -> None:
         return None
@@ -224,9 +277,14 @@ class FederatedStrategy(Strategy):
         return {
             "protos": (self.global_protos.classes, self.global_protos.vectors, self.global_protos.counts),
             "weights": {k: v.numpy() for k, v in self.global_weights.items()},
+            "holding_frozen": sorted(self.holding_frozen),
+            "second_order": (self.global_stats.classes, self.global_stats.counts, self.global_stats.sums, self.global_stats.squares),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         c, v, n = state["protos"]
         self.global_protos = PrototypeSet(c, v, n)
         self.global_weights = {k: Array(np.asarray(a)) for k, a in state["weights"].items()}
+        self.holding_frozen = set(int(p) for p in state.get("holding_frozen", []))
+        if "second_order" in state:
+            self.global_stats = SecondOrderStats(*state["second_order"])

@@ -26,14 +26,14 @@ from simulator.learner.backbones import ProtoModel
 from simulator.learner.prototypes import PrototypeSet, merge_class_means
 from simulator.objective import ClientObjective
 
-from .base import FederatedStrategy, StrategyParams, Upload
+from .base import FederatedStrategy, ShareWeights, StrategyParams, Upload
 
 
 class Params(StrategyParams):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     lambda_: float = Field(1.0, alias="lambda", ge=0.0, le=1e6, description="weight of the MSE pull to the global prototype")
     weighting: Literal["samples", "uniform"] = Field("samples", description="merge weighted by sample counts (paper) or uniform (official code)")
-    share_weights: bool = Field(False, description="also FedAvg the backbone weights each round")
+    share_weights: ShareWeights = Field(False, description="also FedAvg the backbone weights each round; first_task: only during the first task, then the backbone is frozen and only prototypes travel")
 
 
 def prototype_lookup(objective: ClientObjective, device: str, protos: PrototypeSet | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -68,7 +68,7 @@ from simulator.learner.training import compute_prototypes
 from simulator.records import protos_from_arrays, protos_to_arrays
 from simulator.seeding import derive_seed
 
-from .base import FederatedStrategy, RunInfo, StrategyParams, Upload
+from .base import FederatedStrategy, RunInfo, ShareWeights, StrategyParams, Upload
 from .fedproto import Objective as PullToPrototypes
 from .fedproto import mse_to_prototypes, prototype_lookup
 
@@ -94,7 +94,7 @@ class Params(StrategyParams):
         0.9999, ge=0.0, le=1.0,
         description="EMA momentum m of the anchors: a <- m * a + (1 - m) * mean of client prototypes",
     )
-    share_weights: bool = Field(False, description="also FedAvg the backbone weights each round")
+    share_weights: ShareWeights = Field(False, description="also FedAvg the backbone weights each round; first_task: only during the first task, then the backbone is frozen and only prototypes travel")
 
 
 # --------------------------------------------------------------------------- anchors

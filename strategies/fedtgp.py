@@ -54,7 +54,7 @@ from simulator import seeding
 from simulator.learner.prototypes import PrototypeSet, squared_distances
 from simulator.seeding import derive_seed
 
-from .base import FederatedStrategy, RunInfo, StrategyParams, Upload
+from .base import FederatedStrategy, RunInfo, ShareWeights, StrategyParams, Upload
 from .fedproto import Objective as PullToPrototypes
 
 
@@ -66,7 +66,7 @@ class Params(StrategyParams):
     server_lr: float = Field(0.01, gt=0.0, le=10.0, description="learning rate of the server's SGD on the prototype generator")
     server_batch_size: int = Field(10, ge=0, le=1000000, description="stored prototypes per generator step, seeded shuffle each epoch (paper: the client batch size, 10); 0: full batch")
     hidden_dim: int = Field(0, ge=0, le=65536, description="hidden width of the generator MLP (0: the embedding dimension)")
-    share_weights: bool = Field(False, description="also FedAvg the backbone weights each round")
+    share_weights: ShareWeights = Field(False, description="also FedAvg the backbone weights each round; first_task: only during the first task, then the backbone is frozen and only prototypes travel")
 
 
 def adaptive_margin(merged: np.ndarray, cap: float) -> float:

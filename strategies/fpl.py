@@ -43,7 +43,7 @@ from pydantic import Field
 from simulator.learner.backbones import ProtoModel
 from simulator.learner.prototypes import PrototypeSet
 
-from .base import FederatedStrategy, StrategyParams, Upload
+from .base import FederatedStrategy, ShareWeights, StrategyParams, Upload
 from .fedproto import Objective as PullToPrototypes
 from .fedproto import mse_to_prototypes
 from .finch import coarsest_multi_cluster, finch
@@ -61,7 +61,7 @@ class Params(StrategyParams):
         "mean_log",
         description="several positive clusters: mean of per-positive -log terms, or -log of their summed mass (official code)",
     )
-    share_weights: bool = Field(True, description="also FedAvg the backbone weights each round (FPL does)")
+    share_weights: ShareWeights = Field(True, description="also FedAvg the backbone weights each round (FPL does); first_task: only during the first task, then the backbone is frozen and only prototypes travel")
 
 
 # --------------------------------------------------------------------------- server side

@@ -31,11 +31,11 @@ from pydantic import Field
 
 from simulator.learner.prototypes import merge_class_means
 
-from .base import FederatedStrategy, StrategyParams, Upload
+from .base import FederatedStrategy, ShareWeights, StrategyParams, Upload
 
 
 class Params(StrategyParams):
-    share_weights: bool = Field(False, description="also FedAvg the backbone weights each round (one shared feature space)")
+    share_weights: ShareWeights = Field(False, description="also FedAvg the backbone weights each round (one shared feature space); first_task: only during the first task, then the backbone is frozen and only prototypes travel")
     merge: Literal["replace", "running_mean"] = Field(
         "replace",
         description="a class uploaded again: the round's mean replaces the old prototype, or the count-weighted running mean over every upload ever received (Federated Reconnaissance)",

@@ -68,8 +68,7 @@ def test_stale_clients_train_on_their_replay_memory_only(tmp_path, monkeypatch):
     real = client_app._reply
 
     def spy(msg, context, rt, pid, state, task, server_round, **kw):  # the real reply, sample count noted
-        protos = kw["local_protos"]
-        trained[(pid, server_round - 1)] = int(protos.counts.sum()) if protos is not None else 0
+        trained[(pid, server_round - 1)] = int(sum(kw["counts"]))
         return real(msg, context, rt, pid, state, task, server_round, **kw)
 
     monkeypatch.setattr(client_app, "_reply", spy)

@@ -21,12 +21,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from ..data.schedule import ABSENT, STALE
+from ..learner import continual as mechanisms
 from ..learner.evaluation import per_class_correct, predict
-from ..learner.replay import memory_indices, update_memory
-from ..learner.training import NonFiniteLoss, TrainConfig, compute_prototypes, train_local
+from ..learner.prototypes import PrototypeSet, class_means
+from ..learner.replay import memory_indices
+from ..learner.second_order import SecondOrderStats, normalized_features
+from ..learner.training import NonFiniteLoss, TrainConfig, embed, train_local
 from ..objective import ClientInfo
-from ..learner.prototypes import PrototypeSet
-from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_to_arrays, record_bytes
+from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_to_arrays, record_bytes, stats_from_arrays, stats_to_arrays
 from ..seeding import derive_seed, rng
 from .failures import TRACEBACK_MARK, injected_fault
 from .runtime import RunSetup, Runtime, runtime_for
@@ -119,14 +121,27 @@ def _task_indices(rt: Runtime, objective, task: int, pid: int) -> np.ndarray:
     return rt.stream.train_indices[task][pid]
 
 
-def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, task: int) -> None:
+def _task_data(rt: Runtime, objective, pid: int, task: int, seen: list[int], memory_classes=()):
+    idx = _task_indices(rt, objective, task, pid)
+    d = rt.stream.dataset
+    return mechanisms.task_data(d.x_train[idx], d.y_train[idx], rt.stream.tasks[task], seen, d.num_classes,
+                                objective.inference_prototypes(None), objective.train_loss, rt.device,
+                                rt.scenario.training.batch_size, memory_classes)
+
+
+def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, task: int, stack=None, seen=()) -> None:
     """Bookkeeping when this client meets a new task: remember exemplars of the task it just
-    finished, snapshot the model as the distillation teacher, count its classes."""
+    finished, snapshot the model as the distillation teacher, count its classes, and tell the
+    continual mechanisms (``stack``) that a task ended and another started."""
     prev = state["task"]
     cfg = rt.scenario.continual
     continual = objective.uses_continual
     if prev is not None and continual:
-        _remember(rt, pid, state, prev)
+        _remember(rt, pid, state, prev, model)
+    if stack:
+        new = [c for c in seen if c not in set(rt.stream.tasks[task])]
+        ended = _task_data(rt, objective, pid, prev, new) if prev is not None else None
+        stack.task_change(model, ended, _task_data(rt, objective, pid, task, list(seen), list(state["memory"]) if continual else []))
     if state["first_task"] is None:
         state["first_task"] = task
     state["tasks_learned"] = state.get("tasks_learned", 0) + 1
@@ -140,15 +155,20 @@ def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, 
     state["task"] = task
 
 
-def _remember(rt: Runtime, pid: int, state: dict[str, Any], task: int) -> None:
-    """Keep exemplars of a finished task in the replay memory (classes already held are kept as
-    they are, so calling this again for the same task changes nothing)."""
-    per_class = rt.scenario.continual.memory_per_class
-    if per_class <= 0:
+def _remember(rt: Runtime, pid: int, state: dict[str, Any], task: int, model) -> None:
+    """Keep exemplars of a finished task in the replay memory (``continual.memory_selection``;
+    classes already held are kept as they are, so calling this again for the same task changes
+    nothing)."""
+    cfg = rt.scenario.continual
+    if cfg.memory_per_class <= 0:
         return
     idx = rt.stream.train_indices[task][pid]
     labels = rt.stream.dataset.y_train[idx]
-    state["memory"] = update_memory(state["memory"], idx, labels, per_class, rng(rt.scenario.seed, "memory", pid, task))
+    state["memory"] = mechanisms.select_memory(
+        cfg.memory_selection, state["memory"], idx, labels, cfg.memory_per_class,
+        rng(rt.scenario.seed, "memory", pid, task),
+        lambda i: embed(model, rt.stream.dataset.x_train[i], rt.device).cpu().numpy(),
+    )
 
 
 def _timed(handler):
@@ -184,10 +204,11 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     scheduled = step if objective.data_scope == "all" else rt.stream.task_at(pid, step)
     stale = scheduled in (STALE, ABSENT)
     task = state["task"] if stale else scheduled
+    stack = mechanisms.build_stack(rt.scenario.continual, continual, state.get("continual"))
     if task is not None and state["task"] != task:
-        _begin_task(rt, pid, state, model, objective, task)
+        _begin_task(rt, pid, state, model, objective, task, stack, seen)
     if stale and task is not None and continual:
-        _remember(rt, pid, state, task)  # its task is over: what it keeps of it is its memory
+        _remember(rt, pid, state, task, model)  # its task is over: what it keeps of it is its memory
 
     data = rt.stream.dataset
     no_data = np.zeros(0, np.int64)
@@ -198,8 +219,8 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     if len(y) == 0:
         # nothing to learn from (a STALE client without memory, a client given no samples):
         # a valid empty reply, counted as trained on nothing, not as a failure
-        return _reply(msg, context, rt, pid, state, task, server_round, objective=None, model=None,
-                      loss=0.0, steps=0, num_examples=0, local_protos=None)
+        return _reply(msg, context, rt, pid, state, task, server_round, upload=None, counts=[],
+                      loss=0.0, steps=0, num_examples=0)
 
     s = rt.scenario
     teacher = None
@@ -211,7 +232,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
         continual
         and s.continual.backbone == "freeze_after_first_task"
         and state.get("tasks_learned", 0) > 1
-    )
+    ) or getattr(objective, "backbone_frozen", False)  # share_weights: first_task, after the first task
     tcfg = TrainConfig(
         epochs=s.training.local_epochs,
         batch_size=s.training.batch_size,
@@ -224,17 +245,18 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
         distill_weight=s.continual.feature_distillation if continual else 0.0,
     )
     objective.before_training(model, x, y)
+    stack.prepare(model, rt.device)
     try:
         stats = train_local(
             model,
             x,
             y,
             tcfg,
-            seen_classes=seen,
+            seen_classes=stack.train_classes(seen),
             num_classes=data.num_classes,
             known=objective.known_prototypes(),
             teacher=teacher,
-            hooks=[objective],
+            hooks=[objective, stack],
             seed=derive_seed(s.seed, "client_train", pid, task, rnd),
             device=rt.device,
         )
@@ -244,25 +266,26 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             f"try a smaller training.lr "
             f"or smaller strategy loss weights"
         ) from None
-    local_protos = compute_prototypes(model, x, y, rt.device)
-    return _reply(msg, context, rt, pid, state, task, server_round, objective=objective, model=model,
-                  loss=float(stats.loss), steps=int(stats.steps), num_examples=int(len(task_idx)),
-                  local_protos=local_protos)
+    feats = embed(model, x, rt.device)
+    local_protos = stack.calibrate(class_means(feats, y))
+    upload = objective.upload(model, local_protos)
+    if s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
+        upload.update(stats_to_arrays(SecondOrderStats.of(feats, y, normalized_features(s.model.classifier))))
+    state["model"] = to_cpu(model.state_dict())
+    state["objective"] = objective.state_dict()
+    state["continual"] = stack.state_dict()
+    return _reply(msg, context, rt, pid, state, task, server_round, upload=upload,
+                  counts=[int(c) for c in local_protos.counts], loss=float(stats.loss), steps=int(stats.steps),
+                  num_examples=int(len(task_idx)))
 
 
 def _reply(msg: Message, context: Context, rt: Runtime, pid: int, state: dict[str, Any], task: int | None,
-           server_round: int, *, objective, model, loss: float, steps: int, num_examples: int,
-           local_protos: PrototypeSet | None) -> Message:
-    """Save the client's state and build its training reply. Without ``model`` (the client had
+           server_round: int, *, upload: dict | None, counts: list[int], loss: float, steps: int,
+           num_examples: int) -> Message:
+    """Save the client's state and build its training reply. Without ``upload`` (the client had
     nothing to train on) the upload holds zero prototypes and no weights."""
-    if model is None:
+    if upload is None:
         upload = protos_to_arrays(PrototypeSet.empty(rt.scenario.model.embedding_dim))
-        counts: list[int] = []
-    else:
-        upload = objective.upload(model, local_protos)
-        counts = [int(c) for c in local_protos.counts]
-        state["model"] = to_cpu(model.state_dict())
-        state["objective"] = objective.state_dict()
     rt.store.save(pid, state)
     meta = context.state.config_records.get("meta", ConfigRecord({"rounds": 0}))
     meta["rounds"] = int(meta["rounds"]) + 1
@@ -303,6 +326,8 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
         seen_classes=seen,
         protos=objective.inference_prototypes(None),
         device=rt.device,
+        second_order=rt.scenario.model.classifier,
+        stats=stats_from_arrays(msg.content[GLOBAL]),
     )
     correct, total = per_class_correct(pred, y, data.num_classes)
     metrics = MetricRecord(

@@ -135,6 +135,26 @@ def small_batch_client_tasks(stream, batch_size: int) -> int:
     return int(sum(1 for n in sizes if 0 < n < batch_size))
 
 
+def check_pretrained(scenario: Scenario, stream, source: str) -> None:
+    """``model.pretrained`` must be a state dict that fits every client's backbone exactly;
+    otherwise the user's clear error (missing / unexpected keys named), before anything is written."""
+    if scenario.model.pretrained is None:
+        return
+    from ..learner.backbones import PretrainedError, build_model, read_pretrained
+
+    try:
+        state = read_pretrained(scenario.model.pretrained)
+        names = sorted({scenario.model.backbone_of(c) for c in range(scenario.clients.num_clients)})
+        for name in names:
+            try:
+                build_model(name, stream.dataset.input_shape, scenario.model.embedding_dim, 1, False, 0,
+                            norm=scenario.model.norm, pretrained=state)
+            except PretrainedError as exc:
+                raise PretrainedError(f"backbone {name}: {exc}") from None
+    except PretrainedError as exc:
+        raise UserError.single(source, "model.pretrained", str(exc)) from None
+
+
 def run_scenario(
     scenario: Scenario,
     *,
@@ -169,6 +189,7 @@ def run_scenario(
     tag = overrides_tag(overrides or {})
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario, tag)
     stream = build_stream_checked(scenario, source)
+    check_pretrained(scenario, stream, source)
     check_writable(run_dir, out_source)
     if not resume:
         check_run_dir(run_dir, scenario.resolved(), overwrite=overwrite, source=out_source)

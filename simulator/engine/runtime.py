@@ -81,7 +81,20 @@ class Runtime:
             self.stream.dataset.num_classes,
             self.with_head,
             derive_seed(s.seed, "model_init"),
+            norm=s.model.norm,
+            pretrained=self.pretrained,
         )
+
+    @cached_property
+    def pretrained(self) -> dict[str, torch.Tensor] | None:
+        """The ``model.pretrained`` state dict, read once per process (checked by the driver
+        before the run starts, see :func:`simulator.engine.runner.check_pretrained`)."""
+        path = self.scenario.model.pretrained
+        if path is None:
+            return None
+        from ..learner.backbones import read_pretrained
+
+        return read_pretrained(path)
 
     def set_threads(self) -> None:
         if torch.get_num_threads() != self.threads:

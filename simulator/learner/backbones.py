@@ -1,17 +1,46 @@
 """Feature extractors that map an input sample to an ``embedding_dim`` vector.
 
 Backbones are registered by name; ``protofed list`` prints them. Every backbone takes the
-input shape of one sample (without the batch axis) and the embedding dimension.
+input shape of one sample (without the batch axis) and the embedding dimension; backbones with
+normalisation layers also take ``norm`` (``model.norm``: batch | group | none).
+
+Other installed packages add backbones through the ``protofed.backbones`` entry-point group
+(see :mod:`simulator.plugins`)::
+
+    [project.entry-points."protofed.backbones"]
+    tiny = "my_package.nets:TINY"     # a BackboneSpec named "tiny" (or a function returning one)
+
+A plugin's ``build(input_shape, embedding_dim)`` must return an ``nn.Module`` mapping a batch of
+samples to ``[batch, embedding_dim]``; it receives ``norm=`` only if its spec lists the norms it
+supports (``norms``), and a scenario asking a norm the backbone does not support is an error.
+
+``model.pretrained`` loads a user-provided state dict into the backbone (never downloaded):
+see :func:`load_pretrained`.
+
+BatchNorm under weight averaging: every floating-point tensor of the backbone is shared by
+weight-sharing strategies (:func:`simulator.records.shared_state`), so BatchNorm's running mean
+and variance are FedAvg-averaged with the weights (sample-weighted, as Flower's FedAvg and most
+FL code do); only the integer ``num_batches_tracked`` counter stays local. The averaged running
+variance is the mean of the clients' variances, not the variance of the pooled data (it lacks
+the spread of the client means). ``model.norm: batch_local`` keeps every BatchNorm layer local
+(FedBN, Li et al. ICLR 2021: its affine weights and running statistics never travel, each client
+normalises with its own statistics); ``group`` or ``none`` avoid running statistics altogether.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from ..plugins import BACKBONE_GROUP, PluginError, Registry
+from .resnet import BUILDERS as RESNETS
+from .resnet import NORMS, norm_layer
 
 
 class MLP(nn.Module):
@@ -37,7 +66,7 @@ class CNN1D(nn.Module):
     """Three 1-D conv blocks (conv, batch norm, ReLU, max pool) and a linear projection, for
     signals such as mnist1d. Accepts ``(channels, length)`` or ``(length,)`` samples."""
 
-    def __init__(self, input_shape: tuple[int, ...], embedding_dim: int, width: int = 32) -> None:
+    def __init__(self, input_shape: tuple[int, ...], embedding_dim: int, width: int = 32, norm: str = "batch") -> None:
         super().__init__()
         if len(input_shape) == 1:
             channels, length = 1, input_shape[0]
@@ -49,7 +78,7 @@ class CNN1D(nn.Module):
         layers: list[nn.Module] = []
         c_in = channels
         for c_out, k in ((width, 5), (2 * width, 3), (2 * width, 3)):
-            layers += [nn.Conv1d(c_in, c_out, k, padding=k // 2), nn.BatchNorm1d(c_out), nn.ReLU(), nn.MaxPool1d(2, ceil_mode=True)]
+            layers += [nn.Conv1d(c_in, c_out, k, padding=k // 2), norm_layer(norm, c_out, 1), nn.ReLU(), nn.MaxPool1d(2, ceil_mode=True)]
             c_in = c_out
         self.features = nn.Sequential(*layers, nn.Flatten())
         with torch.no_grad():
@@ -67,7 +96,7 @@ class ConvNet(nn.Module):
     """Four conv blocks (3x3 conv, batch norm, ReLU, 2x2 max pool) as in prototypical networks,
     global average pooling, and a linear projection. Accepts ``(C, H, W)`` or ``(H, W)`` samples."""
 
-    def __init__(self, input_shape: tuple[int, ...], embedding_dim: int, width: int = 64) -> None:
+    def __init__(self, input_shape: tuple[int, ...], embedding_dim: int, width: int = 64, norm: str = "batch") -> None:
         super().__init__()
         if len(input_shape) == 2:
             channels = 1
@@ -81,7 +110,7 @@ class ConvNet(nn.Module):
         for _ in range(4):
             blocks += [
                 nn.Conv2d(c_in, width, 3, padding=1),
-                nn.BatchNorm2d(width),
+                norm_layer(norm, width, 2),
                 nn.ReLU(),
                 nn.MaxPool2d(2, ceil_mode=True),
             ]
@@ -97,16 +126,60 @@ class ConvNet(nn.Module):
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """One registered backbone. ``norms``: the ``model.norm`` values ``build`` accepts as its
+    ``norm=`` keyword (empty: the backbone has no normalisation layers to choose)."""
+
     name: str
     description: str
-    build: Callable[[tuple[int, ...], int], nn.Module]
+    build: Callable[..., nn.Module]
+    norms: tuple[str, ...] = ()
+
+    def make(self, input_shape: tuple[int, ...], embedding_dim: int, norm: str = "batch") -> nn.Module:
+        if self.norms:
+            return self.build(tuple(input_shape), embedding_dim, norm=norm)
+        return self.build(tuple(input_shape), embedding_dim)
 
 
-BACKBONES: dict[str, BackboneSpec] = {
-    "mlp": BackboneSpec("mlp", "2 x 256 ReLU layers; any input (flattened)", MLP),
-    "cnn1d": BackboneSpec("cnn1d", "3 strided 1-D conv layers; signals (C, L) such as mnist1d", CNN1D),
-    "cnn": BackboneSpec("cnn", "4 conv blocks (ProtoNet style) + global pooling; images (C, H, W)", ConvNet),
+BUILTIN_BACKBONES: dict[str, BackboneSpec] = {
+    "mlp": BackboneSpec("mlp", "2 x 256 ReLU layers; any input (flattened); no norm layers", MLP),
+    "cnn1d": BackboneSpec("cnn1d", "3 strided 1-D conv layers; signals (C, L) such as mnist1d", CNN1D, NORMS),
+    "cnn": BackboneSpec("cnn", "4 conv blocks (ProtoNet style) + global pooling; images (C, H, W)", ConvNet, NORMS),
+    "resnet32": BackboneSpec(
+        "resnet32", "CIFAR ResNet-32 of iCaRL/PyCIL (3 x 5 blocks, 16/32/64, ~0.46 M); images or 1-D signals",
+        RESNETS["resnet32"], NORMS,
+    ),
+    "resnet18": BackboneSpec(
+        "resnet18", "CIFAR ResNet-18 (3x3 stem, no max-pool, ~11.2 M); images or 1-D signals", RESNETS["resnet18"], NORMS
+    ),
 }
+
+
+def _check_plugin(name: str, obj: Any) -> BackboneSpec:
+    """A ``protofed.backbones`` entry point loads a BackboneSpec named like it, or a function
+    without required arguments that returns one."""
+    if not isinstance(obj, BackboneSpec) and callable(obj) and not isinstance(obj, type):
+        try:
+            required = [
+                p for p in inspect.signature(obj).parameters.values()
+                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        except (TypeError, ValueError):
+            required = []
+        if not required:
+            obj = obj()
+    if not isinstance(obj, BackboneSpec):
+        raise PluginError(f"expected a simulator.learner.backbones.BackboneSpec (or a function returning one), got {obj!r}")
+    if obj.name != name:
+        raise PluginError(f"its name is {obj.name!r}; it must equal the entry point name {name!r}")
+    if not callable(obj.build):
+        raise PluginError("its build is not callable")
+    bad = [n for n in obj.norms if n not in NORMS]
+    if bad:
+        raise PluginError(f"norms {bad} are not among {list(NORMS)}")
+    return obj
+
+
+BACKBONES: dict[str, BackboneSpec] = Registry(BUILTIN_BACKBONES, BACKBONE_GROUP, "backbone", _check_plugin)
 
 
 class ProtoModel(nn.Module):
@@ -116,6 +189,7 @@ class ProtoModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head: nn.Linear | None = nn.Linear(embedding_dim, num_classes) if with_head else None
+        self.local_norm = False  # model.norm: batch_local (FedBN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -128,10 +202,70 @@ def build_model(
     num_classes: int,
     with_head: bool,
     init_seed: int,
+    norm: str = "batch",
+    pretrained: dict[str, torch.Tensor] | None = None,
 ) -> ProtoModel:
-    """Build a model whose initial weights depend only on ``init_seed``."""
+    """Build a model whose initial weights depend only on ``init_seed`` (and ``pretrained``, a
+    backbone state dict checked by :func:`load_pretrained`)."""
     spec = BACKBONES[backbone]
     devices: list[int] = []
+    layers = "batch" if norm == "batch_local" else norm
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(init_seed)
-        return ProtoModel(spec.build(tuple(input_shape), embedding_dim), embedding_dim, num_classes, with_head)
+        model = ProtoModel(spec.make(tuple(input_shape), embedding_dim, layers), embedding_dim, num_classes, with_head)
+    model.local_norm = norm == "batch_local"  # FedBN: BatchNorm layers never travel (records.shared_state)
+    if pretrained is not None:
+        load_pretrained(model.backbone, pretrained)
+    return model
+
+
+class PretrainedError(ValueError):
+    """A ``model.pretrained`` file that cannot be read or does not fit the backbone."""
+
+
+def read_pretrained(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a backbone state dict saved with ``torch.save`` (tensors only: ``weights_only``, so
+    the file cannot run code). A whole protofed model's state dict (keys ``backbone.*`` and
+    ``head.*``) is accepted too: its ``backbone.`` part is used."""
+    p = Path(path)
+    if not p.is_file():
+        raise PretrainedError(f"{path} is not a file")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's error
+        raise PretrainedError(f"cannot read {path} as a PyTorch state dict: {type(exc).__name__}: {exc}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise PretrainedError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    if state and all(k.startswith(("backbone.", "head.")) for k in state):
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    return state
+
+
+def load_pretrained(backbone: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``backbone`` with a strict check: every key must match, with its
+    shape; the error names the missing, unexpected and mismatched keys."""
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {few(unexpected)}")
+        if shapes:
+            parts.append(
+                "shape mismatch: "
+                + few([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes])
+            )
+        raise PretrainedError("the state dict does not fit the backbone (" + "; ".join(parts) + ")")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k].to(v.dtype))

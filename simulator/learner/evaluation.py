@@ -10,6 +10,7 @@ import torch
 
 from .backbones import ProtoModel
 from .prototypes import PrototypeSet, nearest_prototype
+from .second_order import SecondOrderStats, fit_classifier
 from .training import embed
 
 NO_PREDICTION = -1  # never a class id: counted as a wrong prediction
@@ -24,15 +25,21 @@ def predict(
     seen_classes: Sequence[int],
     protos: PrototypeSet | None = None,
     device: str | torch.device = "cpu",
+    second_order: str = "ncm",
+    stats: SecondOrderStats | None = None,
 ) -> np.ndarray:
     """Predicted class ids for ``x``: nearest prototype among the seen classes, or the argmax of
-    the head restricted to the seen classes.
+    the head restricted to the seen classes. With ``second_order`` ``mahalanobis`` or ``lda`` and
+    ``stats`` that cover every seen class, prototype inference uses that second-order classifier
+    instead of the nearest prototype (otherwise it falls back to the nearest prototype).
 
     A model that knows no prototype of any seen class (e.g. a client that has not trained yet
     under ``local``) predicts :data:`NO_PREDICTION` for every sample: each sample counts as
     wrong, exactly as a sample of a class it cannot predict does. One rule for every strategy,
     so no strategy's mean is computed over fewer clients than another's."""
     seen = np.asarray(list(seen_classes), dtype=np.int64)
+    if classifier == "prototype" and second_order != "ncm" and stats is not None and set(seen.tolist()) <= set(stats.classes.tolist()):
+        return fit_classifier(stats.select(seen), second_order).predict(embed(model, x, device))
     if classifier != "head":
         usable = protos.select(seen) if protos is not None else None
         if usable is None or len(usable) == 0:

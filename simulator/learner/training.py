@@ -3,7 +3,8 @@
 Per batch: ``features = model(x)``; the task loss is either the prototypical loss (distances to
 in-batch class means and to the known global prototypes of the other seen classes) or the
 cross-entropy of the linear head over the classes seen so far; then the optional feature
-distillation term and every hook's ``extra_loss`` are added. Nothing here knows Flower or Ray.
+distillation term and every hook's ``extra_loss`` are added (a hook with a ``before_batch(inputs)``
+method sees each batch's inputs first). Nothing here knows Flower or Ray.
 """
 
 from __future__ import annotations
@@ -157,6 +158,10 @@ def train_local(
             if len(idx) < 2 and n > 1:
                 continue  # a single-sample batch carries no class structure (and breaks batch norm)
             xb, yb = xt[idx], yt[idx]
+            for hook in hooks:  # e.g. continual mechanisms that run the task-start model on the batch
+                before = getattr(hook, "before_batch", None)
+                if before is not None:
+                    before(xb)
             feats = model(xb)
             if cfg.classifier == "head":
                 assert model.head is not None, "the head classifier needs a model with a head"
