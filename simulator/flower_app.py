@@ -121,14 +121,18 @@ class PollingGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         waiting = set(self.push_messages(messages))
+        expected = len(waiting)
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while waiting and (end is None or time.monotonic() < end):
+        # done when every id has its reply; also by count, for grids whose ids are not message ids
+        # (the inline engine's Grid returns keys of its own)
+        while waiting and len(replies) < expected:
             got = list(self.pull_messages(waiting))
             replies.extend(got)
             waiting.difference_update(m.metadata.reply_to_message_id for m in got)
-            if waiting:
-                time.sleep(self.poll)
+            if not waiting or len(replies) >= expected or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.poll)
         return replies
 
 

@@ -73,15 +73,26 @@ def free_port_block(n: int) -> int:
     raise RuntimeError("no block of free ports")
 
 
-def test_recipe_declares_every_run_config_key_it_uses():
-    """Flower rejects run-config keys that pyproject.toml does not declare (issue 14, point 4)."""
-    import tomllib
+def test_recipe_run_config_passes_flowers_own_check():
+    """The SuperLink checks every ``--run-config`` key against ``[tool.flwr.app.config]`` (issue
+    14, point 4: ``out`` was rejected); the README's command must pass that very check."""
+    import shlex
 
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    from flwr.common.config import flatten_dict, fuse_dicts, get_project_config, parse_config_args
+
     run_line = next(line for line in recipe_lines() if line.startswith("flwr run "))
-    used = [k for k in ("scenario", "out", "state-dir") if f"{k}=" in run_line]
-    assert used and set(used) <= set(declared)
-    assert {"scenario", "out", "state-dir"} <= set(declared)
+    args = shlex.split(run_line.replace("$SCENARIO", SCENARIO).replace("$OUT", "/tmp/x"))
+    overrides = parse_config_args([args[args.index("--run-config") + 1]])
+    assert set(overrides) == {"scenario", "out"}
+    declared = flatten_dict(get_project_config(REPO)["tool"]["flwr"]["app"]["config"])
+    fused = fuse_dicts(declared, overrides, check_keys=True)  # what the SuperLink runs
+    assert fused["out"] == "/tmp/x" and fused["scenario"] == SCENARIO
+    fuse_dicts(declared, {"state-dir": "/tmp/nodes"}, check_keys=True)
+    with pytest.raises(ValueError, match="not present"):
+        fuse_dicts(declared, {"no-such-key": 1}, check_keys=True)
+    # defaults mean "the default": empty paths, and a scenario that exists in the app directory
+    assert declared["out"] == "" and declared["state-dir"] == ""
+    assert (REPO / str(declared["scenario"])).is_file()
 
 
 def _tagged(tag: str) -> list[psutil.Process]:
