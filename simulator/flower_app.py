@@ -20,10 +20,13 @@ keys under ``[tool.flwr.app.config]`` (Flower rejects undeclared keys):
 Client state on a SuperNode lives in ``<state-dir>/run-<Flower run id>/node-<node id>/``: keyed by
 Flower's run id, so a second ``flwr run`` on the same SuperNodes starts from fresh clients
 (before, state was keyed by node only and a second run silently continued from the first run's
-models and replay memory). When the run ends, successfully or not, the ServerApp sends every
-node one last ``query`` message marked ``cleanup``; the node deletes its run folder. Only a
-ServerApp killed from outside leaves a folder behind, and that folder can never be read by
-another run (its run id is unique).
+models and replay memory). The folder is deleted when the run ends: a node deletes it right
+after answering the run's final evaluation (its last message) and says so in the reply; when the
+run ends in any other way (a failure, a node not evaluated at the end) the ServerApp sends every
+node that has not confirmed one last ``query`` message marked ``cleanup``. Removing on the last
+message saves a round trip (a process start per node) on every successful run; the cleanup
+message covers the rest. Only a ServerApp killed from outside leaves a folder behind, and that
+folder can never be read by another run (its run id is unique).
 
 Start-up cost: on the Deployment Engine each message starts a fresh ``flwr-clientapp`` process.
 This module imports nothing heavy at import time; ``query`` messages (partition discovery,
@@ -57,6 +60,7 @@ APP_DIR = Path(__file__).resolve().parents[1]
 # the two equal).
 CONFIG, METRICS = "config", "metrics"
 CLEANUP_KEY = "cleanup"
+STATE_REMOVED_KEY = "state_removed"  # in a final evaluate reply: this node already cleaned up
 CLEANUP_TIMEOUT_SECONDS = 120.0
 STREAMS_DIR = "streams"
 
@@ -99,6 +103,7 @@ class PollingGrid(Grid):
 
     def __init__(self, grid: Grid, poll: float = REPLY_POLL_SECONDS) -> None:
         self.grid, self.poll = grid, poll
+        self.cleaned: set[int] = set()  # nodes whose final evaluate reply said their state is gone
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -133,6 +138,9 @@ class PollingGrid(Grid):
             if not waiting or len(replies) >= expected or (end is not None and time.monotonic() >= end):
                 break
             time.sleep(self.poll)
+        for r in replies:
+            if r.has_content() and METRICS in r.content and STATE_REMOVED_KEY in r.content[METRICS]:
+                self.cleaned.add(int(r.metadata.src_node_id))
         return replies
 
 
@@ -162,10 +170,12 @@ def _server_main(grid: Grid, context: Context) -> None:
 
 
 def cleanup_nodes(grid: Grid, timeout: float = CLEANUP_TIMEOUT_SECONDS) -> int:
-    """Ask every node of the run to delete its client state for this run; returns how many
-    confirmed. Best effort: a node that is gone keeps its (run-keyed, never reused) folder."""
+    """Ask every node of the run that has not yet removed its client state for this run (see
+    the ClientApp's evaluate) to delete it; returns how many confirmed. Best effort: a node that
+    is gone keeps its (run-keyed, never reused) folder."""
     try:
-        node_ids = list(grid.get_node_ids())
+        done = getattr(grid, "cleaned", set())
+        node_ids = [n for n in grid.get_node_ids() if int(n) not in done]
         msgs = [
             Message(
                 RecordDict({CONFIG: ConfigRecord({CLEANUP_KEY: 1})}),
@@ -277,8 +287,19 @@ def _train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
     from .engine.client_app import _evaluate as evaluate
+    from .engine.runtime import runtime_for
 
-    return evaluate(_setup(context), msg, context)
+    setup = _setup(context)
+    reply = evaluate(setup, msg, context)
+    # the run's final evaluation is this node's last message: drop its state now and say so,
+    # which spares the ServerApp a cleanup round trip to this node (one process start)
+    rt = runtime_for(setup)
+    last_round = rt.stream.num_tasks * rt.scenario.training.rounds_per_task
+    if int(msg.content[CONFIG]["server_round"]) == last_round:
+        _cleanup(context)
+        if reply.has_content() and METRICS in reply.content:
+            reply.content[METRICS][STATE_REMOVED_KEY] = 1
+    return reply
 
 
 @client_app.query()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from flwr.app import Context, RecordDict
 from flwr.cli.config_utils import load_and_validate
@@ -14,6 +15,7 @@ from flwr.serverapp import ServerApp
 from flwr.supercore.object_ref import load_app
 
 from simulator.engine.inline import InlineGrid, set_server_identity
+from simulator.errors import RunFailure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,3 +128,35 @@ def test_query_messages_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+class _CountingGrid(InlineGrid):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.sent: list[str] = []
+
+    def _deliver(self, msg):
+        self.sent.append(msg.metadata.message_type)
+        return super()._deliver(msg)
+
+
+def test_cleanup_rides_on_the_final_evaluation_and_a_failed_run_is_cleaned_too(tmp_path):
+    from simulator.flower_app import client_app, server_app
+
+    scen = _tiny_scenario(tmp_path)
+    nodes = tmp_path / "nodes"
+    cfg = {"scenario": str(scen), "out": str(tmp_path / "ok"), "state-dir": str(nodes)}
+    grid = _CountingGrid(client_app, 2, run_config=cfg)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    assert grid.sent.count("query") == 2  # partition discovery only: no extra cleanup round trip
+    assert sorted(p.name for p in nodes.iterdir()) == ["streams"]
+
+    bad = yaml.safe_load(scen.read_text())
+    bad["training"].update(lr=100.0, grad_clip=0.0, rounds_per_task=2)  # a non-finite loss stops the run
+    scen.write_text(yaml.safe_dump(bad))
+    cfg = {**cfg, "out": str(tmp_path / "failed")}
+    grid = _CountingGrid(client_app, 2, run_config=cfg)
+    with pytest.raises(RunFailure, match="training.lr"):
+        server_app(grid, Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    assert grid.sent.count("query") == 4  # discovery, then the cleanup message to both nodes
+    assert sorted(p.name for p in nodes.iterdir()) == ["streams"]
