@@ -160,13 +160,14 @@ def array_nbytes(array: Array) -> int:
 def payload_bytes(content: RecordDict) -> int:
     """Bytes a method actually communicates in a message: the values of every array (no
     per-array serialisation header) and 8 bytes per number of the payload metrics
-    (``num_examples``, ``proto.*``). Config records (task ids, seen classes: orchestration the
+    (``num_examples``, ``proto.*``), those only in a message that carries arrays. Config records (task ids, seen classes: orchestration the
     simulator adds) and bookkeeping metrics are not counted."""
-    total = 0
+    arrays = [a for rec in content.values() if isinstance(rec, ArrayRecord) for a in rec.values()]
+    if not arrays:  # a method that sends nothing (local, joint) has nothing to weight or count either
+        return 0
+    total = sum(array_nbytes(a) for a in arrays)
     for rec in content.values():
-        if isinstance(rec, ArrayRecord):
-            total += sum(array_nbytes(a) for a in rec.values())
-        elif isinstance(rec, MetricRecord):
+        if isinstance(rec, MetricRecord):
             for key, v in rec.items():
                 if key in PAYLOAD_METRIC_KEYS or key.startswith(PAYLOAD_METRIC_PREFIXES):
                     total += 8 * (len(v) if isinstance(v, list) else 1)

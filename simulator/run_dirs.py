@@ -24,8 +24,9 @@ import yaml
 
 from .errors import UserError
 
-#: sections of a scenario that do not change what a run computes
-RESULT_NEUTRAL = ("resources", "output")
+#: sections of a scenario that do not change what a run computes (labels and grids for other
+#: runs, where results go, how they are executed)
+RESULT_NEUTRAL = ("resources", "output", "compare", "sweep")
 #: keys that config.yaml adds next to the resolved scenario
 RECORD_KEYS = ("versions", "derived_seeds", "overrides", "overrides_tag", "resolved_paths")
 #: scenario keys that hold file-system paths (stored resolved as well, for --resume elsewhere)
@@ -47,9 +48,23 @@ def identity(resolved: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resolved.items() if k not in RESULT_NEUTRAL and k not in RECORD_KEYS}
 
 
+def _current_form(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded scenario resolved by today's schema, so keys added since (with their default
+    values) do not make an earlier run look different; as recorded if it no longer validates."""
+    from .errors import UserError as _UserError
+    from .scenario import validate_scenario
+
+    raw = {k: v for k, v in recorded.items() if k not in RECORD_KEYS}
+    try:
+        return validate_scenario(raw).resolved()
+    except (_UserError, ValueError, TypeError):
+        return raw
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (old value, new value) for every key whose value differs."""
-    a, b = _flat(identity(old)), _flat(identity(new))
+    """Dotted key -> (old value, new value) for every key whose value differs; ``old`` is what a
+    run directory recorded, ``new`` a resolved scenario."""
+    a, b = _flat(identity(_current_form(old))), _flat(identity(new))
     return {k: (a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")}
 
 

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -36,8 +37,14 @@ SCENARIO = "tests/scenarios/deployment_tiny.yaml"  # relative: resolved against 
 NODES = 2
 RUN_TIMEOUT_S = 900  # generous, for a busy machine; a healthy run of the whole script takes ~2-3 min
 
+# flwr's console scripts live beside the interpreter running the tests (the project's venv);
+# they are put first on PATH for the recipe, so the test never depends on an activated venv
+BIN = str(Path(sys.executable).parent)
+PATH = os.pathsep.join([BIN, os.environ.get("PATH", "")])
+# skipped only where flwr's console scripts are not installed at all (flwr[simulation] is a
+# dependency, so never in CI), or where bash is missing
 pytestmark = pytest.mark.skipif(
-    shutil.which("flower-superlink") is None or shutil.which("bash") is None,
+    shutil.which("flower-superlink", path=PATH) is None or shutil.which("bash") is None,
     reason="needs flwr's console scripts and bash",
 )
 
@@ -145,7 +152,7 @@ def test_readme_recipe_on_real_superlink_and_supernodes(tmp_path):
     tmp = tmp_path / "tmp"  # mktemp (the Flower home) and the SuperNodes' default state-dir
     tmp.mkdir()
     tag = uuid.uuid4().hex
-    env = {**os.environ, "TMPDIR": str(tmp), "PROTOFED_TEST_TAG": tag, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TMPDIR": str(tmp), "PROTOFED_TEST_TAG": tag, "OMP_NUM_THREADS": "1", "PATH": PATH}
     env.pop("FLWR_HOME", None)
     started = time.time()
     proc = subprocess.Popen(

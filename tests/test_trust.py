@@ -125,7 +125,8 @@ def test_unexpected_errors_are_recorded_shown_once_and_flagged(tmp_path, monkeyp
 def test_a_client_without_knowledge_scores_zero_instead_of_being_dropped(tmp_path):
     """`local` with one client trained per round: the others have no prototypes yet. They are
     evaluated (accuracy 0), not dropped from the mean."""
-    run_tiny(tmp_path, "loc", clients__participation=0.34, strategy={"name": "local", "params": {}})
+    out = run_tiny(tmp_path, "loc", clients__participation=0.34, strategy={"name": "local", "params": {}})
+    assert out.summary["bytes_up"] == 0 and out.summary["bytes_down"] == 0  # no communication
     m = pd.read_csv(tmp_path / "loc" / "metrics.csv")
     assert (m["clients_evaluated"].dropna() == 3).all()
     assert m["clients_eval_failed"].sum() == 0
@@ -252,6 +253,8 @@ def test_bytes_count_the_payload_only():
                             "compute_seconds": 1.5, "context_state_bytes": 16})
     rd = RecordDict({"upload": arrays, "metrics": metrics, "config": ConfigRecord({"seen_classes": [1, 2]})})
     assert payload_bytes(rd) == 3 * 4 * 4 + 3 * 8 + 8 * (1 + 3)
+    nothing = RecordDict({"upload": ArrayRecord(), "metrics": metrics})  # `local` sends nothing
+    assert payload_bytes(nothing) == 0
 
 
 # --------------------------------------------------------------------------- proto_avg merge rule
@@ -382,3 +385,70 @@ def test_resume_from_another_directory_with_a_relative_data_path(tmp_path, monke
     monkeypatch.chdir(tmp_path)  # elsewhere: the relative path no longer resolves
     assert main(["run", "--resume", str(work / "run")]) == 0
     assert json.loads((work / "run" / "summary.json").read_text())["completed"] is True
+
+
+def test_a_run_recorded_before_a_key_existed_is_still_the_same_run(tmp_path):
+    """Keys added to the schema later (recorded runs lack them) and the compare/sweep sections
+    do not make a finished run look like another scenario."""
+    scen = _scenario_file(tmp_path)
+    df, root = run_compare(scen, ["proto_avg"], [0], out=None)
+    config_path = root / "proto_avg" / "seed-0" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    del config["evaluation"]["population"]  # as written by a version without this key
+    config["compare"] = {"old_label": {"name": "fedavg", "params": {}}}
+    config_path.write_text(yaml.safe_dump(config))
+    again, _ = run_compare(scen, ["proto_avg"], [0], out=None)
+    assert list(again["status"]) == ["kept"]
+
+
+class _LossyGrid:
+    """Flower's in-process grid with an infrastructure that loses messages: the first
+    ``losses`` deliveries to node 2 come back as the error Flower's Ray engine gives for a dead
+    actor (code 0, the Ray exception in the reason). The client never ran for those."""
+
+    def __init__(self, client_app, n, run_config, losses):
+        from simulator.engine.inline import InlineGrid
+
+        class Grid(InlineGrid):
+            lost = 0
+
+            def _deliver(self, msg):
+                from flwr.app import Error, Message
+
+                if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == 2 and Grid.lost < losses:
+                    Grid.lost += 1
+                    reason = "<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly before finishing this task.'>"
+                    return Message(Error(code=0, reason=reason), reply_to=msg)
+                return super()._deliver(msg)
+
+        self.grid = Grid(client_app, n, run_config=run_config)
+
+
+@pytest.mark.parametrize("losses, failed", [(2, 0), (4, 1)])
+def test_messages_lost_by_the_infrastructure_are_sent_again(tmp_path, losses, failed):
+    """Lost twice: delivered on the third try, nothing fails and the matrix is that of a clean
+    run. Lost on every try: after the bounded retries it counts as worker_died, never as the
+    client's error or as an injected fault."""
+    from flwr.app import Context, RecordDict
+
+    from simulator.engine.inline import set_server_identity
+    from simulator.flower_app import client_app, server_app
+
+    raw = tiny(training__rounds_per_task=1)
+    scen = tmp_path / "s.yaml"
+    scen.write_text(yaml.safe_dump(raw))
+    clean = run_scenario(validate_scenario(raw), run_dir=tmp_path / "clean", out=None)
+    cfg = {"scenario": str(scen), "out": str(tmp_path / "lossy"), "state-dir": str(tmp_path / "nodes")}
+    set_server_identity()
+    grid = _LossyGrid(client_app, 3, cfg, losses).grid
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    failures = pd.read_csv(tmp_path / "lossy" / "failures.csv")
+    summary = json.loads((tmp_path / "lossy" / "summary.json").read_text())
+    assert summary["clients_worker_died"] == failed and summary["clients_failed_injected"] == 0
+    assert list(failures["kind"]) == ["worker_died"] * failed
+    if failed:
+        assert failures["attempts"].iloc[0] == 4
+        assert failures["message"].iloc[0] == "ActorDiedError: The actor died unexpectedly before finishing this task."
+    else:
+        lossy = pd.read_csv(tmp_path / "lossy" / "accuracy_matrix.csv")
+        pd.testing.assert_frame_equal(lossy, pd.read_csv(tmp_path / "clean" / "accuracy_matrix.csv"))

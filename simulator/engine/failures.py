@@ -74,8 +74,11 @@ def split_reason(reason: str) -> tuple[str, str]:
     traceback after :data:`TRACEBACK_MARK`)."""
     text, _, tb = reason.partition(TRACEBACK_MARK)
     m = re.search(r"Message:\s*(.+)", text)
+    wrapped = re.fullmatch(r"\s*<class '([^']+)'>:<'(.*?)'?>?\s*", text, flags=re.S)
     if m:
         text = m.group(1)
+    elif wrapped:  # Flower's "<class 'pkg.Error'>:<'message'>" for errors outside the ClientApp
+        text = f"{wrapped.group(1).rsplit('.', 1)[-1]}: {wrapped.group(2)}"
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     first = lines[0] if lines else "(no message)"
     first = first.rstrip("'\">").strip()

@@ -66,7 +66,6 @@ class Delivery:
         self.pid_of = {node: pid for pid, node in partitions.items()}
 
     def exchange(self, msgs: list[Message], phase: str, task: int, rnd: int, server_round: int) -> tuple[list[Message], dict[str, int]]:
-        by_id = {}
         pending = msgs
         final: list[Message] = []
         attempts: dict[int, int] = {}
@@ -75,7 +74,8 @@ class Delivery:
             if not pending:
                 break
             replies = list(self.grid.send_and_receive(pending))
-            by_id = {m.metadata.message_id: m for m in pending}
+            # one message per node and exchange: a reply finds its request by the node it came from
+            by_node = {m.metadata.dst_node_id: m for m in pending}
             pending = []
             for reply in replies:
                 node = reply.metadata.src_node_id
@@ -87,7 +87,7 @@ class Delivery:
                 code, reason = int(reply.error.code), str(reply.error.reason)
                 injected = phase == "train" and injected_fault(self.scenario, pid, server_round) is not None
                 if not injected and is_infrastructure(code, reason) and attempts[pid] < MAX_DELIVERIES:
-                    original = by_id.get(reply.metadata.reply_to_message_id)
+                    original = by_node.get(node)
                     if original is not None:  # the message was lost, not refused: send it again
                         pending.append(
                             Message(original.content, dst_node_id=original.metadata.dst_node_id,
