@@ -437,7 +437,7 @@ def test_messages_lost_by_the_infrastructure_are_sent_again(tmp_path, losses, fa
     raw = tiny(training__rounds_per_task=1)
     scen = tmp_path / "s.yaml"
     scen.write_text(yaml.safe_dump(raw))
-    clean = run_scenario(validate_scenario(raw), run_dir=tmp_path / "clean", out=None)
+    run_scenario(validate_scenario(raw), run_dir=tmp_path / "clean", out=None)
     cfg = {"scenario": str(scen), "out": str(tmp_path / "lossy"), "state-dir": str(tmp_path / "nodes")}
     set_server_identity()
     grid = _LossyGrid(client_app, 3, cfg, losses).grid
