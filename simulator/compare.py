@@ -158,9 +158,13 @@ def run_compare(
         raise UserError(scenario_path, conflicts)
     rows = []
     started = time.time()
+    executed: list[float] = []  # wall seconds of the runs executed so far (kept runs cost nothing)
     for i, r in enumerate(runs, 1):
         say = (lambda text: print(text, file=out, flush=True)) if out else (lambda text: None)
-        say(f"\n=== run {i}/{len(runs)}: {r.label} · seed {r.seed} ({len(runs) - i} left after this) ===")
+        eta = f" · ETA {_duration(sum(executed) / len(executed) * (len(runs) - i + 1))}" if executed else ""
+        say(f"\n=== run {i}/{len(runs)}: {r.label} · seed {r.seed} ({len(runs) - i} left after this) · "
+            f"elapsed {_duration(time.time() - started)}{eta} ===")
+        t_run = time.time()
         row: dict[str, Any] = {"label": r.label, "seed": r.seed}
         done = _finished(r)
         if done is not None:
@@ -186,6 +190,7 @@ def run_compare(
                 row.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
             if row["status"] == "failed":
                 say(f"FAILED: {row['error']}")
+            executed.append(time.time() - t_run)
         row["run_dir"] = str(r.run_dir)
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -199,10 +204,18 @@ def run_compare(
     if len(ok):
         plot_compare(df, [Path(p) for p in ok["run_dir"]], list(ok["label"]), root)
     if out:
-        print(file=out)
+        protocol = runs[0].scenario.evaluation.protocol
+        other = "global" if protocol == "local" else "local"
+        print(f"\nevaluation protocol: {protocol} (columns prefixed {other}_: the {other} protocol) · "
+              f"mean ± std over seeds, n = runs behind each figure", file=out)
         print(format_table(df), file=out)
         print(f"\n{len(ok)}/{len(df)} runs ok in {time.time() - started:.0f}s · results in {root}", file=out)
     return df, root
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def mean_std(values: pd.Series, expected: int | None = None) -> str:

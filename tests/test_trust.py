@@ -338,7 +338,13 @@ def test_set_overrides_get_their_own_default_directory(tmp_path):
 def test_compare_with_other_set_values_keeps_both(tmp_path):
     scen = _scenario_file(tmp_path)
     df3, root3 = run_compare(scen, ["proto_avg"], [0], sets=["clients.num_clients=3"], out=None)
-    df4, root4 = run_compare(scen, ["proto_avg"], [0], sets=["clients.num_clients=4"], out=None)
+    import io
+
+    buf = io.StringIO()
+    df4, root4 = run_compare(scen, ["proto_avg", "fedavg"], [0], sets=["clients.num_clients=4"], out=buf)
+    printed = buf.getvalue()
+    assert "evaluation protocol: global" in printed  # the table says what it measured
+    assert "=== run 2/2: fedavg · seed 0 (0 left after this) · elapsed" in printed and "ETA" in printed
     assert root3 != root4
     assert (root3 / "comparison.csv").exists() and (root4 / "comparison.csv").exists()
     assert json.loads((root4 / "proto_avg" / "seed-0" / "summary.json").read_text())["num_clients"] == 4
