@@ -27,6 +27,7 @@ from ..learner.training import NonFiniteLoss, TrainConfig, compute_prototypes, t
 from ..objective import ClientInfo
 from ..learner.prototypes import PrototypeSet
 from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_to_arrays, record_bytes
+from ..privacy.client import RELEASED, private_prototypes
 from ..seeding import derive_seed, rng
 from .failures import TRACEBACK_MARK, injected_fault
 from .runtime import RunSetup, Runtime, runtime_for
@@ -244,10 +245,16 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             f"try a smaller training.lr "
             f"or smaller strategy loss weights"
         ) from None
-    local_protos = compute_prototypes(model, x, y, rt.device)
-    return _reply(msg, context, rt, pid, state, task, server_round, objective=objective, model=model,
+    local_protos = private_prototypes(s, rt.stream.num_tasks, model, x, y, seen, pid=pid, task=task, rnd=rnd, device=rt.device)
+    released = local_protos is not None
+    if local_protos is None:
+        local_protos = compute_prototypes(model, x, y, rt.device)
+    reply = _reply(msg, context, rt, pid, state, task, server_round, objective=objective, model=model,
                   loss=float(stats.loss), steps=int(stats.steps), num_examples=int(len(task_idx)),
                   local_protos=local_protos)
+    if released:
+        reply.content[METRICS][RELEASED] = 1
+    return reply
 
 
 def _reply(msg: Message, context: Context, rt: Runtime, pid: int, state: dict[str, Any], task: int | None,

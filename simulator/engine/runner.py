@@ -124,7 +124,19 @@ def _summary(
         protocol=scenario.evaluation.protocol,
         task_classes=[[int(c) for c in t] for t in tasks],
     )
+    from ..privacy.run import privacy_summary
+
+    summ.update(privacy_summary(scenario, rec.num_tasks, rec.num_clients, rec.privacy_releases))
     return summ
+
+
+def _check_privacy(scenario: Scenario, num_tasks: int, source: str) -> None:
+    from strategies import STRATEGIES
+
+    from ..privacy.run import check_scenario
+
+    cls = STRATEGIES[scenario.strategy.name]
+    check_scenario(scenario, num_tasks, cls, cls.Params.model_validate(scenario.strategy.params), source)
 
 
 def run_scenario(
@@ -161,6 +173,7 @@ def run_scenario(
     tag = overrides_tag(overrides or {})
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario, tag)
     stream = build_stream_checked(scenario, source)
+    _check_privacy(scenario, stream.num_tasks, source)
     check_writable(run_dir, out_source)
     if not resume:
         check_run_dir(run_dir, scenario.resolved(), overwrite=overwrite, source=out_source)

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import seeding
 from ..errors import RunFailure
+from ..privacy.run import count_releases
 from ..records import CONFIG, METRICS, payload_bytes, weights_to_arrays
 from .failures import ERROR, INJECTED, KINDS, MAX_DELIVERIES, WORKER_DIED, Failure, injected_fault, is_infrastructure, split_reason
 from .recorder import RunRecorder, score_evaluation
@@ -206,6 +207,7 @@ def server_loop(
                 raise RunFailure(reason)
             if msgs and failed[WORKER_DIED] == len(msgs):
                 raise RunFailure(infrastructure_hint(s, recorder))
+            count_releases(recorder.privacy_releases, replies)
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays
