@@ -28,6 +28,7 @@ from ..objective import ClientInfo
 from ..learner.prototypes import PrototypeSet
 from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_to_arrays, record_bytes
 from ..privacy.client import RELEASED, private_prototypes
+from ..privacy.secagg import secure_train_mod
 from ..seeding import derive_seed, rng
 from .failures import TRACEBACK_MARK, injected_fault
 from .runtime import RunSetup, Runtime, runtime_for
@@ -330,7 +331,7 @@ def _query(setup: RunSetup, msg: Message, context: Context) -> Message:
 def build_client_app(setup: RunSetup) -> ClientApp:
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[secure_train_mod(setup)])  # routes SecAgg+ messages only (simulator/privacy/secagg.py)
     def train(msg: Message, context: Context) -> Message:
         return _train(setup, msg, context)
 

@@ -36,6 +36,10 @@ class PrivacyConfig(BaseModel):
     secure_aggregation: bool = Field(
         False, description="clients upload masked per-class sums and counts (SecAgg+ protocol); the server learns only their sum"
     )
+    secure_range: float = Field(
+        1e5, gt=0.0, le=1e12,
+        description="public bound on every per-class sum coordinate and count under secure aggregation (fixes the integer quantisation: about 2e-9 x range per coordinate)",
+    )
     keep_uploads: bool = Field(
         False, description="record what the server received (uploads.npz in the run dir) for `protofed attack`"
     )

@@ -23,12 +23,11 @@ NOT_A_SUM = {
 
 def supports_secure_sum(strategy_cls, params) -> tuple[bool, str]:
     """Whether the strategy's merge needs only the per-class sums and counts of a round."""
+    if not getattr(strategy_cls, "merge_is_sum", False):
+        return False, NOT_A_SUM.get(strategy_cls.name, f"{strategy_cls.name}'s merge is not declared to need only the sum of the uploads")
     if strategy_cls.weight_sharing(params):
         return False, f"{strategy_cls.name} with share_weights sends model weights, which are not aggregated securely here"
-    if getattr(strategy_cls, "merge_is_sum", False):
-        return True, ""
-    reason = NOT_A_SUM.get(strategy_cls.name, f"{strategy_cls.name}'s merge is not declared to need only the sum of the uploads")
-    return False, reason
+    return True, ""
 
 
 def check_scenario(scenario, num_tasks: int, strategy_cls, params, source: str) -> None:
@@ -51,6 +50,9 @@ def check_scenario(scenario, num_tasks: int, strategy_cls, params, source: str) 
                 problems.append(Problem("privacy", str(exc)))
     if p.secure_aggregation:
         ok, why = supports_secure_sum(strategy_cls, params)
+        sampled = max(1, int(round(scenario.clients.participation * scenario.clients.num_clients)))
+        if ok and sampled < 2:
+            problems.append(Problem("privacy.secure_aggregation", f"needs at least 2 clients a round (this scenario samples {sampled}): the sum of one client is that client's upload"))
         if not ok:
             problems.append(Problem("privacy.secure_aggregation", f"cannot be used with strategy {strategy_cls.name}: {why}; only merges that use the sum of the uploads (proto_avg) can"))
     if problems:
