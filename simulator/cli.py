@@ -216,6 +216,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    from .privacy.attack import run_attack
+
+    target = Path(args.dir)
+    if not target.is_dir():
+        raise UserError.single(args.dir, "", "not a directory")
+    result = run_attack(target)
+    t = result["tracing"]
+    if t.get("releases"):
+        print(f"tracing attack: AUC {t['auc']:.3f} · TPR at 1% FPR {t['tpr_at_1pct_fpr']:.3f} · "
+              f"{t['releases']} releases, {t['members']} members, {t['non_members']} non-members")
+    else:
+        print("tracing attack: no release with enough held-out samples to score")
+    print(target / "attack.json")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from strategies import STRATEGIES
 
@@ -294,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="(re)draw the plots of a run directory (or of every run under a folder)")
     pl.add_argument("dir")
     pl.set_defaults(func=cmd_plot)
+
+    at = sub.add_parser("attack", help="leakage attacks on what the server received (runs with privacy.keep_uploads) -> attack.json")
+    at.add_argument("dir")
+    at.set_defaults(func=cmd_attack)
 
     ls = sub.add_parser("list", help="strategies, dataset sources, partition schemes, backbones")
     ls.set_defaults(func=cmd_list)

@@ -28,6 +28,7 @@ from ..objective import ClientInfo
 from ..learner.prototypes import PrototypeSet
 from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_to_arrays, record_bytes
 from ..privacy.client import RELEASED, private_prototypes
+from ..privacy.audit import client_truth
 from ..privacy.secagg import secure_train_mod
 from ..seeding import derive_seed, rng
 from .failures import TRACEBACK_MARK, injected_fault
@@ -250,6 +251,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     released = local_protos is not None
     if local_protos is None:
         local_protos = compute_prototypes(model, x, y, rt.device)
+    client_truth(setup, rt, pid, task, rnd, server_round, model, x, y)  # privacy.keep_uploads only
     reply = _reply(msg, context, rt, pid, state, task, server_round, objective=objective, model=model,
                   loss=float(stats.loss), steps=int(stats.steps), num_examples=int(len(task_idx)),
                   local_protos=local_protos)

@@ -195,6 +195,9 @@ def run_scenario(
         num_clients=scenario.clients.num_clients,
         out=out,
     )
+    from ..privacy.audit import UploadLog
+
+    rec.upload_log = UploadLog() if scenario.privacy.keep_uploads else None  # not kept across --resume
     start_task, strategy_state, wall_before = 0, None, 0.0
     if resume and has_checkpoint(run_dir):
         ckpt = load_checkpoint(run_dir, clients_dir)
@@ -230,6 +233,10 @@ def run_scenario(
         if rec.tasks_done > 0 and np.isfinite(rec.local_matrix).any():
             writer.write_matrix(rec.local_matrix, name="local_accuracy_matrix.csv")
         writer.write_summary(summary)
+        if rec.upload_log is not None:
+            from ..privacy.audit import write_uploads
+
+            write_uploads(run_dir / "uploads.npz", rec.upload_log, state_dir)
         return summary
 
     def on_task_end(task: int, strategy) -> None:

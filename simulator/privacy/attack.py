@@ -1,0 +1,186 @@
+"""``protofed attack RUN_DIR``: how much do released prototypes say about who trained on what?
+
+Tracing (membership) attack on released means, after Homer et al. (2008) and Dwork, Smith,
+Steinke, Ullman and Vadhan (FOCS 2015): a released class mean ``p`` moves towards each of the
+samples behind it. Given a candidate embedding ``x`` and a reference mean ``m`` of the class
+computed from other data, the score is ``<x - m, p - m>``; members score higher than
+non-members of the same class. We report the true-positive rate at a 1% false-positive rate
+and the AUC, members vs held-out non-members, pooled over every (release, class) of the run
+after standardising each release's scores by its non-members (so releases of different scales
+pool fairly).
+
+Threat model (stated, not hidden): the server holds (a) what it received (``uploads.npz``,
+the uploads as the strategy saw them; only the aggregate under secure aggregation) and (b) the
+client's feature extractor at upload time and reference data of each class: a worst case for
+prototype-only methods, the ordinary case once backbones are shared or public. Its reference
+mean uses one half of the held-out samples of the class; the other half are the non-member
+candidates, so the reference never contains a scored sample.
+
+Not implemented: feature inversion (optimising an input whose embedding matches a prototype).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+FPR_TARGET = 0.01
+
+
+def load_uploads(run_dir: Path) -> tuple[list[dict[str, Any]], dict[tuple[int, int], dict[str, np.ndarray]]]:
+    path = run_dir / "uploads.npz"
+    if not path.exists():
+        raise UserError.single(str(run_dir), "privacy.keep_uploads",
+                               "holds no uploads.npz: run the scenario with privacy.keep_uploads: true (--set privacy.keep_uploads=true)")
+    uploads: dict[int, dict[str, Any]] = {}
+    truth: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            parts = key.split("/")
+            if parts[0] == "upload":
+                uploads.setdefault(int(parts[1]), {})[parts[2]] = z[key]
+            elif parts[0] == "truth":
+                truth.setdefault((int(parts[1]), int(parts[2])), {})[parts[3]] = z[key]
+    rows = []
+    for i in sorted(uploads):
+        u = uploads[i]
+        sr, task, rnd, pid = (int(v) for v in u["meta"])
+        rows.append({"server_round": sr, "task": task, "round": rnd, "pid": pid,
+                     "classes": u["classes"], "vectors": u["vectors"], "counts": u["counts"]})
+    return rows, truth
+
+
+def tracing_scores(p: np.ndarray, members: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Standardised scores of members and non-member candidates for one released mean ``p``;
+    None when there are too few held-out samples to form a reference and candidates."""
+    if len(others) < 4 or len(members) == 0:
+        return None
+    ref, cand = others[0::2].astype(np.float64), others[1::2].astype(np.float64)
+    m = ref.mean(axis=0)
+    direction = p.astype(np.float64) - m
+    s_mem = (members.astype(np.float64) - m) @ direction
+    s_non = (cand - m) @ direction
+    sd = s_non.std()
+    if not np.isfinite(sd) or sd <= 0:
+        return None
+    return (s_mem - s_non.mean()) / sd, (s_non - s_non.mean()) / sd
+
+
+def tracing_attack(uploads: list[dict[str, Any]], truth: dict[tuple[int, int], dict[str, np.ndarray]]) -> dict[str, Any]:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    mem_all, non_all = [], []
+    releases = 0
+    for u in uploads:
+        sr, pid = u["server_round"], u["pid"]
+        # an aggregate (secure aggregation) is attacked with every client's samples of the round
+        owners = [k for (k, r) in truth if r == sr] if pid < 0 else ([pid] if (pid, sr) in truth else [])
+        for c, p in zip(u["classes"], u["vectors"]):
+            for k in owners:
+                t = truth[(k, sr)]
+                mem = t["member_emb"][t["member_y"] == c]
+                non = t["other_emb"][t["other_y"] == c]
+                out = tracing_scores(p, mem, non)
+                if out is None:
+                    continue
+                mem_all.append(out[0])
+                non_all.append(out[1])
+                releases += 1
+    if not releases:
+        return {"releases": 0}
+    mem_s, non_s = np.concatenate(mem_all), np.concatenate(non_all)
+    y = np.concatenate([np.ones(len(mem_s)), np.zeros(len(non_s))])
+    s = np.concatenate([mem_s, non_s])
+    fpr, tpr, _ = roc_curve(y, s)
+    return {
+        "releases": releases,
+        "members": int(len(mem_s)),
+        "non_members": int(len(non_s)),
+        "auc": float(roc_auc_score(y, s)),
+        "tpr_at_1pct_fpr": float(tpr[fpr <= FPR_TARGET].max(initial=0.0)),
+        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+    }
+
+
+def run_attack(run_dir: Path) -> dict[str, Any]:
+    """Attack one run directory; writes ``attack.json`` and ``plots/attack_roc.png``."""
+    run_dir = Path(run_dir)
+    uploads, truth = load_uploads(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    cfg_privacy = _privacy_of(run_dir)
+    tracing = tracing_attack(uploads, truth)
+    result = {
+        "run_dir": str(run_dir),
+        "strategy": summary.get("strategy"),
+        "privacy": cfg_privacy,
+        "epsilon_spent_max": summary.get("epsilon_spent_max"),
+        "threat_model": "server with the uploads it received, the client's feature extractor at upload time, and held-out reference data of each class",
+        "tracing": {k: v for k, v in tracing.items() if k != "roc"},
+        "feature_inversion": "not implemented",
+    }
+    (run_dir / "attack.json").write_text(json.dumps(result, indent=2) + "\n")
+    if "roc" in tracing:
+        _plot(run_dir / "plots" / "attack_roc.png", tracing, summary.get("strategy", ""), cfg_privacy)
+    return result
+
+
+def _privacy_of(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    cfg = run_dir / "config.yaml"
+    if not cfg.exists():
+        return {}
+    data = yaml.safe_load(cfg.read_text()) or {}
+    return dict(data.get("privacy") or {})
+
+
+def _plot(path: Path, tracing: dict[str, Any], strategy: str, privacy: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fpr, tpr = np.asarray(tracing["roc"]["fpr"]), np.asarray(tracing["roc"]["tpr"])
+    eps = privacy.get("epsilon") or privacy.get("noise_multiplier")
+    label = f"{strategy} ({'DP ' + str(eps) if eps else 'no DP'}) AUC {tracing['auc']:.3f}"
+    ax.plot(np.maximum(fpr, 1e-4), tpr, label=label)
+    ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8, label="chance")
+    ax.axvline(FPR_TARGET, color="grey", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title("tracing attack on released prototypes")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_many(results: list[tuple[str, dict[str, Any]]], path: Path) -> None:
+    """One ROC figure for several runs (label, tracing result with its roc)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    for label, tr in results:
+        fpr, tpr = np.asarray(tr["roc"]["fpr"]), np.asarray(tr["roc"]["tpr"])
+        ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{label}: AUC {tr['auc']:.3f}, TPR@1% {tr['tpr_at_1pct_fpr']:.3f}")
+    ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title("tracing attack on released prototypes")
+    ax.legend(fontsize=6.5, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

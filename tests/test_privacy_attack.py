@@ -1,0 +1,57 @@
+"""The tracing attack on released means: its score separates members from non-members when
+the mean is exact and few samples make it, falls to chance under heavy noise, and
+`protofed attack` works on a real run that kept its uploads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import run_tiny
+
+from simulator.cli import main
+from simulator.privacy.attack import tracing_attack
+
+
+def _release(rng, n_members: int, dim: int, noise: float):
+    members = rng.normal(size=(n_members, dim))
+    others = rng.normal(size=(200, dim))
+    p = members.mean(axis=0) + rng.normal(scale=noise, size=dim)
+    return p, members, others
+
+
+@pytest.mark.parametrize("noise,low,high", [(0.0, 0.95, 1.0), (50.0, 0.4, 0.6)])
+def test_tracing_attack_on_synthetic_means(noise, low, high):
+    rng = np.random.default_rng(0)
+    uploads, truth = [], {}
+    for k in range(20):
+        p, mem, non = _release(rng, 8, 64, noise)
+        uploads.append({"server_round": 1, "pid": k, "classes": np.array([3]), "vectors": p[None], "counts": np.array([8])})
+        truth[(k, 1)] = {"member_emb": mem, "member_y": np.full(8, 3), "other_emb": non, "other_y": np.full(200, 3)}
+    out = tracing_attack(uploads, truth)
+    assert out["releases"] == 20 and out["members"] == 160 and out["non_members"] == 20 * 100
+    assert low <= out["auc"] <= high
+    if noise == 0.0:
+        assert out["tpr_at_1pct_fpr"] > 0.5  # a mean of 8 samples in 64 dimensions gives its members away
+
+
+def test_attack_command_on_a_run_that_kept_its_uploads(tmp_path, capsys):
+    out = run_tiny(tmp_path, "run", strategy={"name": "proto_avg", "params": {}}, privacy={"keep_uploads": True})
+    assert (out.run_dir / "uploads.npz").exists()
+    assert main(["attack", str(out.run_dir)]) == 0
+    result = json.loads((out.run_dir / "attack.json").read_text())
+    t = result["tracing"]
+    assert t["releases"] > 0 and t["members"] > 0 and t["non_members"] > 0
+    assert 0.0 <= t["auc"] <= 1.0 and 0.0 <= t["tpr_at_1pct_fpr"] <= 1.0
+    assert (out.run_dir / "plots" / "attack_roc.png").stat().st_size > 0
+    with np.load(out.run_dir / "uploads.npz") as z:
+        senders = {int(z[k][3]) for k in z.files if k.endswith("/meta")}
+    assert senders == {0, 1, 2}  # the server's view: each client's own upload
+
+
+def test_attack_without_uploads_is_a_clear_error(tmp_path, capsys):
+    out = run_tiny(tmp_path, "run", strategy={"name": "proto_avg", "params": {}})
+    assert main(["attack", str(out.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "privacy.keep_uploads" in err and "Traceback" not in err
