@@ -34,6 +34,8 @@ def test_tracing_attack_on_synthetic_means(noise, low, high):
     assert low <= out["auc"] <= high
     if noise == 0.0:
         assert out["tpr_at_1pct_fpr"] > 0.5  # a mean of 8 samples in 64 dimensions gives its members away
+    # members and non-members come from one distribution here: without the release nothing leaks
+    assert 0.4 <= out["model_only_auc"] <= 0.6
 
 
 def test_attack_command_on_a_run_that_kept_its_uploads(tmp_path, capsys):
@@ -44,6 +46,7 @@ def test_attack_command_on_a_run_that_kept_its_uploads(tmp_path, capsys):
     t = result["tracing"]
     assert t["releases"] > 0 and t["members"] > 0 and t["non_members"] > 0
     assert 0.0 <= t["auc"] <= 1.0 and 0.0 <= t["tpr_at_1pct_fpr"] <= 1.0
+    assert 0.0 <= t["model_only_auc"] <= 1.0  # the baseline that ignores the release
     assert (out.run_dir / "plots" / "attack_roc.png").stat().st_size > 0
     with np.load(out.run_dir / "uploads.npz") as z:
         senders = {int(z[k][3]) for k in z.files if k.endswith("/meta")}

@@ -16,6 +16,10 @@ prototype-only methods, the ordinary case once backbones are shared or public. I
 mean uses one half of the held-out samples of the class; the other half are the non-member
 candidates, so the reference never contains a scored sample.
 
+The model itself leaks too in this threat model (it was trained on the members and embeds them
+closer to their class centre): ``model_only_auc`` scores ``-||x - m||^2`` without the release,
+so the release's own contribution is the gap between the two.
+
 Not implemented: feature inversion (optimising an input whose embedding matches a prototype).
 """
 
@@ -55,6 +59,23 @@ def load_uploads(run_dir: Path) -> tuple[list[dict[str, Any]], dict[tuple[int, i
     return rows, truth
 
 
+def _standardise(s_mem: np.ndarray, s_non: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    sd = s_non.std()
+    if not np.isfinite(sd) or sd <= 0:
+        return None
+    return (s_mem - s_non.mean()) / sd, (s_non - s_non.mean()) / sd
+
+
+def model_only_scores(members: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The baseline that ignores the release: ``-||x - m||^2`` (a model trained on its members
+    embeds them closer to their class centre). What the release adds is the difference."""
+    if len(others) < 4 or len(members) == 0:
+        return None
+    ref, cand = others[0::2].astype(np.float64), others[1::2].astype(np.float64)
+    m = ref.mean(axis=0)
+    return _standardise(-((members.astype(np.float64) - m) ** 2).sum(1), -((cand - m) ** 2).sum(1))
+
+
 def tracing_scores(p: np.ndarray, members: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Standardised scores of members and non-member candidates for one released mean ``p``;
     None when there are too few held-out samples to form a reference and candidates."""
@@ -65,16 +86,13 @@ def tracing_scores(p: np.ndarray, members: np.ndarray, others: np.ndarray) -> tu
     direction = p.astype(np.float64) - m
     s_mem = (members.astype(np.float64) - m) @ direction
     s_non = (cand - m) @ direction
-    sd = s_non.std()
-    if not np.isfinite(sd) or sd <= 0:
-        return None
-    return (s_mem - s_non.mean()) / sd, (s_non - s_non.mean()) / sd
+    return _standardise(s_mem, s_non)
 
 
 def tracing_attack(uploads: list[dict[str, Any]], truth: dict[tuple[int, int], dict[str, np.ndarray]]) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    mem_all, non_all = [], []
+    mem_all, non_all, base_mem, base_non = [], [], [], []
     releases = 0
     for u in uploads:
         sr, pid = u["server_round"], u["pid"]
@@ -90,6 +108,10 @@ def tracing_attack(uploads: list[dict[str, Any]], truth: dict[tuple[int, int], d
                     continue
                 mem_all.append(out[0])
                 non_all.append(out[1])
+                base = model_only_scores(mem, non)
+                if base is not None:
+                    base_mem.append(base[0])
+                    base_non.append(base[1])
                 releases += 1
     if not releases:
         return {"releases": 0}
@@ -97,12 +119,21 @@ def tracing_attack(uploads: list[dict[str, Any]], truth: dict[tuple[int, int], d
     y = np.concatenate([np.ones(len(mem_s)), np.zeros(len(non_s))])
     s = np.concatenate([mem_s, non_s])
     fpr, tpr, _ = roc_curve(y, s)
+    baseline = {}
+    if base_mem:
+        bm, bn = np.concatenate(base_mem), np.concatenate(base_non)
+        by = np.concatenate([np.ones(len(bm)), np.zeros(len(bn))])
+        bs = np.concatenate([bm, bn])
+        bf, bt, _ = roc_curve(by, bs)
+        baseline = {"model_only_auc": float(roc_auc_score(by, bs)),
+                    "model_only_tpr_at_1pct_fpr": float(bt[bf <= FPR_TARGET].max(initial=0.0))}
     return {
         "releases": releases,
         "members": int(len(mem_s)),
         "non_members": int(len(non_s)),
         "auc": float(roc_auc_score(y, s)),
         "tpr_at_1pct_fpr": float(tpr[fpr <= FPR_TARGET].max(initial=0.0)),
+        **baseline,
         "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
     }
 
@@ -151,7 +182,8 @@ def _plot(path: Path, tracing: dict[str, Any], strategy: str, privacy: dict[str,
     eps = privacy.get("epsilon") or privacy.get("noise_multiplier")
     label = f"{strategy} ({'DP ' + str(eps) if eps else 'no DP'}) AUC {tracing['auc']:.3f}"
     ax.plot(np.maximum(fpr, 1e-4), tpr, label=label)
-    ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8, label="chance")
+    chance = np.logspace(-4, 0, 50)
+    ax.plot(chance, chance, "k:", lw=0.8, label="chance")
     ax.axvline(FPR_TARGET, color="grey", lw=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("false-positive rate")
@@ -174,7 +206,8 @@ def plot_many(results: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     for label, tr in results:
         fpr, tpr = np.asarray(tr["roc"]["fpr"]), np.asarray(tr["roc"]["tpr"])
         ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{label}: AUC {tr['auc']:.3f}, TPR@1% {tr['tpr_at_1pct_fpr']:.3f}")
-    ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8)
+    chance = np.logspace(-4, 0, 50)
+    ax.plot(chance, chance, "k:", lw=0.8, label="chance")
     ax.set_xscale("log")
     ax.set_xlabel("false-positive rate")
     ax.set_ylabel("true-positive rate")
