@@ -180,6 +180,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"  {p.field}: {p.message}")
             return 0
         raise
+    from .engine.runner import _check_privacy
+
+    _check_privacy(scenario, stream.num_tasks, args.scenario)  # privacy budget, secure-aggregation support
     print(
         f"ok: {scenario.name}: {stream.num_tasks} tasks {[len(t) for t in stream.tasks]} classes, "
         f"{scenario.clients.num_clients} clients, strategy {scenario.strategy.name}"

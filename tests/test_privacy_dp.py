@@ -124,3 +124,12 @@ def test_dp_refuses_weight_sharing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "privacy.epsilon" in err and "weights" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_validate_reports_an_over_budget_noise(tmp_path, capsys):
+    path = _write(tmp_path, strategy={"name": "proto_avg", "params": {}},
+                  privacy={"epsilon": 1.0, "noise_multiplier": 0.3})
+    assert main(["validate", str(path)]) == 2
+    assert "privacy.noise_multiplier" in capsys.readouterr().err
+    ok = _write(tmp_path, strategy={"name": "proto_avg", "params": {}}, privacy={"epsilon": 1.0})
+    assert main(["validate", str(ok)]) == 0

@@ -67,16 +67,19 @@ def calibrate_noise(epsilon: float, delta: float, releases: int, kind: str = "rd
     """The smallest noise multiplier whose ``releases``-fold composition stays within
     ``(epsilon, delta)`` (dp-accounting's own calibration search)."""
     dp = _dp()
-    return float(
-        dp.calibrate_dp_mechanism(
-            lambda: _accountant(kind),
-            lambda z: _event(z, releases),
-            epsilon,
-            delta,
-            dp.LowerEndpointAndGuess(1e-3, 1.0),
-            tol=1e-4,
+    try:
+        return float(
+            dp.calibrate_dp_mechanism(
+                lambda: _accountant(kind),
+                lambda z: _event(z, releases),
+                epsilon,
+                delta,
+                dp.LowerEndpointAndGuess(1e-2, 1.0),
+                tol=1e-4,
+            )
         )
-    )
+    except (ValueError, OverflowError) as exc:
+        raise BudgetExceeded(f"no noise multiplier of at least 0.01 meets epsilon {epsilon:g} at delta {delta:g} over {releases} releases ({exc})") from None
 
 
 class BudgetExceeded(ValueError):

@@ -20,11 +20,11 @@ class PrivacyConfig(BaseModel):
         description="noise added to each client's per-class sums of clipped embeddings and counts (used when epsilon or noise_multiplier is set)",
     )
     epsilon: float | None = Field(
-        None, gt=0.0, le=1e6,
+        None, ge=0.01, le=1000.0,
         description="privacy budget per client over the whole run (add/remove one sample); alone: the noise is calibrated to it; with noise_multiplier: a run that would exceed it is refused",
     )
     noise_multiplier: float | None = Field(
-        None, gt=0.0, le=1e6,
+        None, ge=0.01, le=1e6,
         description="noise std / sensitivity of one release (instead of, or checked against, epsilon)",
     )
     delta: float = Field(1e-5, gt=0.0, lt=1.0, description="delta of the (epsilon, delta) guarantee")
