@@ -68,6 +68,7 @@ def test_secure_aggregation_gives_the_plain_global_prototypes_and_merge_sees_onl
     assert s["bytes_up"] > p["bytes_up"] and s["bytes_down"] > p["bytes_down"]  # keys, shares, masked vectors
     m = pd.read_csv(secure.run_dir / "metrics.csv").drop_duplicates("global_round")
     assert m["clients_trained"].tolist() == [3, 3, 2, 3, 3, 3]
+    assert (m["client_seconds"] > 0).all()  # the survivors' compute time travels in clear
 
 
 def test_secure_aggregation_with_dp_counts_each_clients_releases(tmp_path):

@@ -208,6 +208,8 @@ def server_loop(
                 for r in replies
                 if r.has_content() and METRICS in r.content and "compute_seconds" in r.content[METRICS]
             ]
+            if secure is not None:
+                compute = secure.last.compute
             reason = _fatal_failure(replies)
             if reason is not None:
                 raise RunFailure(reason)

@@ -244,6 +244,7 @@ class RoundStats:
     seconds: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    compute: list[float] = field(default_factory=list)  # each survivor's compute_seconds (sent in clear)
 
 
 class SecureSum:
@@ -289,7 +290,8 @@ class SecureSum:
             if r.has_error():
                 self.on_failure(r)
         clear = [dict(res.metrics) for _, res in legacy.results]
-        self.last = RoundStats(len(clear), time.perf_counter() - t0, counting.up, counting.down)
+        self.last = RoundStats(len(clear), time.perf_counter() - t0, counting.up, counting.down,
+                               [float(m["compute_seconds"]) for m in clear if "compute_seconds" in m])
         if not legacy.results:
             return [], {}
         mean = parameters_to_ndarrays(legacy.results[0][1].parameters)[0]
