@@ -8,13 +8,14 @@
 ``attack``: each strategy without and with DP, uploads kept, ``protofed attack`` on each run;
 writes DIR/attack.csv and DIR/attack_roc.png. ``sweep``: final average accuracy against
 epsilon (plus the run without DP); writes DIR/sweep.csv and DIR/accuracy_epsilon.png.
+``plot SCENARIO --out DIR --set A.csv --set B.csv``: one accuracy/epsilon figure from several
+sweep.csv / attack.csv files (SCENARIO is ignored).
 Runs use the inline engine, one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -52,11 +53,6 @@ def attack(args) -> None:
 
 
 def sweep(args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = []
     for strategy in args.strategies.split(","):
         for eps in [None, *[float(e) for e in args.epsilons.split(",")]]:
@@ -70,25 +66,45 @@ def sweep(args) -> None:
             print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     df.to_csv(args.out / "sweep.csv", index=False)
+    plot_sweep(df, args.out / "accuracy_epsilon.png")
+
+
+def plot_sweep(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for i, (strategy, g) in enumerate(df.groupby("strategy", sort=False)):
+    for strategy, g in df.groupby("strategy", sort=False):
         dp = g[g["epsilon"].notna()].sort_values("epsilon")
         line, = ax.plot(dp["epsilon"], dp["final_avg_accuracy"], "o-", label=strategy)
         base = g[g["epsilon"].isna()]["final_avg_accuracy"]
         if len(base):
             ax.axhline(float(base.iloc[0]), color=line.get_color(), ls=":", lw=1)
     ax.set_xscale("log")
+    ticks = sorted(df["epsilon"].dropna().unique())
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("epsilon per client over the run (delta 1e-5)")
     ax.set_ylabel("final average accuracy")
     ax.set_title("accuracy against epsilon (dotted: no DP)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out / "accuracy_epsilon.png", dpi=130)
+    fig.savefig(path, dpi=130)
+
+
+def plot_csvs(args) -> None:
+    """Several sweep.csv / attack.csv files (given as --set PATH) drawn as one figure."""
+    frames = [pd.read_csv(p)[["strategy", "epsilon", "final_avg_accuracy"]] for p in args.set]
+    df = pd.concat(frames).drop_duplicates(["strategy", "epsilon"])
+    df.to_csv(args.out / "accuracy_epsilon.csv", index=False)
+    plot_sweep(df, args.out / "accuracy_epsilon.png")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["attack", "sweep"])
+    p.add_argument("what", choices=["attack", "sweep", "plot"])
     p.add_argument("scenario")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--strategies", default="proto_avg,fedproto")
@@ -98,7 +114,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    attack(args) if args.what == "attack" else sweep(args)
+    {"attack": attack, "sweep": sweep, "plot": plot_csvs}[args.what](args)
 
 
 if __name__ == "__main__":
