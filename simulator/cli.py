@@ -232,6 +232,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
               f"{t['releases']} releases, {t['members']} members, {t['non_members']} non-members")
     else:
         print("tracing attack: no release with enough held-out samples to score")
+    inv = result["feature_inversion"]
+    if isinstance(inv, dict) and inv.get("releases"):
+        print(f"feature inversion: nearest real sample is a member for {inv['top1_member_rate']:.2f} of "
+              f"{inv['releases']} releases (chance {inv['top1_chance']:.2f}, inverting the reference mean "
+              f"{inv['top1_member_rate_baseline']:.2f})")
     print(target / "attack.json")
     return 0
 

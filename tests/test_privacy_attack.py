@@ -47,6 +47,11 @@ def test_attack_command_on_a_run_that_kept_its_uploads(tmp_path, capsys):
     assert t["releases"] > 0 and t["members"] > 0 and t["non_members"] > 0
     assert 0.0 <= t["auc"] <= 1.0 and 0.0 <= t["tpr_at_1pct_fpr"] <= 1.0
     assert 0.0 <= t["model_only_auc"] <= 1.0  # the baseline that ignores the release
+    inv = result["feature_inversion"]
+    assert inv["releases"] > 0
+    for key in ("top1_member_rate", "top1_member_rate_baseline", "top1_chance"):
+        assert 0.0 <= inv[key] <= 1.0
+    assert inv["median_nearest_member_over_nonmember"] > 0
     assert (out.run_dir / "plots" / "attack_roc.png").stat().st_size > 0
     with np.load(out.run_dir / "uploads.npz") as z:
         senders = {int(z[k][3]) for k in z.files if k.endswith("/meta")}
@@ -58,3 +63,20 @@ def test_attack_without_uploads_is_a_clear_error(tmp_path, capsys):
     assert main(["attack", str(out.run_dir)]) == 2
     err = capsys.readouterr().err
     assert "privacy.keep_uploads" in err and "Traceback" not in err
+
+
+def test_inversion_finds_an_input_that_the_model_maps_onto_the_target():
+    import torch
+
+    from simulator.learner.backbones import build_model
+    from simulator.privacy.attack import invert
+
+    model = build_model("mlp", (8,), 4, 3, False, 0).eval()
+    x0 = np.random.default_rng(0).normal(size=8).astype(np.float32)
+    with torch.no_grad():
+        target = model(torch.as_tensor(x0)[None])[0].numpy()
+        start = model(torch.zeros(1, 8))[0].numpy()
+    rec = invert(model, target, (8,), steps=300)
+    with torch.no_grad():
+        got = model(torch.as_tensor(rec)[None])[0].numpy()
+    assert np.linalg.norm(got - target) < 0.1 * np.linalg.norm(start - target)

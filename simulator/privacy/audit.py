@@ -61,25 +61,33 @@ def truth_dir(state_dir: str | Path) -> Path:
 
 
 def record_truth(state_dir: str | Path, pid: int, server_round: int, member_emb: np.ndarray, member_y: np.ndarray,
-                 other_emb: np.ndarray, other_y: np.ndarray, seed: int) -> None:
-    """Members and non-members of one release, subsampled to TRUTH_PER_CLASS per class."""
+                 other_emb: np.ndarray, other_y: np.ndarray, seed: int, member_x: np.ndarray | None = None,
+                 other_x: np.ndarray | None = None, model: dict[str, np.ndarray] | None = None) -> None:
+    """Members and non-members of one release, subsampled to TRUTH_PER_CLASS per class (their
+    embeddings, and their inputs and the client's model for feature inversion)."""
     gen = np.random.default_rng(seed)
 
-    def cap(emb: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def cap(y: np.ndarray) -> np.ndarray:
         keep: list[int] = []
         for c in np.unique(y):
             idx = np.flatnonzero(y == c)
             keep.extend(gen.choice(idx, size=min(len(idx), TRUTH_PER_CLASS), replace=False).tolist())
-        keep_arr = np.array(sorted(keep), dtype=np.int64)
-        return emb[keep_arr].astype(np.float32), y[keep_arr].astype(np.int64)
+        return np.array(sorted(keep), dtype=np.int64)
 
-    me, my = cap(member_emb, member_y)
-    oe, oy = cap(other_emb, other_y)
+    km, ko = cap(member_y), cap(other_y)
+    out = {"member_emb": member_emb[km].astype(np.float32), "member_y": member_y[km].astype(np.int64),
+           "other_emb": other_emb[ko].astype(np.float32), "other_y": other_y[ko].astype(np.int64),
+           "meta": np.array([pid, server_round])}
+    if member_x is not None and other_x is not None:
+        out["member_x"] = member_x[km].astype(np.float32)
+        out["other_x"] = other_x[ko].astype(np.float32)
+    for k, v in (model or {}).items():
+        out[f"model.{k}"] = v
     d = truth_dir(state_dir)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{pid}-{server_round}.npz"
     with open(tmp, "wb") as f:
-        np.savez(f, member_emb=me, member_y=my, other_emb=oe, other_y=oy, meta=np.array([pid, server_round]))
+        np.savez(f, **out)
     tmp.replace(d / f"{pid}-{server_round}.npz")
 
 
@@ -97,7 +105,16 @@ def client_truth(setup, rt, pid: int, task: int, rnd: int, server_round: int, mo
     xt, yt = data.x_test[test_mask], data.y_test[test_mask]
     member = embed(model, x, rt.device).detach().cpu().numpy()
     other = embed(model, xt, rt.device).detach().cpu().numpy() if len(yt) else np.zeros((0, member.shape[1]), np.float32)
-    record_truth(setup.state_dir, pid, server_round, member, y, other, yt, derive_seed(s.seed, "audit", pid, server_round))
+    spec = {  # what rebuilds the client's model for feature inversion (simulator.learner.backbones.build_model)
+        "spec.backbone": np.array(s.model.backbone_of(pid)),
+        "spec.input_shape": np.array(data.input_shape, dtype=np.int64),
+        "spec.embedding_dim": np.array(s.model.embedding_dim),
+        "spec.num_classes": np.array(data.num_classes),
+        "spec.with_head": np.array(bool(rt.with_head)),
+    }
+    weights = {f"w.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    record_truth(setup.state_dir, pid, server_round, member, y, other, yt, derive_seed(s.seed, "audit", pid, server_round),
+                 member_x=np.asarray(x, dtype=np.float32), other_x=np.asarray(xt, dtype=np.float32), model={**spec, **weights})
 
 
 def write_uploads(path: Path, log: UploadLog, state_dir: str | Path) -> None:
@@ -106,8 +123,9 @@ def write_uploads(path: Path, log: UploadLog, state_dir: str | Path) -> None:
     for f in sorted(truth_dir(state_dir).glob("[0-9]*-[0-9]*.npz")):
         with np.load(f) as z:
             pid, sr = (int(v) for v in z["meta"])
-            for k in ("member_emb", "member_y", "other_emb", "other_y"):
-                out[f"truth/{pid}/{sr}/{k}"] = z[k]
+            for k in z.files:
+                if k != "meta":
+                    out[f"truth/{pid}/{sr}/{k}"] = z[k]
     tmp = path.with_name("." + path.name)
     with open(tmp, "wb") as fh:
         np.savez_compressed(fh, **out)
