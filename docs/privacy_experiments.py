@@ -46,7 +46,8 @@ def attack(args) -> None:
             uploads, truth = load_uploads(out.run_dir)
             curves.append((label, tracing_attack(uploads, truth)))
             rows.append({"strategy": strategy, "epsilon": eps, "final_avg_accuracy": out.summary["final_avg_accuracy"],
-                         "epsilon_spent_max": out.summary.get("epsilon_spent_max"), **res["tracing"]})
+                         "epsilon_spent_max": out.summary.get("epsilon_spent_max"), **res["tracing"],
+                         **{f"inversion_{k}": v for k, v in (res["feature_inversion"] if isinstance(res["feature_inversion"], dict) else {}).items()}})
             print(rows[-1], flush=True)
     pd.DataFrame(rows).to_csv(args.out / "attack.csv", index=False)
     plot_many(curves, args.out / "attack_roc.png")
