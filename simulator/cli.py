@@ -198,6 +198,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"  {p.field}: {p.message}")
             return 0
         raise
+    from .engine.runner import _check_privacy
+
+    _check_privacy(scenario, stream.num_tasks, args.scenario)  # privacy budget, secure-aggregation support
     print(
         f"ok: {scenario.name}: {stream.num_tasks} tasks {[len(t) for t in stream.tasks]} classes, "
         f"{scenario.clients.num_clients} clients, strategy {scenario.strategy.name}"
@@ -265,6 +268,28 @@ def cmd_schema(args: argparse.Namespace) -> int:
         keys = sorted({r[0] for r in reference_rows()} | {r[0].rsplit(".", 1)[0] for r in reference_rows() if "." in r[0]})
         raise UserError.single("protofed schema", args.key, "no such scenario key" + did_you_mean(key or "", keys))
     print(text)
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from .privacy.attack import run_attack
+
+    target = Path(args.dir)
+    if not target.is_dir():
+        raise UserError.single(args.dir, "", "not a directory")
+    result = run_attack(target)
+    t = result["tracing"]
+    if t.get("releases"):
+        print(f"tracing attack: AUC {t['auc']:.3f} · TPR at 1% FPR {t['tpr_at_1pct_fpr']:.3f} · "
+              f"{t['releases']} releases, {t['members']} members, {t['non_members']} non-members")
+    else:
+        print("tracing attack: no release with enough held-out samples to score")
+    inv = result["feature_inversion"]
+    if isinstance(inv, dict) and inv.get("releases"):
+        print(f"feature inversion: nearest real sample is a member for {inv['top1_member_rate']:.2f} of "
+              f"{inv['releases']} releases (chance {inv['top1_chance']:.2f}, inverting the reference mean "
+              f"{inv['top1_member_rate_baseline']:.2f})")
+    print(target / "attack.json")
     return 0
 
 
@@ -364,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("schema", help="the scenario reference: every key (or the keys under KEY) with default and allowed values")
     sc.add_argument("key", nargs="?", help="a dotted key or section, e.g. clients.partition or training.lr")
     sc.set_defaults(func=cmd_schema)
+
+    at = sub.add_parser("attack", help="leakage attacks on what the server received (runs with privacy.keep_uploads) -> attack.json")
+    at.add_argument("dir")
+    at.set_defaults(func=cmd_attack)
 
     ls = sub.add_parser("list", help="strategies, dataset sources, partition schemes, backbones")
     ls.set_defaults(func=cmd_list)

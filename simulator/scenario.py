@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import Problem, UserError
 from .paths import PathText
+from .privacy.config import PrivacyConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
@@ -392,6 +393,7 @@ class Scenario(Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     compare: dict[str, CompareEntry] = Field(
         default_factory=dict,
         description="labels -> {name, params, set} usable in `protofed compare --strategies` (one strategy may appear under several labels; set: overrides scenario keys for that label)",

@@ -331,7 +331,7 @@ def _table(rows: list[dict[str, Any]], keys: Sequence[str]) -> pd.DataFrame:
             df[key] = np.nan
     front = [*keys, "cell", "label", "seed", "status", *[k for k in SUMMARY_KEYS if k != "seed"]]
     df = df[front + [c for c in df.columns if c not in front]]
-    return df.drop(columns=["task_classes"], errors="ignore")
+    return df.drop(columns=["task_classes", "epsilon_spent"], errors="ignore")  # nested values: the flat keys stay
 
 
 def read_sweep(root: str | Path) -> tuple[pd.DataFrame, list[str]]:

@@ -46,6 +46,7 @@ class ProtoAvg(FederatedStrategy):
     name = "proto_avg"
     description = "count-weighted prototype averaging (Federated Reconnaissance); share_weights adds FedAvg of the backbone"
     Params = Params
+    merge_is_sum = True  # the round's merge needs only per-class sums and counts (privacy.secure_aggregation)
 
     def merge(self, server_round: int, uploads: list[Upload]) -> None:
         merged = merge_class_means([u.protos for u in uploads if u.protos is not None], "samples")

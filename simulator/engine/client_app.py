@@ -29,6 +29,9 @@ from ..learner.second_order import SecondOrderStats, normalized_features
 from ..learner.training import NonFiniteLoss, TrainConfig, embed, train_local
 from ..objective import ClientInfo
 from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_to_arrays, record_bytes, stats_from_arrays, stats_to_arrays
+from ..privacy.client import RELEASED, private_prototypes
+from ..privacy.audit import client_truth
+from ..privacy.secagg import secure_train_mod
 from ..seeding import derive_seed, rng
 from .failures import TRACEBACK_MARK, injected_fault
 from .runtime import RunSetup, Runtime, runtime_for
@@ -266,17 +269,24 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             f"try a smaller training.lr "
             f"or smaller strategy loss weights"
         ) from None
+    private = private_prototypes(s, rt.stream.num_tasks, model, x, y, seen, pid=pid, task=task, rnd=rnd, device=rt.device)
+    client_truth(setup, rt, pid, task, rnd, server_round, model, x, y)  # privacy.keep_uploads only
     feats = embed(model, x, rt.device)
-    local_protos = stack.calibrate(class_means(feats, y))
+    # a DP release is sent as released: no calibration or second-order statistics computed from
+    # the private data are added to it (the privacy check refuses those combinations)
+    local_protos = private if private is not None else stack.calibrate(class_means(feats, y))
     upload = objective.upload(model, local_protos)
-    if s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
+    if private is None and s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
         upload.update(stats_to_arrays(SecondOrderStats.of(feats, y, normalized_features(s.model.classifier))))
     state["model"] = to_cpu(model.state_dict())
     state["objective"] = objective.state_dict()
     state["continual"] = stack.state_dict()
-    return _reply(msg, context, rt, pid, state, task, server_round, upload=upload,
-                  counts=[int(c) for c in local_protos.counts], loss=float(stats.loss), steps=int(stats.steps),
-                  num_examples=int(len(task_idx)))
+    reply = _reply(msg, context, rt, pid, state, task, server_round, upload=upload,
+                   counts=[int(c) for c in local_protos.counts], loss=float(stats.loss), steps=int(stats.steps),
+                   num_examples=int(len(task_idx)))
+    if private is not None:
+        reply.content[METRICS][RELEASED] = 1
+    return reply
 
 
 def _reply(msg: Message, context: Context, rt: Runtime, pid: int, state: dict[str, Any], task: int | None,
@@ -348,7 +358,7 @@ def _query(setup: RunSetup, msg: Message, context: Context) -> Message:
 def build_client_app(setup: RunSetup) -> ClientApp:
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[secure_train_mod(setup)])  # routes SecAgg+ messages only (simulator/privacy/secagg.py)
     def train(msg: Message, context: Context) -> Message:
         return _train(setup, msg, context)
 

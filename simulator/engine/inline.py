@@ -4,6 +4,7 @@ measuring the Ray engine's overhead (same seed -> same accuracy matrix)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import traceback
 from typing import Iterable
@@ -59,6 +60,10 @@ class InlineGrid(Grid):
 
     def _deliver(self, msg: Message) -> Message:
         ctx = self.contexts[msg.metadata.dst_node_id]
+        # each client gets its own copy, as after serialisation on Ray: Flower builds one
+        # content object for many messages (SecAgg+ does), and a client handler that edits
+        # its message (secaggplus_mod pops keys) must not change the others' messages
+        msg = copy.deepcopy(msg)
         try:
             return self.client_app(msg, ctx)
         except Exception as exc:  # a failing client becomes an error reply, as on Ray

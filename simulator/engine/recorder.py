@@ -90,6 +90,7 @@ class RunRecorder:
     bytes_up: int = 0
     bytes_down: int = 0
     eval_bytes: int = 0
+    privacy_releases: dict[int, int] = field(default_factory=dict)  # client -> rounds it released DP statistics
     tasks_done: int = 0
     started: float = field(default_factory=time.time)
     failures: list[Failure] = field(default_factory=list)
@@ -101,15 +102,17 @@ class RunRecorder:
 
     _STATE_FIELDS = (
         "rows", "client_rows", "bytes_up", "bytes_down", "eval_bytes", "tasks_done", "matrix", "local_matrix",
-        "failures", "shown_errors",
+        "failures", "shown_errors", "privacy_releases",
     )
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._STATE_FIELDS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # fields a checkpoint of an earlier version lacks keep their fresh values
         for k in self._STATE_FIELDS:
-            setattr(self, k, state[k])
+            if k in state:
+                setattr(self, k, state[k])
 
     def say(self, text: str) -> None:
         if self.out is not None:

@@ -124,6 +124,9 @@ def _summary(
         protocol=scenario.evaluation.protocol,
         task_classes=[[int(c) for c in t] for t in tasks],
     )
+    from ..privacy.run import privacy_summary
+
+    summ.update(privacy_summary(scenario, rec.num_tasks, rec.num_clients, rec.privacy_releases))
     return summ
 
 
@@ -153,6 +156,15 @@ def check_pretrained(scenario: Scenario, stream, source: str) -> None:
                 raise PretrainedError(f"backbone {name}: {exc}") from None
     except PretrainedError as exc:
         raise UserError.single(source, "model.pretrained", str(exc)) from None
+
+
+def _check_privacy(scenario: Scenario, num_tasks: int, source: str) -> None:
+    from strategies import STRATEGIES
+
+    from ..privacy.run import check_scenario
+
+    cls = STRATEGIES[scenario.strategy.name]
+    check_scenario(scenario, num_tasks, cls, cls.Params.model_validate(scenario.strategy.params), source)
 
 
 def run_scenario(
@@ -190,6 +202,7 @@ def run_scenario(
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario, tag)
     stream = build_stream_checked(scenario, source)
     check_pretrained(scenario, stream, source)
+    _check_privacy(scenario, stream.num_tasks, source)
     check_writable(run_dir, out_source)
     if not resume:
         check_run_dir(run_dir, scenario.resolved(), overwrite=overwrite, source=out_source)
@@ -222,6 +235,9 @@ def run_scenario(
         shutil.rmtree(state_dir, ignore_errors=True)
         raise UserError.single(source, "output.mlflow" if scenario.output.mlflow else "output.tensorboard",
                                f"cannot start experiment tracking: {type(exc).__name__}: {str(exc)[:300]}") from None
+    from ..privacy.audit import UploadLog
+
+    rec.upload_log = UploadLog() if scenario.privacy.keep_uploads else None  # not kept across --resume
     start_task, strategy_state, wall_before = 0, None, 0.0
     if resume and has_checkpoint(run_dir):
         ckpt = load_checkpoint(run_dir, clients_dir)
@@ -258,6 +274,10 @@ def run_scenario(
         if rec.tasks_done > 0 and np.isfinite(rec.local_matrix).any():
             writer.write_matrix(rec.local_matrix, name="local_accuracy_matrix.csv")
         writer.write_summary(summary)
+        if rec.upload_log is not None:
+            from ..privacy.audit import write_uploads
+
+            write_uploads(run_dir / "uploads.npz", rec.upload_log, state_dir)
         return summary
 
     def _track(call) -> None:

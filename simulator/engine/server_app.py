@@ -13,6 +13,8 @@ import numpy as np
 
 from .. import seeding
 from ..errors import RunFailure
+from ..privacy.run import count_releases
+from ..privacy.secagg import SecureSum, exchange_securely
 from ..records import CONFIG, METRICS, payload_bytes, weights_to_arrays
 from .failures import ERROR, INJECTED, KINDS, MAX_DELIVERIES, WORKER_DIED, Failure, injected_fault, is_infrastructure, split_reason
 from .recorder import RunRecorder, score_evaluation
@@ -165,6 +167,7 @@ def server_loop(
         ),
     )
     delivery = Delivery(grid, s, recorder, partitions)
+    secure = SecureSum(s, stream.dataset.num_classes, None) if s.privacy.secure_aggregation else None
     learned_by = learned_tasks_of(s, stream, rt.strategy_cls.Objective.data_scope)
     init_model = rt.new_model()
     arrays = strategy.initial_arrays(weights_to_arrays(init_model, include_head=rt.strategy_cls.Objective.inference == "head"))
@@ -191,25 +194,36 @@ def server_loop(
                 }
             )
             msgs = list(strategy.configure_train(server_round, arrays, config, grid))
-            down = sum(payload_bytes(m.content) for m in msgs)
             t_send = time.perf_counter()
-            replies, failed = delivery.exchange(msgs, "train", task, rnd, server_round)
+            if secure is not None:  # SecAgg+: the strategy receives only the sum (simulator/privacy/secagg.py)
+                replies, failed = exchange_securely(secure, grid, msgs, delivery, task, rnd, server_round, recorder.privacy_releases)
+                up, down = secure.last.bytes_up, secure.last.bytes_down
+            else:
+                down = sum(payload_bytes(m.content) for m in msgs)
+                replies, failed = delivery.exchange(msgs, "train", task, rnd, server_round)
+                up = sum(payload_bytes(r.content) for r in replies if r.has_content())
             train_seconds = time.perf_counter() - t_send
-            up = sum(payload_bytes(r.content) for r in replies if r.has_content())
             compute = [
                 float(r.content[METRICS]["compute_seconds"])
                 for r in replies
                 if r.has_content() and METRICS in r.content and "compute_seconds" in r.content[METRICS]
             ]
+            if secure is not None:
+                compute = secure.last.compute
             reason = _fatal_failure(replies)
             if reason is not None:
                 raise RunFailure(reason)
             if msgs and failed[WORKER_DIED] == len(msgs):
                 raise RunFailure(infrastructure_hint(s, recorder))
+            count_releases(recorder.privacy_releases, replies)
+            if getattr(recorder, "upload_log", None) is not None:  # privacy.keep_uploads
+                recorder.upload_log.observe(server_round, task, rnd, replies)
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays
             train = dict(train_metrics or MetricRecord())
+            if secure is not None:
+                train["clients_ok"] = secure.last.clients_ok
             train.update(
                 bytes_up=up,
                 bytes_down=down,

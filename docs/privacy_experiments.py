@@ -1,0 +1,122 @@
+"""Privacy measurements for the README (run from the repository root):
+
+    OMP_NUM_THREADS=1 python docs/privacy_experiments.py attack SCENARIO --out DIR \
+        [--strategies proto_avg,fedproto] [--epsilon 8] [--clip 10] [--set KEY=VALUE ...]
+    OMP_NUM_THREADS=1 python docs/privacy_experiments.py sweep SCENARIO --out DIR \
+        [--strategies proto_avg,fedproto,fedsa] [--epsilons 1,4,16] [--clip 10] [--set ...]
+
+``attack``: each strategy without and with DP, uploads kept, ``protofed attack`` on each run;
+writes DIR/attack.csv and DIR/attack_roc.png. ``sweep``: final average accuracy against
+epsilon (plus the run without DP); writes DIR/sweep.csv and DIR/accuracy_epsilon.png.
+``plot SCENARIO --out DIR --set A.csv --set B.csv``: one accuracy/epsilon figure from several
+sweep.csv / attack.csv files (SCENARIO is ignored).
+Runs use the inline engine, one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from simulator.engine.runner import run_scenario  # noqa: E402
+from simulator.privacy.attack import plot_many, run_attack, tracing_attack, load_uploads  # noqa: E402
+from simulator.scenario import load_scenario  # noqa: E402
+
+
+def _run(scenario: str, strategy: str, sets: list[str], out: Path):
+    s = load_scenario(scenario, [f"strategy.name={strategy}", *sets])
+    return run_scenario(s, source=scenario, run_dir=out, engine="inline", out=None, plots=False)
+
+
+def attack(args) -> None:
+    rows, curves = [], []
+    for strategy in args.strategies.split(","):
+        for eps in [None, args.epsilon]:
+            sets = [*args.set, "privacy.keep_uploads=true"]
+            if eps is not None:
+                sets += [f"privacy.epsilon={eps}", f"privacy.clip={args.clip}"]
+            label = f"{strategy} {'eps ' + str(eps) if eps is not None else 'no DP'}"
+            out = _run(args.scenario, strategy, sets, args.out / f"{strategy}-{'eps' + str(eps) if eps else 'nodp'}")
+            res = run_attack(out.run_dir)
+            uploads, truth = load_uploads(out.run_dir)
+            curves.append((label, tracing_attack(uploads, truth)))
+            rows.append({"strategy": strategy, "epsilon": eps, "final_avg_accuracy": out.summary["final_avg_accuracy"],
+                         "epsilon_spent_max": out.summary.get("epsilon_spent_max"), **res["tracing"],
+                         **{f"inversion_{k}": v for k, v in (res["feature_inversion"] if isinstance(res["feature_inversion"], dict) else {}).items()}})
+            print(rows[-1], flush=True)
+    pd.DataFrame(rows).to_csv(args.out / "attack.csv", index=False)
+    plot_many(curves, args.out / "attack_roc.png")
+
+
+def sweep(args) -> None:
+    rows = []
+    for strategy in args.strategies.split(","):
+        for eps in [None, *[float(e) for e in args.epsilons.split(",")]]:
+            sets = list(args.set)
+            if eps is not None:
+                sets += [f"privacy.epsilon={eps}", f"privacy.clip={args.clip}"]
+            out = _run(args.scenario, strategy, sets, args.out / f"{strategy}-{'eps' + str(eps) if eps else 'nodp'}")
+            rows.append({"strategy": strategy, "epsilon": eps, "final_avg_accuracy": out.summary["final_avg_accuracy"],
+                         "epsilon_spent_max": out.summary.get("epsilon_spent_max"),
+                         "noise_multiplier": out.summary.get("privacy_noise_multiplier")})
+            print(rows[-1], flush=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(args.out / "sweep.csv", index=False)
+    plot_sweep(df, args.out / "accuracy_epsilon.png")
+
+
+def plot_sweep(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for strategy, g in df.groupby("strategy", sort=False):
+        dp = g[g["epsilon"].notna()].sort_values("epsilon")
+        line, = ax.plot(dp["epsilon"], dp["final_avg_accuracy"], "o-", label=strategy)
+        base = g[g["epsilon"].isna()]["final_avg_accuracy"]
+        if len(base):
+            ax.axhline(float(base.iloc[0]), color=line.get_color(), ls=":", lw=1)
+    ax.set_xscale("log")
+    ticks = sorted(df["epsilon"].dropna().unique())
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("epsilon per client over the run (delta 1e-5)")
+    ax.set_ylabel("final average accuracy")
+    ax.set_title("accuracy against epsilon (dotted: no DP)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def plot_csvs(args) -> None:
+    """Several sweep.csv / attack.csv files (given as --set PATH) drawn as one figure."""
+    frames = [pd.read_csv(p)[["strategy", "epsilon", "final_avg_accuracy"]] for p in args.set]
+    df = pd.concat(frames).drop_duplicates(["strategy", "epsilon"])
+    df.to_csv(args.out / "accuracy_epsilon.csv", index=False)
+    plot_sweep(df, args.out / "accuracy_epsilon.png")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["attack", "sweep", "plot"])
+    p.add_argument("scenario")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--strategies", default="proto_avg,fedproto")
+    p.add_argument("--epsilon", type=float, default=8.0)
+    p.add_argument("--epsilons", default="1,4,16")
+    p.add_argument("--clip", type=float, default=10.0)
+    p.add_argument("--set", action="append", default=[])
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    {"attack": attack, "sweep": sweep, "plot": plot_csvs}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
