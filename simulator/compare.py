@@ -199,7 +199,7 @@ def run_compare(
             df[key] = np.nan
     front = ["label", "seed", "status", *[k for k in SUMMARY_KEYS if k not in ("seed",)]]
     df = df[front + [c for c in df.columns if c not in front]]
-    RunWriter(root).write_table("comparison", df.drop(columns=["task_classes", "epsilon_spent"], errors="ignore")  # nested values: the flat keys stay)
+    RunWriter(root).write_table("comparison", df.drop(columns=["task_classes", "epsilon_spent"], errors="ignore"))  # nested values: the flat keys stay
     ok = df[df["status"] != "failed"]
     if len(ok):
         plot_compare(df, [Path(p) for p in ok["run_dir"]], list(ok["label"]), root)
