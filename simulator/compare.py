@@ -124,6 +124,30 @@ def _conflicts(runs: list[PlannedRun]) -> list[Problem]:
     return problems
 
 
+def execute(run: PlannedRun, scenario_path: str, *, verbose: bool, out: TextIO | None, say) -> dict[str, Any]:
+    """Run one planned run (resuming it when its directory holds an interrupted run of the same
+    scenario); its table fields: the summary, ``status`` (ok | failed) and ``error``. A failed
+    run never stops the others. Conflicting directories must have been refused before."""
+    from .engine.checkpoint import has_checkpoint
+    from .engine.runner import run_scenario
+
+    try:
+        resume = has_checkpoint(run.run_dir) and _same_scenario(run)
+        if resume:
+            say(f"resuming the interrupted run in {run.run_dir}")
+        outcome = run_scenario(
+            run.scenario, source=scenario_path, run_dir=run.run_dir, verbose=verbose, out=out,
+            resume=resume, overwrite=True,
+        )
+        return {**outcome.summary, "status": "ok", "error": ""}
+    except KeyboardInterrupt:
+        raise
+    except UserError as exc:
+        return {"status": "failed", "error": exc.render().replace("\n", " ")}
+    except Exception as exc:  # one failed run must not stop the others
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
 def _same_scenario(run: PlannedRun) -> bool:
     from .run_dirs import differences, recorded_state
 
@@ -143,7 +167,7 @@ def run_compare(
     out: TextIO | None = sys.stdout,
     overwrite: bool = False,
 ) -> tuple[pd.DataFrame, Path]:
-    from .engine.runner import build_stream_checked, check_writable, run_scenario
+    from .engine.runner import build_stream_checked, check_writable
     from .plots import plot_compare
 
     runs, root = plan(scenario_path, labels, seeds, out_dir, sets)
@@ -171,23 +195,7 @@ def run_compare(
             say(f"kept: {r.run_dir} already holds this completed run")
             row.update(done, status="kept", error="")
         else:
-            try:
-                from .engine.checkpoint import has_checkpoint
-
-                resume = has_checkpoint(r.run_dir) and _same_scenario(r)
-                if resume:
-                    say(f"resuming the interrupted run in {r.run_dir}")
-                outcome = run_scenario(
-                    r.scenario, source=scenario_path, run_dir=r.run_dir, verbose=verbose, out=out,
-                    resume=resume, overwrite=True,  # conflicts were refused above
-                )
-                row.update(outcome.summary, status="ok", error="")
-            except KeyboardInterrupt:
-                raise
-            except UserError as exc:
-                row.update(status="failed", error=exc.render().replace("\n", " "))
-            except Exception as exc:  # one failed run must not stop the comparison
-                row.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            row.update(execute(r, scenario_path, verbose=verbose, out=out, say=say))
             if row["status"] == "failed":
                 say(f"FAILED: {row['error']}")
             executed.append(time.time() - t_run)

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from .compare import PlannedRun, _finished, format_table, plan
+from .compare import PlannedRun, _conflicts, _finished, execute, format_table, plan
 from .errors import Problem, UserError
 from .results import SUMMARY_KEYS, RunWriter
 from .scenario import apply_overrides, load_yaml_text, overridable_key_problem, read_yaml, validate_scenario
@@ -267,13 +267,14 @@ def run_sweep(
 
 def _execute(sp: SweepPlan, scenario_path: str, engine: str | None, verbose: bool, out: Any, plots: bool,
              progress: Any, bar: Any) -> tuple[pd.DataFrame, Path]:
-    from .engine.runner import run_scenario
-
     say = (lambda text: print(text, file=out, flush=True)) if out else (lambda text: None)
     say(
         f"protofed sweep · {len(sp.cells)} cells x {len(sp.labels)} strategies x {len(sp.seeds)} seeds = "
         f"{len(sp.runs)} runs · {', '.join(f'{k}: {len(set(map(value_text, (c.values[k] for c in sp.cells))))} values' for k in sp.keys)}"
     )
+    conflicts = _conflicts([r for _, r in sp.runs])  # run directories of other scenarios are never replaced
+    if conflicts:
+        raise UserError(scenario_path, conflicts)
     finished = [_finished(r) for _, r in sp.runs]
     if any(f is not None for f in finished):
         say(f"{sum(f is not None for f in finished)} runs already finished: kept")
@@ -289,15 +290,7 @@ def _execute(sp: SweepPlan, scenario_path: str, engine: str | None, verbose: boo
             row.update(done, status="kept", error="")
         else:
             t0 = time.time()
-            try:
-                outcome = run_scenario(r.scenario, source=scenario_path, run_dir=r.run_dir, verbose=verbose, out=out)
-                row.update(outcome.summary, status="ok", error="")
-            except KeyboardInterrupt:
-                raise
-            except UserError as exc:
-                row.update(status="failed", error=exc.render().replace("\n", " "))
-            except Exception as exc:  # one failed run must not stop the sweep
-                row.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            row.update(execute(r, scenario_path, verbose=verbose, out=out, say=say))
             eta.executed.append(time.time() - t0)
             if row["status"] == "failed":
                 say(f"FAILED: {row['error']}")
