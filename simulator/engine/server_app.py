@@ -181,6 +181,10 @@ def server_loop(
         seen = stream.seen_classes_at(task)
         eval_tasks = stream.seen_tasks(task)
         strategy.available = stream.present(task)
+        new = sorted(set(seen) - set(stream.seen_classes_at(task - 1))) if task else sorted(seen)
+        # the console counts positions from 1, the files and plots use ids from 0: say which is which
+        recorder.say(f"-- task {task + 1}/{stream.num_tasks} is task {task} in metrics.csv, the matrices and the plots "
+                     f"(rounds likewise: round 1 is round 0) · new classes {new}")
         for rnd in range(s.training.rounds_per_task):
             server_round += 1
             t0 = time.time()
