@@ -430,16 +430,19 @@ class _LossyGrid:
         self.grid = Grid(client_app, n, run_config=run_config)
 
 
-@pytest.mark.parametrize("losses, failed", [(2, 0), (4, 1)])
-def test_messages_lost_by_the_infrastructure_are_sent_again(tmp_path, losses, failed):
+@pytest.mark.parametrize("losses, failed", [(2, 0), (12, 1)])
+def test_messages_lost_by_the_infrastructure_are_sent_again(tmp_path, monkeypatch, losses, failed):
     """Lost twice: delivered on the third try, nothing fails and the matrix is that of a clean
     run. Lost on every try: after the bounded retries it counts as worker_died, never as the
     client's error or as an injected fault."""
     from flwr.app import Context, RecordDict
 
+    import simulator.engine.failures as failures
     from simulator.engine.inline import set_server_identity
     from simulator.flower_app import client_app, server_app
 
+    monkeypatch.setattr(failures, "RETRY_PAUSE_SECONDS", 0.0)  # the lossy grid needs no time to recover
+    assert failures.MAX_DELIVERIES == 12
     raw = tiny(training__rounds_per_task=1)
     scen = tmp_path / "s.yaml"
     scen.write_text(yaml.safe_dump(raw))
@@ -448,13 +451,13 @@ def test_messages_lost_by_the_infrastructure_are_sent_again(tmp_path, losses, fa
     set_server_identity()
     grid = _LossyGrid(client_app, 3, cfg, losses).grid
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
-    failures = pd.read_csv(tmp_path / "lossy" / "failures.csv")
+    rows = pd.read_csv(tmp_path / "lossy" / "failures.csv")
     summary = json.loads((tmp_path / "lossy" / "summary.json").read_text())
     assert summary["clients_worker_died"] == failed and summary["clients_failed_injected"] == 0
-    assert list(failures["kind"]) == ["worker_died"] * failed
+    assert list(rows["kind"]) == ["worker_died"] * failed
     if failed:
-        assert failures["attempts"].iloc[0] == 4
-        assert failures["message"].iloc[0] == "ActorDiedError: The actor died unexpectedly before finishing this task."
+        assert rows["attempts"].iloc[0] == 12
+        assert rows["message"].iloc[0] == "ActorDiedError: The actor died unexpectedly before finishing this task."
     else:
         lossy = pd.read_csv(tmp_path / "lossy" / "accuracy_matrix.csv")
         pd.testing.assert_frame_equal(lossy, pd.read_csv(tmp_path / "clean" / "accuracy_matrix.csv"))

@@ -25,8 +25,18 @@ ERROR = "error"
 WORKER_DIED = "worker_died"
 KINDS = (INJECTED, ERROR, WORKER_DIED)
 
-#: how often a message lost to the infrastructure is sent again before it counts as failed
-MAX_DELIVERIES = 4
+#: how often a message lost to the infrastructure is delivered at most before it counts as
+#: failed, and the pause before each new delivery (seconds: grows by half each time, capped):
+#: a Ray actor that is restarting refuses messages until its new process has imported torch,
+#: which takes tens of seconds on a busy machine, so the attempts span about 100 s in all
+MAX_DELIVERIES = 12
+RETRY_PAUSE_SECONDS = 1.0
+RETRY_PAUSE_MAX_SECONDS = 15.0
+
+
+def retry_pause(attempt: int) -> float:
+    """Seconds to wait before delivery ``attempt + 1`` (attempt counts from 1)."""
+    return min(RETRY_PAUSE_SECONDS * 1.5 ** (attempt - 1), RETRY_PAUSE_MAX_SECONDS)
 
 TRACEBACK_MARK = "\n[protofed-traceback]\n"
 

@@ -16,6 +16,7 @@ from ..errors import RunFailure
 from ..privacy.run import count_releases
 from ..privacy.secagg import SecureSum, exchange_securely
 from ..records import CONFIG, METRICS, payload_bytes, weights_to_arrays
+from . import failures
 from .failures import ERROR, INJECTED, KINDS, MAX_DELIVERIES, WORKER_DIED, Failure, injected_fault, is_infrastructure, split_reason
 from .recorder import RunRecorder, score_evaluation
 from .runtime import RunSetup, runtime_for
@@ -72,9 +73,11 @@ class Delivery:
         final: list[Message] = []
         attempts: dict[int, int] = {}
         counts = dict.fromkeys(KINDS, 0)
-        for _ in range(MAX_DELIVERIES):
+        for delivery in range(MAX_DELIVERIES):
             if not pending:
                 break
+            if delivery:
+                time.sleep(failures.retry_pause(delivery))
             replies = list(self.grid.send_and_receive(pending))
             # one message per node and exchange: a reply finds its request by the node it came from
             by_node = {m.metadata.dst_node_id: m for m in pending}
