@@ -55,3 +55,29 @@ def reply(pid: int, arrays: dict, counts: list[int], n: int):
     request = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=pid + 1, message_type="train")
     metrics = MetricRecord({"partition_id": pid, "num_examples": n, "train_loss": 0.5, "proto.counts": counts})
     return Message(RecordDict({UPLOAD: ArrayRecord(arrays), METRICS: metrics}), reply_to=request)
+
+
+def interrupted_then_resumed(raw: dict, tmp_path: Path, monkeypatch, stop_after_task: int = 1, **run_kw):
+    """Run ``raw`` once straight through (``tmp_path/full``) and once interrupted right after the
+    checkpoint of ``stop_after_task`` then resumed (``tmp_path/cut``); returns (full, resumed)."""
+    import json
+
+    import pytest
+
+    import simulator.engine.checkpoint as checkpoint
+
+    full = run_scenario(validate_scenario(raw), run_dir=tmp_path / "full", **run_kw)
+    original = checkpoint.save_checkpoint
+
+    def save_then_stop(run_dir, task, *args, **kwargs):
+        original(run_dir, task, *args, **kwargs)
+        if task == stop_after_task:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut", **run_kw)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["tasks_completed"] == stop_after_task + 1
+    resumed = run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut", resume=True, **run_kw)
+    return full, resumed

@@ -3,14 +3,13 @@ TEEN on hand-made tensors, their composition on the one training loop, and resum
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
+from helpers import interrupted_then_resumed
 import torch
 
-import simulator.engine.checkpoint as checkpoint
 from simulator.engine.runner import run_scenario
 from simulator.errors import UserError
 from simulator.learner.backbones import build_model
@@ -278,18 +277,5 @@ def test_mechanisms_change_training_except_for_finetune(tmp_path):
 )
 def test_resume_with_mechanisms_gives_the_same_matrix(tmp_path, monkeypatch, strategy, continual):
     raw = tiny(strategy={"name": strategy}, continual=continual)
-    full = run_scenario(validate_scenario(raw), run_dir=tmp_path / "full", plots=False)
-    original = checkpoint.save_checkpoint
-
-    def save_then_stop(run_dir, task, *args, **kwargs):
-        original(run_dir, task, *args, **kwargs)
-        if task == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut", plots=False)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
-    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["tasks_completed"] == 2
-    resumed = run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut", resume=True, plots=False)
+    full, resumed = interrupted_then_resumed(raw, tmp_path, monkeypatch, plots=False)
     np.testing.assert_array_equal(resumed.matrix, full.matrix)

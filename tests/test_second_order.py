@@ -3,14 +3,13 @@ share_weights: first_task (FedAvg during the first task only, then a frozen back
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import interrupted_then_resumed
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
-import simulator.engine.checkpoint as checkpoint
 from simulator.engine.runner import run_scenario
 from simulator.learner.backbones import build_model
 from simulator.learner.prototypes import class_means
@@ -170,20 +169,7 @@ def test_first_task_and_second_order_end_to_end(tmp_path):
 def test_resume_with_first_task_and_lda_gives_the_same_matrix(tmp_path, monkeypatch):
     raw = tiny(model={"backbone": "mlp", "embedding_dim": 16, "classifier": "lda"},
                clients={"num_clients": 3, "arrival": {"at_task": [0, 0, 2]}})
-    full = run_scenario(validate_scenario(raw), run_dir=tmp_path / "full", plots=False)
-    original = checkpoint.save_checkpoint
-
-    def save_then_stop(run_dir, task, *args, **kwargs):
-        original(run_dir, task, *args, **kwargs)
-        if task == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut", plots=False)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
-    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["tasks_completed"] == 2
-    resumed = run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut", resume=True, plots=False)
+    full, resumed = interrupted_then_resumed(raw, tmp_path, monkeypatch, plots=False)
     np.testing.assert_array_equal(resumed.matrix, full.matrix)
     # the late joiner (client 2, task 2) got the frozen backbone in its first message
     m = pd.read_csv(tmp_path / "full" / "metrics.csv").groupby("global_round")[["task", "bytes_down"]].first()
