@@ -7,6 +7,7 @@ The engine's client handler runs the one local training loop
 * ``train_loss`` - the task loss: "prototype" (prototypical loss) or "head" (cross-entropy of a
   linear head over the seen classes); ``inference`` - "prototype" (nearest prototype) or "head";
 * ``before_training(model, x, y)`` - look at the local data before training (e.g. local gaps);
+* ``train_classes(seen)`` - the classes the head's cross-entropy ranges over (default: ``seen``);
 * ``known_prototypes()`` - prototypes of other classes used by the prototypical loss;
 * ``extra_loss(features, labels, model)`` - the method's own loss terms, added each batch;
 * ``upload(model, local_protos)`` - the ArrayRecord sent back (prototypes, weights, ...);
@@ -83,6 +84,10 @@ class ClientObjective:
     # ---- training
     def before_training(self, model: ProtoModel, x: np.ndarray, y: np.ndarray) -> None:
         return None
+
+    def train_classes(self, seen: list[int]) -> list[int]:
+        """The classes the head's cross-entropy ranges over (after the continual mechanisms')."""
+        return seen
 
     def known_prototypes(self) -> PrototypeSet | None:
         return self.global_protos

@@ -20,9 +20,10 @@ from .fpl import FPL
 from .joint import Joint
 from .local import Local
 from .proto_avg import ProtoAvg
+from .target import Target
 
 BUILTIN_STRATEGIES: dict[str, type[FederatedStrategy]] = {
-    cls.name: cls for cls in (ProtoAvg, FedAvg, FedProto, Finetune, Local, Joint, FedTGP, FedSA, FPL)
+    cls.name: cls for cls in (ProtoAvg, FedAvg, FedProto, Finetune, Local, Joint, FedTGP, FedSA, FPL, Target)
 }
 
 

@@ -13,7 +13,7 @@ sums do not depend on arrival order), and holding the global prototypes and weig
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Iterable, Literal, Union
+from typing import Annotated, Any, Callable, ClassVar, Iterable, Literal, Union
 
 import numpy as np
 from flwr.app import (
@@ -78,6 +78,10 @@ class RunInfo:
     embedding_dim: int
     partitions: dict[int, int] = field(default_factory=dict)  # partition id -> node id
     eval_subset: list[int] | None = None  # the clients evaluated all run long, drawn once by the engine (None: all)
+    # for strategies that run the model on the server (target): a fresh model as the clients
+    # build it, and the shape of one input sample
+    new_model: Callable[[], Any] | None = None
+    input_shape: tuple[int, ...] = ()
 
 
 @dataclass

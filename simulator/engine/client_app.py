@@ -255,7 +255,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             x,
             y,
             tcfg,
-            seen_classes=stack.train_classes(seen),
+            seen_classes=objective.train_classes(stack.train_classes(seen)),
             num_classes=data.num_classes,
             known=objective.known_prototypes(),
             teacher=teacher,

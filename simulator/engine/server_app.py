@@ -167,6 +167,8 @@ def server_loop(
             embedding_dim=s.model.embedding_dim,
             partitions=partitions,
             eval_subset=evaluation_subset(s, stream),
+            new_model=rt.new_model,
+            input_shape=tuple(stream.dataset.input_shape),
         ),
     )
     delivery = Delivery(grid, s, recorder, partitions)
