@@ -71,14 +71,15 @@ class Params(StrategyParams):
     temperature: float = Field(2.0, gt=0.0, description="distillation temperature on the clients (paper: 2)")
     new_classes_ce: bool = Field(True, description="cross-entropy over the non-old classes from the second task on (official code)")
     syn_batch_size: int | None = Field(None, ge=2, description="synthetic samples per client batch (default: the real batch's size)")
-    generator: Literal["auto", "signal", "image"] = "auto"
+    generator: Literal["auto", "signal", "image"] = Field(
+        "auto", description="generator kind: 1-D convolutions for (L,) / (C, L) signals, 2-D for (C, H, W) images (auto: by the sample's shape)")
     nz: int = Field(32, ge=1, description="noise dimension of the generator")
     ngf: int = Field(16, ge=1, description="generator width (channels of its last block)")
-    synthesis_rounds: int = Field(20, ge=1)
+    synthesis_rounds: int = Field(20, ge=1, description="server-side synthesis rounds per task boundary")
     warmup: int = Field(5, ge=0, description="synthesis rounds before the student trains and the adversarial term is used")
     generator_steps: int = Field(10, ge=1, description="generator steps per synthesis round")
     student_steps: int = Field(30, ge=0, description="student steps per synthesis round after warmup")
-    synthesis_batch_size: int = Field(128, ge=2)
+    synthesis_batch_size: int = Field(128, ge=2, description="synthetic samples per generator / student step on the server")
     oh: float = Field(0.5, ge=0.0, description="weight of CE(T(x), y) in the generator loss (paper: 0.5)")
     bn: float = Field(10.0, ge=0.0, description="weight of the BatchNorm statistics loss (paper: 10)")
     adv: float = Field(1.0, ge=0.0, description="weight of the adversarial teacher/student KL (paper: 1)")

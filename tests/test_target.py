@@ -98,14 +98,14 @@ def test_kd_loss_zero_for_the_old_model_and_has_gradients_otherwise():
     with torch.no_grad():
         model.head.weight[0] += 1.0  # the model moved away from the old one
     moved = obj.distillation(model, x)
-    assert float(moved) > 1e-4
+    assert float(moved.detach()) > 1e-4
     moved.backward()
     assert model.head.weight.grad is not None and float(model.head.weight.grad.abs().sum()) > 0
     # extra_loss scales it by kd_weight (25) and draws its own synthetic batch
     model.zero_grad()
     obj.before_training(model, np.zeros((4, 8), np.float32), np.array([2, 2, 3, 3]))
     extra = obj.extra_loss(torch.zeros(16, 16), torch.zeros(16, dtype=torch.long), model)
-    assert extra is not None and float(extra) > 0 and extra.requires_grad
+    assert extra is not None and float(extra.detach()) > 0 and extra.requires_grad
     # the cross-entropy leaves out the old classes, except those in the client's own data
     assert obj.train_classes([0, 1, 2, 3]) == [2, 3]
     obj.before_training(model, np.zeros((2, 8), np.float32), np.array([1, 2]))
@@ -161,3 +161,15 @@ def test_seeded_runs_reproduce_with_batchnorm_teacher(tmp_path):
     assert a.summary["bytes_down"] == b.summary["bytes_down"]
     c = run_tiny(tmp_path, "c", **{**over, "seed": 2})
     assert not np.array_equal(np.nan_to_num(a.matrix), np.nan_to_num(c.matrix))
+
+
+def test_the_baseline_scenario_has_a_target_label(tmp_path):
+    from pathlib import Path
+
+    from simulator.compare import plan
+
+    scenario = Path(__file__).resolve().parents[1] / "scenarios" / "fcil_baselines_mnist1d.yaml"
+    runs, _ = plan(str(scenario), ["target", "fedavg"], [0], str(tmp_path / "cmp"))
+    s = {r.label: r.scenario for r in runs}
+    assert s["target"].strategy.name == "target" and s["target"].continual.lwf is None
+    assert Params.model_validate(s["target"].strategy.params).kd_weight == 25.0

@@ -257,8 +257,8 @@ def synthesize(
                 opt_g.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_g.step()
-            if r < cfg.warmup:
-                continue
+            if r < cfg.warmup or cfg.adv == 0:
+                continue  # the student only serves the adversarial term
             student.train()
             for _ in range(cfg.student_steps):
                 z, yi = draw(cfg.batch_size)
