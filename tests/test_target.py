@@ -173,3 +173,64 @@ def test_the_baseline_scenario_has_a_target_label(tmp_path):
     s = {r.label: r.scenario for r in runs}
     assert s["target"].strategy.name == "target" and s["target"].continual.lwf is None
     assert Params.model_validate(s["target"].strategy.params).kd_weight == 25.0
+
+
+def test_a_client_absent_from_the_first_round_receives_the_teacher(tmp_path):
+    """The generator goes once per task to each client; a client that was not sampled in the
+    task's first round gets the teacher's weights with it, and distils that model, not the
+    global model of the later round."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from helpers import reply, run_info
+    from simulator.records import load_weights, weights_to_arrays
+    from strategies.target import GEN, SPEC, TEACHER, Target
+
+    def new_model():
+        return build_model("mlp", (8,), 16, 6, True, init_seed=0)
+
+    run = run_info(n_clients=2, dim=16, num_classes=6)
+    run.new_model, run.input_shape = new_model, (8,)
+    strat = Target(Params(synthesis_rounds=2, warmup=1, generator_steps=2, student_steps=2, synthesis_batch_size=8), run)
+    arrays = strat.initial_arrays(weights_to_arrays(new_model(), include_head=True))
+
+    def config(task, rnd, seen):
+        return ConfigRecord({"task": task, "round": rnd, "server_round": 1, "seen_classes": seen, "eval_tasks": [0]})
+
+    msgs = strat.configure_train(1, arrays, config(0, 0, [0, 1]), None)
+    assert all(SPEC not in m.content["global"] for m in msgs)  # no generator in the first task
+    teacher = dict(strat.global_weights)
+    msgs = strat.configure_train(2, arrays, config(1, 0, [0, 1, 2, 3]), None)
+    assert strat.gen_task == 1 and strat.gen_classes == [0, 1] and 1 in strat.reports
+    for m in msgs:  # first round of the task: the generator, no teacher (the global model is the teacher)
+        keys = list(m.content["global"].keys())
+        assert SPEC in keys and any(k.startswith(GEN) for k in keys) and not any(k.startswith(TEACHER) for k in keys)
+    # only client 0 replies in that round; the global model then moves
+    moved = new_model()
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.5)
+    strat.aggregate_train(2, [reply(0, weights_to_arrays(moved, include_head=True), [], 10)])
+    assert strat.holding_gen == {0}
+    arrays = strat.global_arrays()
+    later = {p: strat._extra(p, 3, first_round=False) for p in (0, 1)}
+    assert SPEC not in later[0] and not any(k.startswith(GEN) for k in later[0])  # client 0 holds it
+    assert SPEC in later[1] and any(k.startswith(TEACHER) for k in later[1])
+    # client 1 receives the moved global model with the teacher: it distils the teacher
+    model = new_model()
+    obj = TargetObjective(strat.params, ClientInfo(1, 6, 16, "cpu"))
+    obj.receive(ArrayRecord({**dict(arrays.items()), **later[1]}), model)
+    expected = new_model()
+    load_weights(expected, ArrayRecord(teacher))
+    for k, v in expected.state_dict().items():
+        assert torch.equal(obj.old_state[k], v), k
+    assert not torch.equal(model.head.weight, expected.head.weight)  # the model itself is the moved one
+    # the objective's state round-trips (client state store, resume)
+    again = TargetObjective(strat.params, ClientInfo(1, 6, 16, "cpu"))
+    again.load_state_dict(obj.state_dict())
+    x, _ = again.generator().sample(4, again.classes, torch.Generator().manual_seed(0))
+    y, _ = obj.generator().sample(4, obj.classes, torch.Generator().manual_seed(0))
+    assert torch.equal(x, y)
+    # and the server's state too
+    twin = Target(strat.params, run)
+    twin.load_state_dict(strat.state_dict())
+    assert twin._extra(1, 3, False).keys() == later[1].keys() and twin.holding_gen == {0}
