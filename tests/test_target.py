@@ -147,7 +147,8 @@ def test_end_to_end_bytes_include_the_generator(tmp_path):
 
 
 def test_resume_gives_the_identical_matrix(tmp_path, monkeypatch):
-    raw = tiny(**_target_tiny())
+    # with a replay memory: target composes with the continual mechanisms like fedavg
+    raw = tiny(**{**_target_tiny(), "continual": {"memory_per_class": 5}})
     full, resumed = interrupted_then_resumed(raw, tmp_path, monkeypatch, stop_after_task=1, plots=False)
     np.testing.assert_array_equal(resumed.matrix, full.matrix)
     assert resumed.summary["bytes_down"] == full.summary["bytes_down"]
