@@ -88,7 +88,7 @@ class PrivateTraining:
     def __init__(self, plan: SgdPlan, seed: int) -> None:
         self.plan = plan
         self._sampling = torch.Generator().manual_seed(derive_seed(seed, "dp_sgd_sampling"))
-        self._noise = torch.Generator().manual_seed(derive_seed(seed, "dp_sgd_noise"))
+        self._noise_seed = derive_seed(seed, "dp_sgd_noise")
         self._gsm = None
         self._opt = None
 
@@ -110,6 +110,9 @@ class PrivateTraining:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
+        device = next(model.parameters()).device
+        # the noise is drawn on the parameters' device (Opacus draws it there with this generator)
+        noise = torch.Generator(device=device).manual_seed(self._noise_seed)
         self._gsm = GradSampleModule(model, loss_reduction="mean", strict=True)
         self._opt = DPOptimizer(
             optimizer,
@@ -117,7 +120,7 @@ class PrivateTraining:
             max_grad_norm=self.plan.clip,
             expected_batch_size=self.plan.sample_rate * n,
             loss_reduction="mean",
-            generator=self._noise,
+            generator=noise,
             secure_mode=False,  # simulator: seeded, reproducible noise (see the module note)
         )
         return self._opt
