@@ -203,6 +203,14 @@ def test_dp_sgd_refuses_what_per_sample_gradients_cannot_protect(tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
+def test_a_dp_sgd_noise_over_budget_by_itself_is_refused_naming_its_key(tmp_path, capsys):
+    path = _write(tmp_path, strategy=FEDAVG,
+                  privacy={"epsilon": 0.5, "sample_rate": 1.0, "sgd_noise_multiplier": 0.05})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "privacy.sgd_noise_multiplier" in err and "alone spend more than epsilon 0.5" in err
+
+
 def test_group_norm_cnn_and_finetune_are_accepted(tmp_path, capsys):
     for strategy in (FEDAVG, {"name": "finetune", "params": {}}):
         path = _write(tmp_path, strategy=strategy, privacy={"epsilon": 8.0},

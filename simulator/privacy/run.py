@@ -3,6 +3,7 @@ epsilon spent in its summary."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Iterable
 
 import numpy as np
@@ -34,12 +35,11 @@ def dp_sgd_problems(scenario, strategy_cls, params) -> list[Problem]:
     """Why DP-SGD (Opacus) cannot protect this weight-sharing run, if it cannot: it needs a loss
     that is a mean of per-sample terms and layers without batch statistics."""
     from ..learner.backbones import BACKBONES
-
-    out: list[Problem] = []
-    import importlib.util
+    from ..objective import ClientObjective
 
     if importlib.util.find_spec("opacus") is None:
         return [Problem("privacy", "DP-SGD of strategies that upload weights needs Opacus: pip install 'protofed[privacy]'")]
+    out: list[Problem] = []
     objective = strategy_cls.Objective
     if objective.train_loss != "head":
         key = "strategy.params.share_weights" if "share_weights" in type(params).model_fields else "strategy.name"
@@ -50,6 +50,11 @@ def dp_sgd_problems(scenario, strategy_cls, params) -> list[Problem]:
             "strategies trained with a per-sample loss (fedavg, finetune); use share_weights: false to protect "
             "only the prototype uploads")))
         return out
+    if objective.extra_loss is not ClientObjective.extra_loss:
+        # a strategy's own loss term may couple the samples of a batch; we cannot tell which do
+        out.append(Problem("strategy.name", (
+            f"strategy {strategy_cls.name} adds its own loss term, which DP-SGD can protect only if it is a mean of "
+            "per-sample terms; not verified for this strategy, so it is refused under DP")))
     norms = {scenario.model.backbone_of(c) for c in range(scenario.clients.num_clients)}
     if scenario.model.norm in ("batch", "batch_local") and any(BACKBONES[b].norms for b in norms if b in BACKBONES):
         out.append(Problem("model.norm", (
@@ -88,7 +93,8 @@ def check_scenario(scenario, num_tasks: int, strategy_cls, params, source: str) 
             try:
                 plan_for(scenario, num_tasks)
             except BudgetExceeded as exc:
-                problems.append(Problem("privacy.noise_multiplier", str(exc)))
+                key = "privacy.sgd_noise_multiplier" if "alone spend" in str(exc) else "privacy.noise_multiplier"
+                problems.append(Problem(key, str(exc)))
             except AccountantMissing as exc:
                 problems.append(Problem("privacy", str(exc)))
     if p.secure_aggregation and scenario.model.classifier != "ncm":
