@@ -72,14 +72,6 @@ def steps_per_epoch(sample_rate: float) -> int:
     return max(1, int(1.0 / float(sample_rate)))
 
 
-def check_model(model: nn.Module) -> list[str]:
-    """Opacus' own verdict on a model: why per-sample gradients cannot be computed for it (e.g.
-    BatchNorm); empty when they can."""
-    from opacus.validators import ModuleValidator
-
-    return [str(e).split(". ")[0] for e in ModuleValidator.validate(model, strict=False)]
-
-
 class PrivateTraining:
     """What the one training loop asks of DP-SGD (see ``train_local(private=...)``): the
     Poisson-sampled batches, the model with per-sample gradient hooks, the private optimizer,
