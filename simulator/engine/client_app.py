@@ -29,7 +29,7 @@ from ..learner.second_order import SecondOrderStats, normalized_features
 from ..learner.training import NonFiniteLoss, TrainConfig, embed, train_local
 from ..objective import ClientInfo
 from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_to_arrays, record_bytes, stats_from_arrays, stats_to_arrays
-from ..privacy.client import RELEASED, private_prototypes
+from ..privacy.client import RELEASED, SGD_STEPS, private_prototypes, private_training
 from ..privacy.audit import client_truth
 from ..privacy.secagg import secure_train_mod
 from ..seeding import derive_seed, rng
@@ -249,6 +249,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     )
     objective.before_training(model, x, y)
     stack.prepare(model, rt.device)
+    dp_sgd = private_training(s, rt.stream.num_tasks, pid=pid, task=task, rnd=rnd)  # weight sharing under DP
     try:
         stats = train_local(
             model,
@@ -262,6 +263,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             hooks=[objective, stack],
             seed=derive_seed(s.seed, "client_train", pid, task, rnd),
             device=rt.device,
+            private=dp_sgd,
         )
     except NonFiniteLoss as exc:
         raise ClientFailure(
@@ -286,6 +288,8 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
                    num_examples=int(len(task_idx)))
     if private is not None:
         reply.content[METRICS][RELEASED] = 1
+    if dp_sgd is not None:
+        reply.content[METRICS][SGD_STEPS] = int(stats.steps)
     return reply
 
 

@@ -91,6 +91,7 @@ class RunRecorder:
     bytes_down: int = 0
     eval_bytes: int = 0
     privacy_releases: dict[int, int] = field(default_factory=dict)  # client -> rounds it released DP statistics
+    privacy_sgd_steps: dict[int, int] = field(default_factory=dict)  # client -> DP-SGD steps it took
     tasks_done: int = 0
     started: float = field(default_factory=time.time)
     failures: list[Failure] = field(default_factory=list)
@@ -103,6 +104,7 @@ class RunRecorder:
     _STATE_FIELDS = (
         "rows", "client_rows", "bytes_up", "bytes_down", "eval_bytes", "tasks_done", "matrix", "local_matrix",
         "failures", "shown_errors", "privacy_releases",
+        "privacy_sgd_steps",
     )
 
     def state_dict(self) -> dict[str, Any]:

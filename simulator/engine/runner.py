@@ -126,7 +126,7 @@ def _summary(
     )
     from ..privacy.run import privacy_summary
 
-    summ.update(privacy_summary(scenario, rec.num_tasks, rec.num_clients, rec.privacy_releases))
+    summ.update(privacy_summary(scenario, rec.num_tasks, rec.num_clients, rec.privacy_releases, rec.privacy_sgd_steps))
     return summ
 
 

@@ -224,7 +224,7 @@ def server_loop(
                 raise RunFailure(reason)
             if msgs and failed[WORKER_DIED] == len(msgs):
                 raise RunFailure(infrastructure_hint(s, recorder))
-            count_releases(recorder.privacy_releases, replies)
+            count_releases(recorder.privacy_releases, replies, recorder.privacy_sgd_steps)
             if getattr(recorder, "upload_log", None) is not None:  # privacy.keep_uploads
                 recorder.upload_log.observe(server_round, task, rnd, replies)
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,21 @@ class LossHook(Protocol):
     def extra_loss(
         self, features: torch.Tensor, labels: torch.Tensor, model: ProtoModel
     ) -> torch.Tensor | None: ...
+
+
+class PrivateSteps(Protocol):
+    """DP-SGD as the loop sees it (built in ``simulator.privacy.dp_sgd``; the loop knows no
+    library): Poisson-sampled batches, per-sample clipping and noise inside the optimizer."""
+
+    def batches(self, n: int, epochs: int) -> Iterator[torch.Tensor]: ...
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, n: int) -> torch.optim.Optimizer: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def empty_step(self) -> None: ...
+
+    def detach(self) -> None: ...
 
 
 class NonFiniteLoss(RuntimeError):
@@ -127,8 +142,14 @@ def train_local(
     hooks: Sequence[LossHook] = (),
     seed: int = 0,
     device: str | torch.device = "cpu",
+    private: PrivateSteps | None = None,
 ) -> TrainStats:
-    """Train ``model`` in place on ``(x, y)``; returns the mean loss over steps."""
+    """Train ``model`` in place on ``(x, y)``; returns the mean loss over steps.
+
+    With ``private`` (DP-SGD) the batches are Poisson samples drawn by it and every one is
+    used (empty and one-sample batches too: each step must release), the optimizer clips
+    per-sample gradients and adds noise, and ``cfg.grad_clip`` (a clip of the batch gradient)
+    is not applied: the per-sample clip replaces it."""
     if len(y) == 0:
         return TrainStats(0.0, 0, 0)
     params = _trainable(model, cfg)
@@ -148,46 +169,77 @@ def train_local(
         known_c = torch.as_tensor(known.classes, device=device)
     if teacher is not None:
         teacher.eval()
-    order_rng = np.random.default_rng(seed)
     n = len(y)
-    total, steps = 0.0, 0
+    if private is not None:
+        opt = private.attach(model, opt, n)
+        try:
+            return _train_steps(model, xt, yt, cfg, opt, _private_batches(private, n, cfg.epochs, device), seen_mask,
+                                known_v, known_c, teacher, hooks, private)
+        finally:
+            private.detach()
+    return _train_steps(model, xt, yt, cfg, opt, _shuffled_batches(np.random.default_rng(seed), n, cfg, device),
+                        seen_mask, known_v, known_c, teacher, hooks, None, params)
+
+
+def _shuffled_batches(order_rng: np.random.Generator, n: int, cfg: TrainConfig, device) -> Iterator[torch.Tensor]:
     for _ in range(cfg.epochs):
         perm = torch.as_tensor(order_rng.permutation(n), device=device)
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
             if len(idx) < 2 and n > 1:
                 continue  # a single-sample batch carries no class structure (and breaks batch norm)
-            xb, yb = xt[idx], yt[idx]
-            for hook in hooks:  # e.g. continual mechanisms that run the task-start model on the batch
-                before = getattr(hook, "before_batch", None)
-                if before is not None:
-                    before(xb)
-            feats = model(xb)
-            if cfg.classifier == "head":
-                assert model.head is not None, "the head classifier needs a model with a head"
-                loss = head_loss(model.head(feats), yb, seen_mask)
-            else:
-                loss = prototypical_loss(feats, yb, known_v, known_c)
-            if teacher is not None and cfg.distill_weight > 0:
-                with torch.no_grad():
-                    target = teacher(xb)
-                loss = loss + cfg.distill_weight * F.mse_loss(feats, target)
-            for hook in hooks:
-                extra = hook.extra_loss(feats, yb, model)
-                if extra is not None:
-                    loss = loss + extra
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss became {value} at step {steps + 1}")
-            if loss.requires_grad:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-            total += value
+            yield idx
+
+
+def _private_batches(private: PrivateSteps, n: int, epochs: int, device) -> Iterator[torch.Tensor]:
+    for idx in private.batches(n, epochs):
+        yield idx.to(device)
+
+
+def _train_steps(model, xt, yt, cfg: TrainConfig, opt, batches: Iterator[torch.Tensor], seen_mask, known_v, known_c,
+                 teacher, hooks: Sequence[LossHook], private: PrivateSteps | None,
+                 params: list[nn.Parameter] | None = None) -> TrainStats:
+    total, steps = 0.0, 0
+    for idx in batches:
+        if private is not None and len(idx) == 0:
+            private.empty_step()  # nothing sampled: the update is the noise alone
             steps += 1
-    return TrainStats(total / max(steps, 1), steps, n)
+            continue
+        xb, yb = xt[idx], yt[idx]
+        for hook in hooks:  # e.g. continual mechanisms that run the task-start model on the batch
+            before = getattr(hook, "before_batch", None)
+            if before is not None:
+                before(xb)
+        feats = model(xb)
+        if cfg.classifier == "head":
+            assert model.head is not None, "the head classifier needs a model with a head"
+            loss = head_loss(model.head(feats), yb, seen_mask)
+        else:
+            loss = prototypical_loss(feats, yb, known_v, known_c)
+        if teacher is not None and cfg.distill_weight > 0:
+            with torch.no_grad():
+                target = teacher(xb)
+            loss = loss + cfg.distill_weight * F.mse_loss(feats, target)
+        for hook in hooks:
+            extra = hook.extra_loss(feats, yb, model)
+            if extra is not None:
+                loss = loss + extra
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss became {value} at step {steps + 1}")
+        if private is not None:
+            opt.zero_grad(set_to_none=True)
+            private.backward(loss)
+            opt.step()
+        elif loss.requires_grad:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0 and params:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+        total += value
+        steps += 1
+    return TrainStats(total / max(steps, 1), steps, len(yt))
 
 
 @torch.no_grad()

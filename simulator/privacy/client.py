@@ -1,5 +1,6 @@
 """Where the client forms its upload under differential privacy (called once, by the client
-handler, for every prototype strategy: the strategies never see it)."""
+handler, for every prototype strategy: the strategies never see it), and where it gets DP-SGD
+for its local training when the strategy uploads weights."""
 
 from __future__ import annotations
 
@@ -7,25 +8,46 @@ import numpy as np
 
 from ..learner.prototypes import PrototypeSet
 from ..learner.training import embed
-from ..seeding import rng
+from ..seeding import derive_seed, rng
 from .accounting import DpPlan, make_plan
+from .dp_sgd import PrivateTraining
 from .mechanism import noisy_class_sums, prototypes_from_sums
 
 #: metric a client adds to its training reply when it released noisy statistics
 RELEASED = "privacy.released"
+#: metric: the DP-SGD steps a client took in this round
+SGD_STEPS = "privacy.sgd_steps"
 
 _PLANS: dict[tuple, DpPlan] = {}
 
 
+def uses_dp_sgd(scenario) -> bool:
+    """Whether the run's strategy uploads model weights, which DP-SGD then protects."""
+    from strategies import STRATEGIES
+
+    cls = STRATEGIES[scenario.strategy.name]
+    return bool(cls.weight_sharing(cls.Params.model_validate(scenario.strategy.params)))
+
+
 def plan_for(scenario, num_tasks: int) -> DpPlan | None:
-    """The run's DP plan (None when DP is off); every round of every task may be a release."""
+    """The run's DP plan (None when DP is off); every round of every task may be a release
+    (and, for strategies that upload weights, a round of DP-SGD)."""
     p = scenario.privacy
     if not p.dp:
         return None
-    key = (p.model_dump_json(), num_tasks, scenario.training.rounds_per_task)
+    sgd_epochs = scenario.training.local_epochs if uses_dp_sgd(scenario) else None
+    key = (p.model_dump_json(), num_tasks, scenario.training.rounds_per_task, sgd_epochs)
     if key not in _PLANS:
-        _PLANS[key] = make_plan(p, num_tasks * scenario.training.rounds_per_task)
+        _PLANS[key] = make_plan(p, num_tasks * scenario.training.rounds_per_task, sgd_epochs)
     return _PLANS[key]
+
+
+def private_training(scenario, num_tasks: int, *, pid: int, task: int, rnd: int) -> PrivateTraining | None:
+    """DP-SGD for this client's local training this round (None: plain SGD)."""
+    plan = plan_for(scenario, num_tasks)
+    if plan is None or plan.sgd is None:
+        return None
+    return PrivateTraining(plan.sgd, derive_seed(scenario.seed, "dp_sgd", pid, task, rnd))
 
 
 def private_prototypes(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class PrivacyConfig(BaseModel):
@@ -33,6 +33,19 @@ class PrivacyConfig(BaseModel):
         0.1, gt=0.0, lt=1.0,
         description="share of each release's privacy given to the class counts (the rest to the sums): s_n = z / sqrt(share), s_s = clip z / sqrt(1 - share)",
     )
+    # DP-SGD of the strategies that upload model weights (simulator/privacy/dp_sgd.py)
+    grad_clip: float = Field(
+        1.0, gt=0.0, le=1e6,
+        description="DP-SGD (weight-sharing strategies): L2 norm each per-sample gradient is clipped to (C)",
+    )
+    sample_rate: float = Field(
+        0.1, gt=0.0, le=1.0,
+        description="DP-SGD: probability that each local sample joins a step's batch (Poisson sampling); a local epoch is int(1 / sample_rate) steps",
+    )
+    sgd_noise_multiplier: float | None = Field(
+        None, ge=0.01, le=1e6,
+        description="DP-SGD: noise std / grad_clip of every step; unset: the same multiplier as the prototype releases (calibrated together to epsilon)",
+    )
     secure_aggregation: bool = Field(
         False, description="clients upload masked per-class sums and counts (SecAgg+ protocol); the server learns only their sum"
     )
@@ -43,6 +56,12 @@ class PrivacyConfig(BaseModel):
     keep_uploads: bool = Field(
         False, description="record what the server received (uploads.npz in the run dir) for `protofed attack`"
     )
+
+    @model_validator(mode="after")
+    def _sgd_noise_needs_dp(self) -> "PrivacyConfig":
+        if self.sgd_noise_multiplier is not None and not self.dp:
+            raise ValueError("sgd_noise_multiplier is set but differential privacy is off: set epsilon or noise_multiplier too")
+        return self
 
     @property
     def dp(self) -> bool:

@@ -3,13 +3,14 @@ epsilon spent in its summary."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Iterable
 
 import numpy as np
 
 from ..errors import Problem, UserError
-from .accounting import AccountantMissing, BudgetExceeded, epsilon_spent
-from .client import RELEASED, plan_for
+from .accounting import AccountantMissing, BudgetExceeded
+from .client import RELEASED, SGD_STEPS, plan_for
 
 #: why a strategy's merge cannot run on a securely aggregated sum
 NOT_A_SUM = {
@@ -30,6 +31,48 @@ def supports_secure_sum(strategy_cls, params) -> tuple[bool, str]:
     return True, ""
 
 
+def dp_sgd_problems(scenario, strategy_cls, params) -> list[Problem]:
+    """Why DP-SGD (Opacus) cannot protect this weight-sharing run, if it cannot: it needs a loss
+    that is a mean of per-sample terms and layers without batch statistics."""
+    from ..learner.backbones import BACKBONES
+    from ..objective import ClientObjective
+
+    if importlib.util.find_spec("opacus") is None:
+        return [Problem("privacy", "DP-SGD of strategies that upload weights needs Opacus: pip install 'protofed[privacy]'")]
+    out: list[Problem] = []
+    objective = strategy_cls.Objective
+    if objective.train_loss != "head":
+        key = "strategy.params.share_weights" if "share_weights" in type(params).model_fields else "strategy.name"
+        out.append(Problem(key, (
+            f"strategy {strategy_cls.name} uploads model weights trained with the prototypical loss, which compares "
+            "each sample with the means of the other samples of its batch: one sample moves every other sample's "
+            "loss, so clipping per-sample gradients (DP-SGD) does not bound its influence. DP-SGD is available for "
+            "strategies trained with a per-sample loss (fedavg, finetune); use share_weights: false to protect "
+            "only the prototype uploads")))
+        return out
+    if objective.extra_loss is not ClientObjective.extra_loss:
+        # a strategy's own loss term may couple the samples of a batch; we cannot tell which do
+        out.append(Problem("strategy.name", (
+            f"strategy {strategy_cls.name} adds its own loss term, which DP-SGD can protect only if it is a mean of "
+            "per-sample terms; not verified for this strategy, so it is refused under DP")))
+    norms = {scenario.model.backbone_of(c) for c in range(scenario.clients.num_clients)}
+    if scenario.model.norm in ("batch", "batch_local") and any(BACKBONES[b].norms for b in norms if b in BACKBONES):
+        out.append(Problem("model.norm", (
+            f"model.norm {scenario.model.norm}: BatchNorm normalises each sample with its batch's statistics, so "
+            "per-sample gradients (DP-SGD, Opacus) do not exist; use model.norm: group (or none)")))
+    if objective.uses_continual:
+        c = scenario.continual
+        if c.ewc is not None:
+            out.append(Problem("continual.ewc", (
+                "EWC's penalty acts on the parameters, not through per-sample gradients (DP-SGD would drop it), and "
+                "its Fisher information is computed from the client's data without noise; leave it out under DP")))
+        if c.prd is not None:
+            out.append(Problem("continual.prd", (
+                "PRD's supervised contrastive term compares each sample with the others of its batch, so per-sample "
+                "clipping (DP-SGD) does not bound one sample's influence; leave it out under DP (lwf works)")))
+    return out
+
+
 def check_scenario(scenario, num_tasks: int, strategy_cls, params, source: str) -> None:
     """Refuse, before anything is written, a privacy setting this run cannot honour."""
     from ..objective import ClientObjective
@@ -37,8 +80,9 @@ def check_scenario(scenario, num_tasks: int, strategy_cls, params, source: str) 
     p = scenario.privacy
     problems: list[Problem] = []
     if p.dp:
-        if strategy_cls.weight_sharing(params):
-            problems.append(Problem("privacy.epsilon", f"strategy {strategy_cls.name} uploads model weights in clear; differential privacy here covers prototype uploads only (DP-SGD for weights is not implemented): use share_weights: false or another strategy"))
+        sgd_problems = dp_sgd_problems(scenario, strategy_cls, params) if strategy_cls.weight_sharing(params) else []
+        if sgd_problems:
+            problems += sgd_problems
         elif strategy_cls.Objective.upload is not ClientObjective.upload:
             problems.append(Problem("privacy.epsilon", f"strategy {strategy_cls.name} forms its own upload (nothing or something other than prototypes); differential privacy applies to prototype uploads"))
         elif scenario.model.classifier != "ncm":
@@ -49,7 +93,8 @@ def check_scenario(scenario, num_tasks: int, strategy_cls, params, source: str) 
             try:
                 plan_for(scenario, num_tasks)
             except BudgetExceeded as exc:
-                problems.append(Problem("privacy.noise_multiplier", str(exc)))
+                key = "privacy.sgd_noise_multiplier" if "alone spend" in str(exc) else "privacy.noise_multiplier"
+                problems.append(Problem(key, str(exc)))
             except AccountantMissing as exc:
                 problems.append(Problem("privacy", str(exc)))
     if p.secure_aggregation and scenario.model.classifier != "ncm":
@@ -65,27 +110,46 @@ def check_scenario(scenario, num_tasks: int, strategy_cls, params, source: str) 
         raise UserError(source, problems)
 
 
-def count_releases(releases: dict[int, int], replies: Iterable[Any]) -> None:
-    """Count, per client, the training replies that released noisy statistics."""
+def count_releases(releases: dict[int, int], replies: Iterable[Any], sgd_steps: dict[int, int] | None = None) -> None:
+    """Count, per client, the training replies that released noisy statistics (and the
+    DP-SGD steps they took, into ``sgd_steps``)."""
     from ..records import METRICS
 
     for r in replies:
         if r.has_error() or not r.has_content() or METRICS not in r.content:
             continue
         m = r.content[METRICS]
+        pid = int(m["partition_id"])
         if RELEASED in m and int(m[RELEASED]):
-            pid = int(m["partition_id"])
             releases[pid] = releases.get(pid, 0) + 1
+        if sgd_steps is not None and SGD_STEPS in m:
+            sgd_steps[pid] = sgd_steps.get(pid, 0) + int(m[SGD_STEPS])
 
 
-def privacy_summary(scenario, num_tasks: int, num_clients: int, releases: dict[int, int]) -> dict[str, Any]:
+def privacy_summary(scenario, num_tasks: int, num_clients: int, releases: dict[int, int],
+                    sgd_steps: dict[int, int] | None = None) -> dict[str, Any]:
     """summary.json keys under DP: the epsilon each client spent (max and mean over clients;
-    a client's figure bounds every one of its samples), the noise and the budget."""
+    a client's figure bounds every one of its samples; under DP-SGD its steps and its prototype
+    releases composed), the noise and the budget."""
     plan = plan_for(scenario, num_tasks)
     if plan is None:
         return {}
-    per_client = [epsilon_spent(plan.noise_multiplier, int(releases.get(c, 0)), plan.delta) for c in range(num_clients)]
-    return {
+    sgd_steps = sgd_steps or {}
+    per_client = [plan.epsilon(int(releases.get(c, 0)), int(sgd_steps.get(c, 0))) for c in range(num_clients)]
+    extra: dict[str, Any] = {}
+    if plan.sgd is not None:
+        extra = {
+            "privacy_dp_sgd": {
+                "noise_multiplier": plan.sgd.noise_multiplier,
+                "grad_clip": plan.sgd.clip,
+                "sample_rate": plan.sgd.sample_rate,
+                "steps_per_round": plan.sgd.steps_per_round,
+                "max_steps_per_client": plan.max_sgd_steps,
+                "steps_per_client": [int(sgd_steps.get(c, 0)) for c in range(num_clients)],
+                "secure_mode": False,
+            },
+        }
+    return extra | {
         "epsilon_spent": {
             "max": float(np.max(per_client)),
             "mean": float(np.mean(per_client)),
