@@ -50,6 +50,9 @@ class ClientObjective:
     train_loss: ClassVar[Literal["prototype", "head"]] = "prototype"
     inference: ClassVar[Literal["prototype", "head"]] = "prototype"
     uses_continual: ClassVar[bool] = True
+    #: whether the client uploads prototypes (a head-only method such as FedAvg sends an empty
+    #: prototype set: nothing its merge would ignore, and nothing a DP budget must pay for)
+    uploads_prototypes: ClassVar[bool] = True
     data_scope: ClassVar[Literal["task", "all"]] = "task"
 
     def __init__(self, params: BaseModel, info: ClientInfo) -> None:
@@ -97,7 +100,8 @@ class ClientObjective:
 
     # ---- sending
     def upload(self, model: ProtoModel, local_protos: PrototypeSet) -> dict[str, Array]:
-        out = dict(protos_to_arrays(local_protos))
+        sent = local_protos if self.uploads_prototypes else PrototypeSet.empty(self.info.embedding_dim)
+        out = dict(protos_to_arrays(sent))
         if self.share_weights:
             out.update(weights_to_arrays(model, include_head=self.inference == "head"))
         return out

@@ -21,6 +21,7 @@ class Params(StrategyParams):
 class HeadObjective(ClientObjective):
     train_loss: ClassVar[Literal["prototype", "head"]] = "head"
     inference: ClassVar[Literal["prototype", "head"]] = "head"
+    uploads_prototypes: ClassVar[bool] = False  # the merge uses the weights alone
 
     @property
     def share_weights(self) -> bool:

@@ -167,11 +167,13 @@ def test_fedavg_with_epsilon_8_reports_what_each_client_spent(tmp_path):
     rounds = 3 * 2  # tasks x rounds per task
     assert sgd["steps_per_round"] == 4 and sgd["max_steps_per_client"] == rounds * 4
     assert sgd["steps_per_client"] == [rounds * 4] * 3  # every client trains every round (participation 1)
-    assert eps["releases_per_client"] == [rounds] * 3
+    # fedavg uploads no prototypes (its merge uses the weights alone): nothing but DP-SGD is released
+    assert eps["releases_per_client"] == [0] * 3
     assert max(eps["per_client"]) <= 8.0 + 1e-5 and s["epsilon_spent_max"] <= 8.0 + 1e-5
     z = s["privacy_noise_multiplier"]
     assert sgd["noise_multiplier"] == pytest.approx(z)
-    assert eps["per_client"][0] == pytest.approx(run_epsilon_spent(z, rounds, z, 0.25, rounds * 4, 1e-5), rel=1e-5)
+    assert eps["per_client"][0] == pytest.approx(run_epsilon_spent(z, 0, z, 0.25, rounds * 4, 1e-5), rel=1e-5)
+    assert eps["per_client"][0] == pytest.approx(8.0, rel=1e-3)  # the whole budget goes to DP-SGD
     assert np.isfinite(s["final_avg_accuracy"]) and 0.0 <= s["final_avg_accuracy"] <= 1.0
     assert sgd["secure_mode"] is False
     plain = run_tiny(tmp_path, "plain", strategy=FEDAVG)

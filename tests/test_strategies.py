@@ -126,3 +126,22 @@ def test_registry_has_both_strategies_with_params_schemas():
     assert ProtoAvg.Params().share_weights is False
     with pytest.raises(Exception):
         ProtoAvg.Params.model_validate({"share_weight": True})
+
+
+def test_head_methods_upload_weights_and_no_prototypes():
+    """FedAvg's merge uses the weights alone: its clients send an empty prototype set (nothing
+    a merge would ignore, nothing a DP budget must pay for); proto_avg sends its prototypes."""
+    from simulator.learner.backbones import build_model
+    from simulator.objective import ClientInfo
+    from simulator.records import has_weights
+
+    rng = np.random.default_rng(0)
+    feats, labels = rng.normal(size=(12, 4)).astype(np.float32), np.repeat([0, 1, 2], 4)
+    local = class_means(feats, labels)
+    info = ClientInfo(0, 10, 4, "cpu")
+    for cls, protos_sent in ((FedAvg, 0), (ProtoAvg, 3)):
+        model = build_model("mlp", (8,), 4, 10, cls.Objective.needs_head(), 0)
+        params = cls.Params.model_validate({"share_weights": True} if cls is ProtoAvg else {})
+        up = cls.Objective(params, info).upload(model, local)
+        assert len(protos_from_arrays(ArrayRecord(up))) == protos_sent
+        assert has_weights(ArrayRecord(up))

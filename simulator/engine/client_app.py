@@ -271,7 +271,8 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             f"try a smaller training.lr "
             f"or smaller strategy loss weights"
         ) from None
-    private = private_prototypes(s, rt.stream.num_tasks, model, x, y, seen, pid=pid, task=task, rnd=rnd, device=rt.device)
+    private = (private_prototypes(s, rt.stream.num_tasks, model, x, y, seen, pid=pid, task=task, rnd=rnd, device=rt.device)
+               if objective.uploads_prototypes else None)
     client_truth(setup, rt, pid, task, rnd, server_round, model, x, y)  # privacy.keep_uploads only
     feats = embed(model, x, rt.device)
     # a DP release is sent as released: no calibration or second-order statistics computed from
@@ -284,7 +285,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     state["objective"] = objective.state_dict()
     state["continual"] = stack.state_dict()
     reply = _reply(msg, context, rt, pid, state, task, server_round, upload=upload,
-                   counts=[int(c) for c in local_protos.counts], loss=float(stats.loss), steps=int(stats.steps),
+                   counts=[int(c) for c in local_protos.counts] if objective.uploads_prototypes else [], loss=float(stats.loss), steps=int(stats.steps),
                    num_examples=int(len(task_idx)))
     if private is not None:
         reply.content[METRICS][RELEASED] = 1

@@ -191,11 +191,13 @@ class DpPlan:
                                  self.sgd.sample_rate, int(sgd_steps), self.delta, self.accountant)
 
 
-def make_plan(privacy, max_releases: int, sgd_epochs: int | None = None) -> DpPlan:
+def make_plan(privacy, max_releases: int, sgd_epochs: int | None = None, releases: int | None = None) -> DpPlan:
     """Calibrate (``epsilon`` alone) or check (``noise_multiplier``, with ``epsilon`` as a
     budget) the noise for a run of at most ``max_releases`` releases per client. With
     ``sgd_epochs`` (local epochs per round; weight-sharing strategies) every one of those rounds
-    also takes ``sgd_epochs x int(1/q)`` DP-SGD steps, composed into the same budget. Raises
+    also takes ``sgd_epochs x int(1/q)`` DP-SGD steps, composed into the same budget; ``releases``
+    (default ``max_releases``) is how many of those rounds also release prototypes (0 when the
+    clients upload none, as FedAvg's). Raises
     :class:`BudgetExceeded` when the requested noise would spend more than the budget."""
     kind = "rdp"
     if sgd_epochs is None:
@@ -214,7 +216,9 @@ def make_plan(privacy, max_releases: int, sgd_epochs: int | None = None) -> DpPl
         return DpPlan(z, int(max_releases), bound, privacy.delta, privacy.clip,
                       noise_scales(z, privacy.clip, privacy.count_share), kind)
     q = float(privacy.sample_rate)
-    steps = int(max_releases) * int(sgd_epochs) * steps_per_epoch(q)
+    steps = int(max_releases) * int(sgd_epochs) * steps_per_epoch(q)  # max_releases = rounds here
+    if releases is not None:  # prototype releases of a run whose clients upload none (FedAvg): 0
+        max_releases = int(releases)
     fixed = privacy.sgd_noise_multiplier
     if privacy.noise_multiplier is not None:
         z = float(privacy.noise_multiplier)

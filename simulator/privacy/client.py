@@ -29,6 +29,14 @@ def uses_dp_sgd(scenario) -> bool:
     return bool(cls.weight_sharing(cls.Params.model_validate(scenario.strategy.params)))
 
 
+def uploads_prototypes(scenario) -> bool:
+    """Whether the run's clients upload prototypes (FedAvg-like methods send weights only, so
+    under DP they release nothing but their DP-SGD steps)."""
+    from strategies import STRATEGIES
+
+    return bool(STRATEGIES[scenario.strategy.name].Objective.uploads_prototypes)
+
+
 def plan_for(scenario, num_tasks: int) -> DpPlan | None:
     """The run's DP plan (None when DP is off); every round of every task may be a release
     (and, for strategies that upload weights, a round of DP-SGD)."""
@@ -36,9 +44,11 @@ def plan_for(scenario, num_tasks: int) -> DpPlan | None:
     if not p.dp:
         return None
     sgd_epochs = scenario.training.local_epochs if uses_dp_sgd(scenario) else None
-    key = (p.model_dump_json(), num_tasks, scenario.training.rounds_per_task, sgd_epochs)
+    rounds = num_tasks * scenario.training.rounds_per_task
+    releases = rounds if uploads_prototypes(scenario) else 0
+    key = (p.model_dump_json(), num_tasks, scenario.training.rounds_per_task, sgd_epochs, releases)
     if key not in _PLANS:
-        _PLANS[key] = make_plan(p, num_tasks * scenario.training.rounds_per_task, sgd_epochs)
+        _PLANS[key] = make_plan(p, rounds, sgd_epochs, releases=releases)
     return _PLANS[key]
 
 
