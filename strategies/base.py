@@ -78,6 +78,7 @@ class RunInfo:
     embedding_dim: int
     partitions: dict[int, int] = field(default_factory=dict)  # partition id -> node id
     eval_subset: list[int] | None = None  # the clients evaluated all run long, drawn once by the engine (None: all)
+    text_names: list[str] | None = None  # each class's name in words (index = class id); None: the source has none
 
 
 @dataclass
@@ -108,6 +109,12 @@ class FederatedStrategy(Strategy):
         self.available: list[int] | None = None  # clients present this step (None: all); set by the engine
         self.step = 0  # the federation's current task (step), from the train config
         self.holding_frozen: set[int] = set()  # clients that hold the frozen backbone (share_weights: first_task)
+
+    @classmethod
+    def check_setup(cls, params: StrategyParams, run: RunInfo) -> list[tuple[str, str]]:
+        """Problems only the loaded data or the installed packages reveal, found before the run
+        starts: ``(field inside strategy.params, message)`` pairs; none by default."""
+        return []
 
     @classmethod
     def weight_sharing(cls, params: StrategyParams) -> bool:

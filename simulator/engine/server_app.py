@@ -167,6 +167,7 @@ def server_loop(
             embedding_dim=s.model.embedding_dim,
             partitions=partitions,
             eval_subset=evaluation_subset(s, stream),
+            text_names=stream.dataset.text_names,
         ),
     )
     delivery = Delivery(grid, s, recorder, partitions)
