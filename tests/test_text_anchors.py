@@ -153,6 +153,13 @@ def test_digit_names_embed_into_distinct_deterministic_anchors(digit_embeddings)
 
 
 # --------------------------------------------------------------------------- on the server, in a run
+def test_text_model_folder_given_by_the_user(tmp_path, digit_embeddings):
+    folder = tmp_path / "my-model"
+    folder.symlink_to(packaged_model_dir(), target_is_directory=True)  # another path to a real model folder
+    np.testing.assert_array_equal(embed_names(list(DIGIT_NAMES), str(folder)), digit_embeddings)
+    np.testing.assert_array_equal(text_anchors(1, list(DIGIT_NAMES), DIM, str(folder)), text_anchors(1, list(DIGIT_NAMES), DIM))
+
+
 def test_text_params_and_server_anchors(digit_embeddings):
     assert Params().anchors == "random" and Params().text_model is None
     run = RunInfo(seed=2, participation=1.0, num_classes=10, embedding_dim=DIM, text_names=list(DIGIT_NAMES))
