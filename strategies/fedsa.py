@@ -292,6 +292,9 @@ class FedSA(FederatedStrategy):
         if not run.text_names:
             problems.append(("anchors", "text anchors need class names, and this dataset source has none "
                              "(synthetic data, or an npz file without a class_names array); use anchors: random"))
+        elif len(run.text_names) != run.num_classes:
+            problems.append(("anchors", f"the dataset source names {len(run.text_names)} classes but has "
+                             f"{run.num_classes}; text anchors need one name per class"))
         try:
             check_available(params.text_model)
         except TextModelError as exc:

@@ -166,6 +166,8 @@ def test_text_params_and_server_anchors(digit_embeddings):
     np.testing.assert_array_equal(FedSA(Params(), run).initial_anchors, all_class_anchors(2, 10, DIM))  # default unchanged
     np.testing.assert_array_equal(FedSA(Params(anchors="text"), run).initial_anchors, text_anchors(2, list(DIGIT_NAMES), DIM))
     assert FedSA.check_setup(Params(anchors="text"), run) == []
+    short = RunInfo(seed=2, participation=1.0, num_classes=11, embedding_dim=DIM, text_names=list(DIGIT_NAMES))
+    assert [f for f, _ in FedSA.check_setup(Params(anchors="text"), short)] == ["anchors"]  # a plugin source's bad list
     assert FedSA.check_setup(Params(), RunInfo(seed=0, participation=1.0, num_classes=3, embedding_dim=4)) == []
 
 
