@@ -295,6 +295,8 @@ class FedSA(FederatedStrategy):
         elif len(run.text_names) != run.num_classes:
             problems.append(("anchors", f"the dataset source names {len(run.text_names)} classes but has "
                              f"{run.num_classes}; text anchors need one name per class"))
+        elif len(set(run.text_names)) != len(run.text_names):
+            problems.append(("anchors", "the dataset source gives two classes the same name; their text anchors would coincide"))
         try:
             check_available(params.text_model)
         except TextModelError as exc:

@@ -82,7 +82,8 @@ def test_npz_with_and_without_class_names(tmp_path):
     from simulator.errors import FieldError
 
     for bad, needle in ((np.array(["cat", "dog"]), "2 names but y has 3"), (np.array([1, 2, 3]), "array of strings"),
-                        (np.array(["cat", " ", "eel"]), "empty name at position 1")):
+                        (np.array(["cat", " ", "eel"]), "empty name at position 1"),
+                        (np.array(["cat", "dog", "cat"]), "names two classes 'cat' (positions 0 and 2)")):
         np.savez(tmp_path / "bad.npz", x=x, y=y, class_names=bad)
         with pytest.raises(FieldError) as e:
             load("npz", path=str(tmp_path / "bad.npz"))
@@ -168,6 +169,8 @@ def test_text_params_and_server_anchors(digit_embeddings):
     assert FedSA.check_setup(Params(anchors="text"), run) == []
     short = RunInfo(seed=2, participation=1.0, num_classes=11, embedding_dim=DIM, text_names=list(DIGIT_NAMES))
     assert [f for f, _ in FedSA.check_setup(Params(anchors="text"), short)] == ["anchors"]  # a plugin source's bad list
+    twice = RunInfo(seed=2, participation=1.0, num_classes=2, embedding_dim=DIM, text_names=["cat", "cat"])
+    assert [f for f, _ in FedSA.check_setup(Params(anchors="text"), twice)] == ["anchors"]
     assert FedSA.check_setup(Params(), RunInfo(seed=0, participation=1.0, num_classes=3, embedding_dim=4)) == []
 
 

@@ -384,6 +384,11 @@ def _npz_class_names(arr: np.ndarray, num_classes: int, path: Path) -> list[str]
     blank = [i for i, n in enumerate(out) if not n.strip()]
     if blank:
         raise FieldError("dataset.path", f"{path}: 'class_names' has an empty name at position {blank[0]}")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(out):
+        if n in seen:
+            raise FieldError("dataset.path", f"{path}: 'class_names' names two classes {n!r} (positions {seen[n]} and {i})")
+        seen[n] = i
     return out
 
 
