@@ -198,8 +198,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"  {p.field}: {p.message}")
             return 0
         raise
-    from .engine.runner import _check_privacy
+    from .engine.runner import _check_privacy, check_strategy_setup
 
+    check_strategy_setup(scenario, stream, args.scenario)  # e.g. fedsa text anchors: class names, text model
     _check_privacy(scenario, stream.num_tasks, args.scenario)  # privacy budget, secure-aggregation support
     print(
         f"ok: {scenario.name}: {stream.num_tasks} tasks {[len(t) for t in stream.tasks]} classes, "

@@ -167,14 +167,17 @@ def run_compare(
     out: TextIO | None = sys.stdout,
     overwrite: bool = False,
 ) -> tuple[pd.DataFrame, Path]:
-    from .engine.runner import build_stream_checked, check_writable
+    from .engine.runner import build_stream_checked, check_strategy_setup, check_writable
     from .plots import plot_compare
 
     runs, root = plan(scenario_path, labels, seeds, out_dir, sets)
     for r in runs:
         if engine:
             r.scenario.resources.engine = engine  # type: ignore[assignment]
-    build_stream_checked(runs[0].scenario, scenario_path)  # data problems before anything is written
+    stream = build_stream_checked(runs[0].scenario, scenario_path)  # data problems before anything is written
+    for r in runs:  # e.g. fedsa text anchors without class names or the text extra
+        same = r.scenario.dataset == runs[0].scenario.dataset
+        check_strategy_setup(r.scenario, stream if same else build_stream_checked(r.scenario, scenario_path), scenario_path)
     check_writable(root)
     conflicts = [] if overwrite else _conflicts(runs)
     if conflicts:

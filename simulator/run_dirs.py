@@ -30,7 +30,7 @@ RESULT_NEUTRAL = ("resources", "output", "compare", "sweep")
 #: keys that config.yaml adds next to the resolved scenario
 RECORD_KEYS = ("versions", "derived_seeds", "overrides", "overrides_tag", "resolved_paths")
 #: scenario keys that hold file-system paths (stored resolved as well, for --resume elsewhere)
-PATH_KEYS = ("dataset.path", "dataset.root", "model.pretrained")
+PATH_KEYS = ("dataset.path", "dataset.root", "model.pretrained", "strategy.params.text_model")
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -239,18 +239,24 @@ def run_sweep(
 ) -> tuple[pd.DataFrame, Path]:
     """``live``: a rich progress bar (default: when ``out`` is a terminal); otherwise plain
     lines, each run announced with the elapsed time and an ETA (logs, CI)."""
-    from .engine.runner import build_stream_checked, check_writable
+    from .engine.runner import build_stream_checked, check_strategy_setup, check_writable
 
     sp = plan_sweep(scenario_path, grid, labels, seeds, out_dir, sets)
     for _, r in sp.runs:
         if engine:
             r.scenario.resources.engine = engine  # type: ignore[assignment]
     firsts = {cell.name: r for cell, r in reversed(sp.runs)}
+    streams = {}
     for name, r in firsts.items():  # data problems of any cell (an impossible partition) before anything is written
         try:
-            build_stream_checked(r.scenario, scenario_path)
+            streams[name] = build_stream_checked(r.scenario, scenario_path)
         except UserError as exc:
             raise UserError(f"{exc.source} (sweep cell {name})", exc.problems) from None
+    for cell, r in sp.runs:  # the strategies' own checks (fedsa text anchors: class names, text model)
+        try:
+            check_strategy_setup(r.scenario, streams[cell.name], scenario_path)
+        except UserError as exc:
+            raise UserError(f"{exc.source} (sweep cell {cell.name})", exc.problems) from None
     check_writable(sp.root)
     if live is None:
         live = bool(out is not None and getattr(out, "isatty", lambda: False)())

@@ -82,6 +82,7 @@ class RunInfo:
     # build it, and the shape of one input sample
     new_model: Callable[[], Any] | None = None
     input_shape: tuple[int, ...] = ()
+    text_names: list[str] | None = None  # each class's name in words (index = class id); None: the source has none
 
 
 @dataclass
@@ -112,6 +113,12 @@ class FederatedStrategy(Strategy):
         self.available: list[int] | None = None  # clients present this step (None: all); set by the engine
         self.step = 0  # the federation's current task (step), from the train config
         self.holding_frozen: set[int] = set()  # clients that hold the frozen backbone (share_weights: first_task)
+
+    @classmethod
+    def check_setup(cls, params: StrategyParams, run: RunInfo) -> list[tuple[str, str]]:
+        """Problems only the loaded data or the installed packages reveal, found before the run
+        starts: ``(field inside strategy.params, message)`` pairs; none by default."""
+        return []
 
     @classmethod
     def weight_sharing(cls, params: StrategyParams) -> bool:

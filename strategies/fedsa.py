@@ -30,6 +30,17 @@ anchor; anchors barely move (momentum 0.9999), features reach them only roughly,
 classes nearest-anchor inference collapsed (a 146-class synthetic run: 0.035 final average
 accuracy against 0.097 for FedProto; nearest global prototype: 0.088).
 
+``anchors: text`` (ours, not in the paper; needs ``pip install protofed[text]``): the initial
+anchors come from the class *names* instead of noise: the sentence embedding of each name
+(all-MiniLM-L6-v2 run locally, 384-d, L2-normalised; or any local sentence-transformers folder
+given as ``text_model``), projected to ``embedding_dim`` by a fixed Gaussian matrix seeded from the
+run seed, then scaled to the mean norm of this run's ``g(R)`` anchors (see :func:`text_anchors`).
+Classes whose names are related get nearby anchors; everything after the initial anchors (EMA,
+losses, inference) is unchanged. The names come from the data source (``RunInfo.text_names``);
+a source without names, or a missing extra or model folder, is refused before the run
+(:meth:`FedSA.check_setup`). The paper's "semantic" anchors carry no semantics of the class;
+this option asks whether anchors that do help, and measures what it costs in separation.
+
 Defaults: ``lambda`` 10 as in the official runs (the official argparse default is 1),
 ``contrastive`` 1, ``calibration`` 1, ``anchor_momentum`` 0.9999. ``share_weights: true`` also
 FedAvg-averages the backbone (not the local head); the paper shares prototypes only.
@@ -54,6 +65,8 @@ Where this differs from the paper, and why:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -61,6 +74,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from pydantic import ConfigDict, Field
 from torch import nn
+
+from simulator.paths import PathText
 
 from simulator.learner.backbones import ProtoModel
 from simulator.learner.prototypes import PrototypeSet, merge_class_means
@@ -73,6 +88,7 @@ from .fedproto import Objective as PullToPrototypes
 from .fedproto import mse_to_prototypes, prototype_lookup
 
 ANCHOR_PURPOSE = "fedsa_anchors"
+TEXT_PURPOSE = "fedsa_text_anchors"  # the seed of the projection of the name embeddings
 ANCHOR_PREFIX = "anchor"
 
 
@@ -95,6 +111,15 @@ class Params(StrategyParams):
         description="EMA momentum m of the anchors: a <- m * a + (1 - m) * mean of client prototypes",
     )
     share_weights: ShareWeights = Field(False, description="also FedAvg the backbone weights each round; first_task: only during the first task, then the backbone is frozen and only prototypes travel")
+    anchors: Literal["random", "text"] = Field(
+        "random",
+        description="initial anchors: random (g(R), the paper) or text (sentence embeddings of the class names, "
+        "seeded projection to embedding_dim, scaled like the random ones; needs protofed[text] and a source with class names)",
+    )
+    text_model: PathText | None = Field(
+        None, min_length=1,
+        description="anchors: text: a local sentence-transformers model folder (default: the packaged all-MiniLM-L6-v2); never downloaded",
+    )
 
 
 # --------------------------------------------------------------------------- anchors
@@ -118,6 +143,46 @@ def all_class_anchors(seed: int, num_classes: int, dim: int) -> np.ndarray:
     g.train(num_classes > 1)  # batch statistics need two rows at least
     with torch.no_grad():
         return g(noise).detach().numpy().astype(np.float32)
+
+
+def text_anchors(seed: int, names: list[str], dim: int, model_path: str | None = None) -> np.ndarray:
+    """Anchors from the class names, ``[len(names), dim]`` float32 (row c from ``names[c]``).
+
+    1. ``e_c``: the sentence embedding of name c (384-d for MiniLM, L2-normalised), see
+       :mod:`simulator.text_encoder`;
+    2. ``e_c P``: a fixed Gaussian projection ``P`` of shape ``[384, dim]``, entries ``N(0, 1/dim)``,
+       drawn from a seed derived from the run seed (``"fedsa_text_anchors"``). A Gaussian random
+       projection keeps the cosines between the names' embeddings approximately
+       (Johnson-Lindenstrauss), and for ``dim >= 384`` it is almost an isometry, so the semantic
+       geometry of the names reaches the feature space whatever ``embedding_dim`` is;
+    3. each row is L2-normalised and multiplied by the mean norm of the *random* anchors ``g(R)``
+       of the same run (seed, number of classes, dim). The FedSA losses are in absolute feature
+       units (``lambda`` x MSE, the contrastive margin is the anchors' mean nearest gap, the head
+       must classify the anchors) and the paper's weights were set for anchors of ``g(R)``'s
+       scale; equal norms make ``text`` differ from ``random`` in the anchors' directions only.
+
+    Row c depends on name c, the seed and the model only (each name is embedded on its own).
+    """
+    from simulator.text_encoder import embed_names
+
+    emb = embed_names(list(names), model_path).astype(np.float64)
+    gen = np.random.default_rng(derive_seed(seed, TEXT_PURPOSE))
+    proj = gen.standard_normal((emb.shape[1], dim)) / np.sqrt(dim)
+    z = emb @ proj
+    z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    scale = float(np.linalg.norm(all_class_anchors(seed, len(names), dim).astype(np.float64), axis=1).mean())
+    return (z * scale).astype(np.float32)
+
+
+def mean_cosine(vectors: np.ndarray) -> float:
+    """Mean cosine similarity over the pairs of distinct rows (0 for fewer than two rows)."""
+    v = np.asarray(vectors, dtype=np.float64)
+    if v.ndim != 2 or len(v) < 2:
+        return 0.0
+    u = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    c = u @ u.T
+    n = len(v)
+    return float((c.sum() - np.trace(c)) / (n * (n - 1)))
 
 
 def mean_nearest_gap(vectors: np.ndarray | torch.Tensor) -> float:
@@ -200,7 +265,7 @@ class Objective(PullToPrototypes):
 class FedSA(FederatedStrategy):
     name = "fedsa"
     description = (
-        "FedSA: fixed random semantic anchors per class (EMA towards client prototypes); head CE + anchor "
+        "FedSA: fixed semantic anchors per class, random or from the class names (EMA towards client prototypes); head CE + anchor "
         "calibration + lambda * MSE to anchors + margin-enhanced contrastive; nearest-anchor inference"
     )
     Params = Params
@@ -208,8 +273,35 @@ class FedSA(FederatedStrategy):
 
     def __init__(self, params: Params, run: RunInfo) -> None:
         super().__init__(params, run)
-        self.initial_anchors = all_class_anchors(run.seed, run.num_classes, run.embedding_dim)
+        if params.anchors == "text":  # checked before the run by check_setup; built once, here
+            if not run.text_names or len(run.text_names) != run.num_classes:
+                raise ValueError("fedsa anchors: text needs one name per class (RunInfo.text_names)")
+            self.initial_anchors = text_anchors(run.seed, run.text_names, run.embedding_dim, params.text_model)
+        else:
+            self.initial_anchors = all_class_anchors(run.seed, run.num_classes, run.embedding_dim)
         self.anchors = PrototypeSet.empty(run.embedding_dim)
+
+    @classmethod
+    def check_setup(cls, params: Params, run: RunInfo) -> list[tuple[str, str]]:
+        """``anchors: text`` needs the text extra (or a model folder) and a source with class names."""
+        if params.anchors != "text":
+            return []
+        from simulator.text_encoder import TextModelError, check_available
+
+        problems = []
+        if not run.text_names:
+            problems.append(("anchors", "text anchors need class names, and this dataset source has none "
+                             "(synthetic data, or an npz file without a class_names array); use anchors: random"))
+        elif len(run.text_names) != run.num_classes:
+            problems.append(("anchors", f"the dataset source names {len(run.text_names)} classes but has "
+                             f"{run.num_classes}; text anchors need one name per class"))
+        elif len(set(run.text_names)) != len(run.text_names):
+            problems.append(("anchors", "the dataset source gives two classes the same name; their text anchors would coincide"))
+        try:
+            check_available(params.text_model)
+        except TextModelError as exc:
+            problems.append(("text_model" if params.text_model else "anchors", str(exc)))
+        return problems
 
     def global_arrays(self) -> ArrayRecord:
         record = super().global_arrays()  # global prototypes (inference) and weights

@@ -89,6 +89,7 @@ class IdxSet:
     md5: dict[str, str]  # file name (without .gz) -> md5 of the .gz file
     subdir: str  # torchvision's layout under root, where downloads go
     class_names: tuple[str, ...]
+    text_names: tuple[str, ...] | None = None  # the names in words when class_names are not (digits)
 
 
 IDX_TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -108,6 +109,7 @@ IDX: dict[str, IdxSet] = {
         },
         subdir="MNIST/raw",
         class_names=tuple(str(i) for i in range(10)),
+        text_names=("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
     ),
     "fashion_mnist": IdxSet(
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
@@ -132,6 +134,7 @@ class RawImages:
     x_test: np.ndarray
     y_test: np.ndarray
     class_names: list[str]
+    text_names: list[str] | None = None  # each class's name in words (None: none known)
 
 
 # --------------------------------------------------------------------------- restricted unpickling
@@ -409,7 +412,7 @@ def load_cifar(root: str | Path, name: str, download: bool, label_type: str = "f
     y_train = np.concatenate([p[1] for p in parts])
     x_test, y_test = _cifar_part(base / spec.test, key, len(names))
     _all_classes_present(y_train, y_test, names, str(base))
-    return RawImages(x_train, y_train, x_test, y_test, names)
+    return RawImages(x_train, y_train, x_test, y_test, names, list(names))  # the meta file's names are words
 
 
 def _all_classes_present(y_train: np.ndarray, y_test: np.ndarray, names: list[str], where: str) -> None:
@@ -544,5 +547,6 @@ def load_idx(root: str | Path, name: str, download: bool) -> RawImages:
         )
     names = list(spec.class_names)
     _all_classes_present(out["y_train"], out["y_test"], names, str(files[IDX_TRAIN_IMAGES].parent))
-    return RawImages(out["x_train"], out["y_train"], out["x_test"], out["y_test"], names)
+    return RawImages(out["x_train"], out["y_train"], out["x_test"], out["y_test"], names,
+                     list(spec.text_names) if spec.text_names is not None else list(names))
 

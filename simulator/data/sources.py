@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..scenario import DatasetConfig
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm"})
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 # --------------------------------------------------------------------------- containers
@@ -40,6 +41,11 @@ class ArrayDataset:
     class_names: list[str]
     mean: float = 0.0  # the scalar mean/std used to standardise (computed on the train split)
     std: float = 1.0
+    # Each class's name in words, index = class id (``"zero"`` for digit 0, CIFAR's label names,
+    # folder names, an npz file's ``class_names``); None when the source only numbers its classes
+    # (synthetic, npz without names). Class ids are never renumbered by ``tasks.class_order`` (the
+    # order only decides which task brings a class), so ``text_names[c]`` names class c in every run.
+    text_names: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -72,6 +78,7 @@ def _finish(
     x_test: np.ndarray,
     y_test: np.ndarray,
     class_names: list[str],
+    text_names: list[str] | None = None,
 ) -> ArrayDataset:
     """Standardise with a scalar mean/std of the train split and fix dtypes."""
     x_train = np.asarray(x_train, dtype=np.float64)
@@ -88,6 +95,7 @@ def _finish(
         class_names=list(class_names),
         mean=mean,
         std=std,
+        text_names=list(text_names) if text_names is not None else None,
     )
 
 
@@ -132,10 +140,11 @@ def stratified_split(
 
 
 def _split_and_finish(
-    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, names: list[str], field: str
+    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, names: list[str], field: str,
+    text_names: list[str] | None = None,
 ) -> ArrayDataset:
     train, test = stratified_split(y, test_fraction, seed, names, field)
-    return _finish(x[train], y[train], x[test], y[test], names)
+    return _finish(x[train], y[train], x[test], y[test], names, text_names)
 
 
 # --------------------------------------------------------------------------- mnist1d
@@ -211,7 +220,7 @@ def _load_mnist1d(params: Mnist1dParams, test_fraction: float, seed: int) -> Arr
                 f"the mnist1d {split} split has no sample of class(es) {missing}; "
                 f"raise dataset.num_samples or adjust dataset.test_fraction",
             )
-    return _finish(x_tr, y_tr, x_te, y_te, [str(i) for i in range(10)])
+    return _finish(x_tr, y_tr, x_te, y_te, [str(i) for i in range(10)], list(DIGIT_NAMES))
 
 
 # --------------------------------------------------------------------------- digits
@@ -226,7 +235,7 @@ def _load_digits(params: DigitsParams, test_fraction: float, seed: int) -> Array
     bunch = load_digits()
     x = np.asarray(bunch.images, dtype=np.float64)[:, None, :, :]
     y = np.asarray(bunch.target, dtype=np.int64)
-    return _split_and_finish(x, y, test_fraction, seed, [str(i) for i in range(10)], "dataset.test_fraction")
+    return _split_and_finish(x, y, test_fraction, seed, [str(i) for i in range(10)], "dataset.test_fraction", list(DIGIT_NAMES))
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -269,7 +278,7 @@ def _load_synthetic(params: SyntheticParams, test_fraction: float, seed: int) ->
 
 # --------------------------------------------------------------------------- npz
 class NpzParams(_Params):
-    path: PathText = Field(..., min_length=1, description="a .npz file with arrays x, y (and optionally x_test, y_test)")
+    path: PathText = Field(..., min_length=1, description="a .npz file with arrays x, y (and optionally x_test, y_test, and class_names: one string per label, in sorted label order)")
 
 
 def _labels(arr: np.ndarray, name: str) -> np.ndarray:
@@ -326,7 +335,7 @@ def _load_npz(params: NpzParams, test_fraction: float, seed: int) -> ArrayDatase
             have, lack = ("x_test", "y_test") if "x_test" in names else ("y_test", "x_test")
             raise FieldError("dataset.path", f"{path} has {have!r} but no {lack!r}; give both or neither")
         try:
-            arrays = {k: archive[k] for k in ("x", "y", "x_test", "y_test") if k in names}
+            arrays = {k: archive[k] for k in ("x", "y", "x_test", "y_test", "class_names") if k in names}
         except Exception as exc:  # noqa: BLE001
             raise FieldError("dataset.path", f"{path} is not a valid .npz file: {exc}") from None
 
@@ -337,9 +346,12 @@ def _load_npz(params: NpzParams, test_fraction: float, seed: int) -> ArrayDatase
     if len(classes) < 2:
         raise FieldError("dataset.path", f"{path}: y holds {len(classes)} distinct label(s); at least 2 classes are needed")
     names_ = [str(int(c)) for c in classes]
+    text_names = _npz_class_names(arrays["class_names"], len(classes), path) if "class_names" in arrays else None
+    if text_names is not None:
+        names_ = text_names
     y = np.searchsorted(classes, y).astype(np.int64)
     if "x_test" not in arrays:
-        return _split_and_finish(x, y, test_fraction, seed, names_, "dataset.path")
+        return _split_and_finish(x, y, test_fraction, seed, names_, "dataset.path", text_names)
 
     x_te, y_te = _inputs(arrays["x_test"], "x_test"), _labels(arrays["y_test"], "y_test")
     if len(x_te) != len(y_te):
@@ -356,7 +368,28 @@ def _load_npz(params: NpzParams, test_fraction: float, seed: int) -> ArrayDatase
         raise FieldError(
             "dataset.path", f"{path}: y_test has no sample of label(s) {_short(untested)}; every class needs test samples"
         )
-    return _finish(x, y, x_te, np.searchsorted(classes, y_te).astype(np.int64), names_)
+    return _finish(x, y, x_te, np.searchsorted(classes, y_te).astype(np.int64), names_, text_names)
+
+
+def _npz_class_names(arr: np.ndarray, num_classes: int, path: Path) -> list[str]:
+    """An npz file's optional ``class_names``: one non-empty string per class, in the order of the
+    sorted label values (for labels 0..C-1, ``class_names[i]`` names label i)."""
+    if arr.ndim != 1 or arr.dtype.kind not in ("U", "S"):
+        raise FieldError("dataset.path", f"{path}: array 'class_names' must be a 1-D array of strings, "
+                         f"got shape {arr.shape} and dtype {arr.dtype}")
+    out = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in arr.tolist()]
+    if len(out) != num_classes:
+        raise FieldError("dataset.path", f"{path}: 'class_names' has {len(out)} names but y has {num_classes} distinct "
+                         "labels; give one name per label, in the order of the sorted label values")
+    blank = [i for i, n in enumerate(out) if not n.strip()]
+    if blank:
+        raise FieldError("dataset.path", f"{path}: 'class_names' has an empty name at position {blank[0]}")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(out):
+        if n in seen:
+            raise FieldError("dataset.path", f"{path}: 'class_names' names two classes {n!r} (positions {seen[n]} and {i})")
+        seen[n] = i
+    return out
 
 
 def _short(values: Any, limit: int = 10) -> str:
@@ -424,7 +457,7 @@ def _load_folder(params: FolderParams, test_fraction: float, seed: int) -> Array
             ys.append(label)
     x = np.stack(xs)
     y = np.asarray(ys, dtype=np.int64)
-    return _split_and_finish(x, y, test_fraction, seed, names, "dataset.path")
+    return _split_and_finish(x, y, test_fraction, seed, names, "dataset.path", names)  # folder names are the names
 
 
 # --------------------------------------------------------------------------- standard formats
@@ -454,6 +487,7 @@ def finish_uint8(raw: "formats.RawImages") -> ArrayDataset:
         class_names=list(raw.class_names),
         mean=mean,
         std=std,
+        text_names=list(raw.text_names) if raw.text_names is not None else None,
     )
 
 
@@ -521,7 +555,7 @@ BUILTIN_SOURCES: dict[str, SourceSpec] = {
             "synthetic", "Gaussian class blobs (num_classes, dim, samples_per_class, noise, class_sep)",
             SyntheticParams, _load_synthetic,
         ),
-        SourceSpec("npz", "NumPy .npz file with arrays x, y (and optionally x_test, y_test)", NpzParams, _load_npz),
+        SourceSpec("npz", "NumPy .npz file with arrays x, y (and optionally x_test, y_test, class_names)", NpzParams, _load_npz),
         SourceSpec("folder", "image folder, one sub-folder per class (ImageFolder layout)", FolderParams, _load_folder),
         SourceSpec(
             "cifar10", "CIFAR-10 python pickles under root (10 classes, 3x32x32; own test split, test_fraction unused)",

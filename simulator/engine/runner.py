@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ..errors import FieldError, RunFailure, UserError
+from ..errors import FieldError, Problem, RunFailure, UserError
 from ..scenario import Scenario
 from ..seeding import seed_table
 from .recorder import RunRecorder
@@ -167,6 +167,20 @@ def _check_privacy(scenario: Scenario, num_tasks: int, source: str) -> None:
     check_scenario(scenario, num_tasks, cls, cls.Params.model_validate(scenario.strategy.params), source)
 
 
+def check_strategy_setup(scenario: Scenario, stream, source: str) -> None:
+    """The strategy's own checks that need the loaded data or installed packages (e.g. fedsa
+    ``anchors: text``: class names and the text model), before anything is written."""
+    from strategies import STRATEGIES, RunInfo
+
+    cls = STRATEGIES[scenario.strategy.name]
+    run = RunInfo(seed=scenario.seed, participation=scenario.clients.participation,
+                  num_classes=stream.dataset.num_classes, embedding_dim=scenario.model.embedding_dim,
+                  text_names=stream.dataset.text_names)
+    problems = cls.check_setup(cls.Params.model_validate(scenario.strategy.params), run)
+    if problems:
+        raise UserError(source, [Problem(f"strategy.params.{f}", m) for f, m in problems])
+
+
 def run_scenario(
     scenario: Scenario,
     *,
@@ -202,6 +216,7 @@ def run_scenario(
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario, tag)
     stream = build_stream_checked(scenario, source)
     check_pretrained(scenario, stream, source)
+    check_strategy_setup(scenario, stream, source)
     _check_privacy(scenario, stream.num_tasks, source)
     check_writable(run_dir, out_source)
     if not resume:

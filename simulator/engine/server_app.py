@@ -169,6 +169,7 @@ def server_loop(
             eval_subset=evaluation_subset(s, stream),
             new_model=rt.new_model,
             input_shape=tuple(stream.dataset.input_shape),
+            text_names=stream.dataset.text_names,
         ),
     )
     delivery = Delivery(grid, s, recorder, partitions)
