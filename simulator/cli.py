@@ -23,12 +23,12 @@ def _raw_scenario(path: str, strategy: str | None, seed: int | None, sets: Seque
     from .scenario import apply_overrides, read_yaml
 
     raw = read_yaml(path)
-    if sets:
-        raw = apply_overrides(raw, list(sets))
-    if strategy is not None:
+    if strategy is not None:  # first: the file's params of another strategy go, --set's stay
         current = raw.get("strategy") if isinstance(raw.get("strategy"), dict) else {}
         params = current.get("params", {}) if current.get("name", "proto_avg") == strategy else {}
         raw["strategy"] = {"name": strategy, "params": params}
+    if sets:
+        raw = apply_overrides(raw, list(sets))
     if seed is not None:
         raw["seed"] = seed
     return raw

@@ -216,3 +216,20 @@ def test_check_writable_rejects_a_read_only_dir(tmp_path: Path):
             check_writable(locked / "run")
     finally:
         locked.chmod(0o700)
+
+
+def test_set_strategy_params_survive_a_strategy_switch():
+    """``--strategy X --set strategy.params.k=v``: the file's params of another strategy are
+    dropped, the --set ones are kept (they were silently lost before)."""
+    from simulator.cli import load_for_cli, set_overrides
+
+    path = str(REPO / "scenarios" / "fcil_baselines_mnist1d.yaml")  # its strategy is fedavg
+    sets = ["strategy.params.share_weights=true", "continual.prd.weight=10"]
+    s = load_for_cli(path, "proto_avg", None, sets)
+    assert s.strategy.name == "proto_avg" and s.strategy.params["share_weights"] is True
+    assert s.continual.prd.weight == 10
+    assert set_overrides(path, s, "proto_avg", None, sets)["strategy.params.share_weights"] is True
+    # the same strategy as the file's: its params are kept under the --set ones
+    split = str(REPO / "scenarios" / "split_mnist1d.yaml")  # proto_avg, share_weights false
+    assert load_for_cli(split, "proto_avg", None, ["strategy.params.merge=running_mean"]).strategy.params == {
+        "share_weights": False, "merge": "running_mean"}
