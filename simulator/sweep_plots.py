@@ -95,13 +95,33 @@ def band(sub: pd.DataFrame, key: str, order: Sequence, col: str, clip: tuple[flo
     return means_a, lo_a, hi_a, ns
 
 
-def plot_sweep_1d(df: pd.DataFrame, key: str, path: Path, formats: Sequence[str] | None = None) -> Path:
-    labels = list(dict.fromkeys(df["label"]))
-    order = list(dict.fromkeys(df[key]))  # grid order
+UNSET = "unset"
+
+
+def sweep_order(column: pd.Series) -> tuple[pd.Series, list, np.ndarray | None]:
+    """The swept values in plotting order: numbers ascending, else grid order; a value swept as
+    ``null`` (e.g. ``privacy.epsilon`` without DP) becomes the category ``unset``, placed last
+    (the numbers then sit at evenly spaced positions). Returns the column with ``unset`` filled
+    in, the order, and the numeric positions (None: categorical axis)."""
+    if column.isna().any():
+        column = pd.Series([UNSET if pd.isna(v) else v for v in column], index=column.index, dtype=object)
+        values = [v for v in dict.fromkeys(column) if v != UNSET]
+        num = _numeric(pd.Series(values))
+        if num is not None:
+            values = [v for _, v in sorted(zip(num, values))]
+        return column, [*values, UNSET], None
+    order = list(dict.fromkeys(column))  # grid order
     x_num = _numeric(pd.Series(order))
     if x_num is not None:
         order = [v for _, v in sorted(zip(x_num, order))]
         x_num = np.sort(x_num)
+    return column, order, x_num
+
+
+def plot_sweep_1d(df: pd.DataFrame, key: str, path: Path, formats: Sequence[str] | None = None) -> Path:
+    labels = list(dict.fromkeys(df["label"]))
+    column, order, x_num = sweep_order(df[key])
+    df = df.assign(**{key: column})
     xpos = x_num if x_num is not None else np.arange(len(order), dtype=float)
     logx = x_num is not None and _spans_decades(x_num)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.0), layout="constrained")
@@ -115,7 +135,7 @@ def plot_sweep_1d(df: pd.DataFrame, key: str, path: Path, formats: Sequence[str]
             ax.set_xscale("log")
             ax.minorticks_off()
         # ticks at the swept values, written as in the grid (0.05, not 5x10^-2)
-        ax.set_xticks(xpos, [_tick(v) for v in order], rotation=20 if x_num is None else 0)
+        ax.set_xticks(xpos, [_tick(v) for v in order], rotation=20 if x_num is None and len(order) > 6 else 0)
         if clip == (0.0, 1.0):
             ax.set_ylim(-0.02, 1.02)
         if col == "bytes_per_round":

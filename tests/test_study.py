@@ -267,3 +267,20 @@ def test_run_progress_lines_carry_elapsed_time_and_an_eta(tmp_path):
     assert all(" · ETA " in line for line in lines[1:-1])  # from the second round to the one before last
     assert " · ETA " not in lines[0] and " · ETA " not in lines[-1]
     assert lines[0].startswith("task 1/3 · round 1/2 · ")  # positions: ids + 1 (README: Counting)
+
+
+def test_a_value_swept_as_null_is_the_last_category(tmp_path):
+    """``--grid privacy.epsilon=2,16,null``: the run without DP is a point of its own
+    ("unset", last), read back from sweep.csv (where it is an empty cell) as well."""
+    from simulator.sweep_plots import UNSET, band, plot_sweep_1d, sweep_order
+
+    df = pd.DataFrame({"privacy.epsilon": [16.0, None, 2.0, None, 2.0], "label": ["a"] * 5, "seed": [0, 0, 0, 1, 1],
+                       "status": ["ok"] * 5, "scenario": ["s"] * 5, "final_avg_accuracy": [0.5, 0.8, 0.2, 0.6, 0.3],
+                       "avg_incremental_accuracy": [0.5] * 5, "avg_forgetting": [0.1] * 5, "bytes_per_round": [10] * 5})
+    df.to_csv(tmp_path / "sweep.csv", index=False)
+    for frame in (df, pd.read_csv(tmp_path / "sweep.csv")):
+        column, order, x = sweep_order(frame["privacy.epsilon"])
+        assert order == [2.0, 16.0, UNSET] and x is None
+        means, _, _, n = band(frame.assign(**{"privacy.epsilon": column}), "privacy.epsilon", order, "final_avg_accuracy", (0, 1))
+        assert n == [2, 1, 2] and means == pytest.approx([0.25, 0.5, 0.7])
+        assert plot_sweep_1d(frame, "privacy.epsilon", tmp_path / "p.png").stat().st_size > 10_000
