@@ -50,7 +50,7 @@ from pydantic import Field
 from simulator import seeding
 from simulator.learner.backbones import ProtoModel
 from simulator.learner.continual.base import kl_distillation
-from simulator.learner.generator import Generator, SynthesisConfig, reinitialise, synthesize
+from simulator.learner.generator import Generator, SynthesisConfig, kind_of, reinitialise, synthesize
 from simulator.objective import ClientInfo
 from simulator.records import GLOBAL, WEIGHT_PREFIX, load_weights
 
@@ -207,6 +207,18 @@ class Target(FedAvg):
     Params = Params
     Objective = TargetObjective
     synthesis_log: ClassVar[logging.Logger] = log
+
+    @classmethod
+    def check_setup(cls, params: Params, run: RunInfo) -> list[tuple[str, str]]:
+        """A generator kind that cannot make the dataset's samples is refused before the run,
+        not at the first synthesis (after a whole task of training)."""
+        if not run.input_shape:
+            return []
+        try:
+            kind_of(run.input_shape, params.generator)
+        except ValueError as exc:
+            return [("generator", f"{exc}; use generator: auto")]
+        return []
 
     def __init__(self, params: Params, run: RunInfo) -> None:
         super().__init__(params, run)

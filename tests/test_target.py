@@ -235,3 +235,13 @@ def test_a_client_absent_from_the_first_round_receives_the_teacher(tmp_path):
     twin = Target(strat.params, run)
     twin.load_state_dict(strat.state_dict())
     assert twin._extra(1, 3, False).keys() == later[1].keys() and twin.holding_gen == {0}
+
+
+def test_a_generator_kind_that_cannot_make_the_samples_is_refused_before_the_run(tmp_path):
+    from simulator.errors import UserError
+
+    scenario = validate_scenario(tiny(**_target_tiny(generator="image")))  # the tiny scenario's samples are (8,)
+    with pytest.raises(UserError) as err:
+        run_scenario(scenario, run_dir=tmp_path / "r", engine="inline", out=None, plots=False)
+    assert "strategy.params.generator" in str(err.value) and "image generator" in str(err.value)
+    assert not (tmp_path / "r").exists()  # nothing written

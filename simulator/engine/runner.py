@@ -175,7 +175,7 @@ def check_strategy_setup(scenario: Scenario, stream, source: str) -> None:
     cls = STRATEGIES[scenario.strategy.name]
     run = RunInfo(seed=scenario.seed, participation=scenario.clients.participation,
                   num_classes=stream.dataset.num_classes, embedding_dim=scenario.model.embedding_dim,
-                  text_names=stream.dataset.text_names)
+                  input_shape=tuple(stream.dataset.input_shape), text_names=stream.dataset.text_names)
     problems = cls.check_setup(cls.Params.model_validate(scenario.strategy.params), run)
     if problems:
         raise UserError(source, [Problem(f"strategy.params.{f}", m) for f, m in problems])
