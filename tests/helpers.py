@@ -33,6 +33,15 @@ def tiny(**over) -> dict:
     return raw
 
 
+def write_tiny(tmp_path: Path, name: str = "s.yaml", **over) -> Path:
+    """The tiny scenario with ``over`` as a YAML file (for the CLI and file-based checks)."""
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tiny(**over)))
+    return path
+
+
 def run_tiny(tmp_path: Path, name: str, engine: str = "inline", **over) -> RunOutcome:
     return run_scenario(validate_scenario(tiny(**over)), run_dir=tmp_path / name, engine=engine, out=None)
 

@@ -10,8 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
-from helpers import interrupted_then_resumed, run_tiny, tiny
+from helpers import interrupted_then_resumed, run_tiny, tiny, write_tiny
 from sklearn.datasets import load_digits
 
 from simulator.cli import main
@@ -182,9 +181,7 @@ def test_fedavg_with_epsilon_8_reports_what_each_client_spent(tmp_path):
 
 
 def _write(tmp_path, **over):
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(tiny(**over)))
-    return path
+    return write_tiny(tmp_path, **over)
 
 
 @pytest.mark.parametrize(

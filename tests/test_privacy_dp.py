@@ -7,8 +7,7 @@ import json
 
 import numpy as np
 import pytest
-import yaml
-from helpers import run_tiny, tiny
+from helpers import run_tiny, write_tiny
 
 from simulator.cli import main
 from simulator.privacy.accounting import calibrate_noise, epsilon_spent, make_plan
@@ -101,9 +100,7 @@ def test_dp_run_reports_epsilon_per_client_and_noise_changes_prototypes(tmp_path
 
 
 def _write(tmp_path, **over):
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(tiny(**over)))
-    return path
+    return write_tiny(tmp_path, **over)
 
 
 def test_run_that_would_exceed_the_budget_is_refused_before_it_starts(tmp_path, capsys):
