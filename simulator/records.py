@@ -67,19 +67,31 @@ SECOND_ORDER = "so"
 
 
 def stats_to_arrays(stats: SecondOrderStats) -> dict[str, Array]:
-    """Per-class counts, feature sums and sums of outer products (float64: they are summed)."""
+    """Per-class counts, feature sums and sums of outer products (float64: they are summed).
+    The outer-product sums are symmetric, so only their upper triangles travel (``squares_upper``,
+    ``[C, D (D + 1) / 2]``): half the bytes, nothing lost."""
+    rows, cols = np.triu_indices(stats.dim)
     return {
         f"{SECOND_ORDER}.classes": Array(np.ascontiguousarray(stats.classes, dtype=np.int64)),
         f"{SECOND_ORDER}.counts": Array(np.ascontiguousarray(stats.counts, dtype=np.int64)),
         f"{SECOND_ORDER}.sums": Array(np.ascontiguousarray(stats.sums, dtype=np.float64)),
-        f"{SECOND_ORDER}.squares": Array(np.ascontiguousarray(stats.squares, dtype=np.float64)),
+        f"{SECOND_ORDER}.squares_upper": Array(np.ascontiguousarray(stats.squares[:, rows, cols], dtype=np.float64)),
     }
 
 
 def stats_from_arrays(arrays: ArrayRecord) -> SecondOrderStats | None:
     if f"{SECOND_ORDER}.classes" not in arrays:
         return None
-    return SecondOrderStats(*(arrays[f"{SECOND_ORDER}.{k}"].numpy() for k in ("classes", "counts", "sums", "squares")))
+    classes, counts, sums = (arrays[f"{SECOND_ORDER}.{k}"].numpy() for k in ("classes", "counts", "sums"))
+    upper = arrays[f"{SECOND_ORDER}.squares_upper"].numpy()
+    c = len(np.asarray(classes).reshape(-1))
+    d = int(sums.shape[-1]) if sums.ndim == 2 else int(sums.size // max(c, 1))
+    rows, cols = np.triu_indices(d)
+    squares = np.zeros((c, d, d), dtype=np.float64)
+    upper = upper.reshape(c, len(rows))
+    squares[:, rows, cols] = upper
+    squares[:, cols, rows] = upper
+    return SecondOrderStats(classes, counts, sums, squares)
 
 
 # --------------------------------------------------------------------------- weights

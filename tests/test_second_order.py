@@ -186,3 +186,23 @@ def test_classifier_key_is_validated():
         validate_scenario(tiny(model={"backbone": "mlp", "classifier": "knn"}))
     with pytest.raises(UserError, match="strategy.params.share_weights"):
         validate_scenario(tiny(strategy={"name": "proto_avg", "params": {"share_weights": "last_task"}}))
+
+
+def test_statistics_travel_as_upper_triangles_and_come_back_whole():
+    """Sums of outer products are symmetric: only the upper triangle is sent (D (D + 1) / 2 of
+    the D x D values per class) and the receiver rebuilds the full matrix exactly."""
+    rng = np.random.default_rng(0)
+    f, y = rng.normal(size=(40, 6)), np.repeat([3, 1, 7, 2], 10)
+    stats = SecondOrderStats.of(f, y)
+    arrays = stats_to_arrays(stats)
+    assert arrays["so.squares_upper"].numpy().shape == (4, 21) and "so.squares" not in arrays
+    back = stats_from_arrays(ArrayRecord(arrays))
+    np.testing.assert_array_equal(back.classes, stats.classes)
+    np.testing.assert_array_equal(back.counts, stats.counts)
+    np.testing.assert_array_equal(back.sums, stats.sums)
+    np.testing.assert_allclose(back.squares, stats.squares, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(back.squares, np.swapaxes(back.squares, 1, 2))
+    full = 4 * 6 * 6 * 8
+    assert sum(a.numpy().nbytes for k, a in arrays.items() if "squares" in k) == 4 * 21 * 8 < full
+    empty = stats_from_arrays(ArrayRecord(stats_to_arrays(SecondOrderStats.empty(6))))
+    assert len(empty) == 0 and empty.squares.shape == (0, 6, 6)
