@@ -7,6 +7,16 @@ overhead = the training phase's wall time minus the slowest client's compute in 
 resident memory of the whole process tree (this process, Ray's own processes and its workers,
 sampled every 0.2 s); bytes per round; the largest ``context.state`` a client shipped. Both
 accuracy matrices must be identical.
+
+``profile`` in bench.json: per engine, the seconds of each phase summed over the run (from each
+run directory's ``profile.json``, simulator/engine/profile.py). ``driver.*`` phases happen one
+after the other in the driver and, with ``engine_overhead`` (wall time minus their sum), add up to
+the wall time. ``client.train.*`` / ``client.evaluate.*`` are measured inside the client handlers
+and summed over every call: they happen inside ``driver.train_exchange`` /
+``driver.evaluate_exchange``, on several workers at once under Ray; ``*.unattributed`` is the
+handlers' time outside the named phases. ``exchange_minus_client_compute`` estimates what the
+messaging itself costs: both exchanges' wall time minus the clients' summed compute spread over
+the workers.
 """
 
 from __future__ import annotations
@@ -110,6 +120,28 @@ def engine_figures(run_dir: Path, wall: float, workers: int = 1) -> dict[str, An
     }
 
 
+def engine_profile(run_dir: Path, wall: float, workers: int = 1) -> tuple[dict[str, float], dict[str, int]]:
+    """The flat phase breakdown of one run (seconds) and its client call counts."""
+    from .engine.profile import DRIVER_PHASES, EVALUATE_PHASES, PROFILE_FILE, TRAIN_PHASES
+
+    p = json.loads((run_dir / PROFILE_FILE).read_text())
+    flat: dict[str, float] = {"wall": wall}
+    names = list(DRIVER_PHASES) + [k for k in p["driver"] if k not in DRIVER_PHASES]
+    for name in names:
+        flat[f"driver.{name}"] = float(p["driver"].get(name, 0.0))
+    flat["engine_overhead"] = wall - sum(float(v) for v in p["driver"].values())
+    for kind, order in (("train", TRAIN_PHASES), ("evaluate", EVALUATE_PHASES)):
+        phases = p[f"client_{kind}"]
+        for name in list(order) + [k for k in phases if k not in order]:
+            flat[f"client.{kind}.{name}"] = float(phases.get(name, 0.0))
+        flat[f"client.{kind}.unattributed"] = float(p["client_compute_seconds"][kind]) - sum(float(v) for v in phases.values())
+    compute = sum(float(v) for v in p["client_compute_seconds"].values())
+    flat["exchange_minus_client_compute"] = (
+        flat["driver.train_exchange"] + flat["driver.evaluate_exchange"] - compute / max(1, workers)
+    )
+    return flat, {k: int(v) for k, v in p["client_calls"].items()}
+
+
 def run_bench(
     scenario: Scenario,
     *,
@@ -125,6 +157,7 @@ def run_bench(
     say = (lambda t: print(t, file=out, flush=True)) if out else (lambda t: None)
     per_engine: dict[str, dict[str, Any]] = {}
     matrices = {}
+    profiles: dict[str, dict[str, float]] = {}
     for engine in ("inline", "ray"):
         say(f"\n=== {engine} engine ===")
         with TreeMemorySampler() as mem:
@@ -137,6 +170,7 @@ def run_bench(
         figs = engine_figures(out_dir / engine, wall, workers)
         figs["peak_rss_bytes"] = mem.peak
         figs["final_avg_accuracy"] = outcome.summary["final_avg_accuracy"]
+        profiles[engine], figs["client_calls"] = engine_profile(out_dir / engine, wall, workers)
         per_engine[engine] = figs
         matrices[engine] = outcome.matrix
     inline, ray = per_engine["inline"], per_engine["ray"]
@@ -158,11 +192,14 @@ def run_bench(
         "bytes_per_round": ray["bytes_per_round"],
         "matrices_identical": bool(np.array_equal(matrices["inline"], matrices["ray"], equal_nan=True)),
         "engines": per_engine,
+        "profile": profiles,
     }
     atomic_write_text(out_dir / "bench.json", json.dumps(result, indent=2))
     if out:
         print(file=out)
         print(format_bench(result), file=out)
+        print(file=out)
+        print(format_profile(result["profile"]), file=out)
         print(f"\nbench.json and both run directories in {out_dir}", file=out)
     return result
 
@@ -188,4 +225,25 @@ def format_bench(r: dict[str, Any]) -> str:
         f"Ray / inline wall-time ratio {r['ratio']:.2f} · round overhead {r['round_overhead_seconds']:.3f} s "
         f"(budget {r['round_overhead_budget_seconds']:.3f} s) · matrices identical: {r['matrices_identical']}"
     )
+    return "\n".join(lines)
+
+
+def format_profile(profile: dict[str, dict[str, float]]) -> str:
+    """The per-phase table: seconds summed over the run, one column per engine."""
+    engines = list(profile)
+    keys: list[str] = []
+    for e in engines:
+        keys += [k for k in profile[e] if k not in keys]
+    def label(k: str) -> str:
+        return k if k in ("wall", "engine_overhead") or k.startswith("driver.") else "  " + k
+
+    title = "where the time goes (s, summed)"
+    w = max(len(title), *(len(label(k)) for k in keys))
+    lines = [f"{title:<{w}}  " + "  ".join(f"{e:>9}" for e in engines)]
+    for k in keys:
+        if all(abs(profile[e].get(k, 0.0)) < 0.0005 for e in engines):
+            continue  # a phase neither engine has (e.g. ray_init inline)
+        lines.append(f"{label(k):<{w}}  " + "  ".join(f"{profile[e].get(k, 0.0):>9.2f}" for e in engines))
+    lines.append("driver.* + engine_overhead = wall; client.* run inside the exchanges (summed over clients, "
+                 "in parallel on Ray's workers)")
     return "\n".join(lines)
