@@ -50,12 +50,16 @@ BENCH_KEYS = (
 
 
 class TreeMemorySampler:
-    """Peak summed RSS of a process and all its descendants, sampled in a background thread."""
+    """Peak summed RSS of a process and all its descendants, sampled in a background thread;
+    also the CPU seconds each process used while sampled (:meth:`cpu_seconds`)."""
 
     def __init__(self, pid: int | None = None, interval: float = 0.2) -> None:
         self.root = psutil.Process(pid or os.getpid())
         self.interval = interval
         self.peak = 0
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds so far)
+        self._title: dict[int, str] = {}  # pid -> what the process calls itself (for the top list)
+        self._cpu_before = self._cpu_of(self.root)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -69,10 +73,48 @@ class TreeMemorySampler:
         for p in procs:
             try:
                 total += p.memory_info().rss
+                # a worker shows its ray:: title only once started: classify until it is a worker
+                kind = self._cpu[p.pid][0] if self._cpu.get(p.pid, ("",))[0] in ("driver", "ray_workers") else self._kind(p)
+                self._cpu[p.pid] = (kind, max(self._cpu_of(p), self._cpu.get(p.pid, ("", 0.0))[1]))
+                if kind == "ray_system" and p.pid not in self._title:
+                    self._title[p.pid] = _short_title(p.cmdline())
             except psutil.Error:
                 continue
         self.peak = max(self.peak, total)
         return total
+
+    @staticmethod
+    def _cpu_of(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return float(t.user + t.system)
+
+    def _kind(self, p: psutil.Process) -> str:
+        """driver (this process: the ServerApp loop and, under Ray, Flower's and Ray's threads
+        in it), ray_workers (the actors running the ClientApp, or idle workers) or ray_system."""
+        if p.pid == self.root.pid:
+            return "driver"
+        cmd = p.cmdline()
+        title = " ".join(cmd[:1])
+        if (title.startswith("ray::") and ("Actor" in title or "IDLE" in title)) or any(
+            c.endswith("default_worker.py") for c in cmd
+        ):
+            return "ray_workers"
+        return "ray_system"
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) per kind of process while sampled (a process that ended
+        between two samples lost its last 0.2 s at most), and how many worker processes ran."""
+        out = {"driver": 0.0, "ray_workers": 0.0, "ray_system": 0.0}
+        for kind, sec in self._cpu.values():
+            out[kind] += sec
+        out["driver"] -= self._cpu_before
+        out["ray_worker_processes"] = float(sum(1 for kind, _ in self._cpu.values() if kind == "ray_workers"))
+        return out
+
+    def top_system(self, n: int = 5) -> list[tuple[str, float]]:
+        """The Ray system processes that used the most CPU while sampled."""
+        rows = [(self._title.get(pid, str(pid)), sec) for pid, (kind, sec) in self._cpu.items() if kind == "ray_system"]
+        return [(t, round(sec, 2)) for t, sec in sorted(rows, key=lambda r: -r[1])[:n]]
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -88,6 +130,19 @@ class TreeMemorySampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+def _short_title(cmd: list[str]) -> str:
+    """``raylet``, ``gcs_server``, ``ray::DashboardAgent``, ``log_monitor.py``...: the process's
+    title or its program's (or Python script's) file name."""
+    if not cmd:
+        return "?"
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    scripts = [c for c in cmd[1:4] if c.endswith(".py")]
+    if "-m" in cmd[1:3]:
+        return cmd[cmd.index("-m") + 1]
+    return os.path.basename(scripts[0] if scripts else cmd[0])
 
 
 def engine_figures(run_dir: Path, wall: float, workers: int = 1) -> dict[str, Any]:
@@ -169,6 +224,8 @@ def run_bench(
             workers = max(1, workers)  # a remote cluster's size is not known here; a lower bound
         figs = engine_figures(out_dir / engine, wall, workers)
         figs["peak_rss_bytes"] = mem.peak
+        figs["cpu_seconds"] = mem.cpu_seconds()
+        figs["cpu_seconds_top_ray_system"] = mem.top_system()
         figs["final_avg_accuracy"] = outcome.summary["final_avg_accuracy"]
         profiles[engine], figs["client_calls"] = engine_profile(out_dir / engine, wall, workers)
         per_engine[engine] = figs
@@ -216,6 +273,8 @@ def format_bench(r: dict[str, Any]) -> str:
         ("peak RSS, process tree (MB)", f"{e['inline']['peak_rss_bytes'] / 1e6:.0f}", f"{e['ray']['peak_rss_bytes'] / 1e6:.0f}"),
         ("bytes per round", f"{e['inline']['bytes_per_round']:,.0f}", f"{e['ray']['bytes_per_round']:,.0f}"),
         ("largest context.state (bytes)", str(e["inline"]["context_state_bytes"]), str(e["ray"]["context_state_bytes"])),
+        *[(f"CPU seconds, {k.replace('_', ' ')}", f"{e['inline'].get('cpu_seconds', {}).get(k, 0.0):.1f}",
+           f"{e['ray'].get('cpu_seconds', {}).get(k, 0.0):.1f}") for k in ("driver", "ray_workers", "ray_system")],
         ("final average accuracy", f"{e['inline']['final_avg_accuracy']:.4f}", f"{e['ray']['final_avg_accuracy']:.4f}"),
     ]
     w = max(len(r0[0]) for r0 in rows)

@@ -115,5 +115,10 @@ def test_bench_writes_the_profile_of_both_engines(tmp_path):
         for p in EVALUATE_PHASES:
             assert flat[f"client.evaluate.{p}"] >= 0
         assert result["engines"][engine]["client_calls"]["train"] > 0
+    for engine in ("inline", "ray"):  # CPU seconds per kind of process
+        cpu = result["engines"][engine]["cpu_seconds"]
+        assert set(cpu) == {"driver", "ray_workers", "ray_system", "ray_worker_processes"} and cpu["driver"] > 0
+    assert result["engines"]["inline"]["cpu_seconds"]["ray_workers"] == 0.0
+    assert result["engines"]["ray"]["cpu_seconds"]["ray_workers"] > 0.0
     # only the Ray engine starts Ray
     assert profile["inline"]["driver.ray_init"] == 0.0 and profile["ray"]["driver.ray_init"] > 0.0
