@@ -7,6 +7,16 @@ overhead = the training phase's wall time minus the slowest client's compute in 
 resident memory of the whole process tree (this process, Ray's own processes and its workers,
 sampled every 0.2 s); bytes per round; the largest ``context.state`` a client shipped. Both
 accuracy matrices must be identical.
+
+``profile`` in bench.json: per engine, the seconds of each phase summed over the run (from each
+run directory's ``profile.json``, simulator/engine/profile.py). ``driver.*`` phases happen one
+after the other in the driver and, with ``engine_overhead`` (wall time minus their sum), add up to
+the wall time. ``client.train.*`` / ``client.evaluate.*`` are measured inside the client handlers
+and summed over every call: they happen inside ``driver.train_exchange`` /
+``driver.evaluate_exchange``, on several workers at once under Ray; ``*.unattributed`` is the
+handlers' time outside the named phases. ``exchange_minus_client_compute`` estimates what the
+messaging itself costs: both exchanges' wall time minus the clients' summed compute spread over
+the workers.
 """
 
 from __future__ import annotations
@@ -40,12 +50,16 @@ BENCH_KEYS = (
 
 
 class TreeMemorySampler:
-    """Peak summed RSS of a process and all its descendants, sampled in a background thread."""
+    """Peak summed RSS of a process and all its descendants, sampled in a background thread;
+    also the CPU seconds each process used while sampled (:meth:`cpu_seconds`)."""
 
     def __init__(self, pid: int | None = None, interval: float = 0.2) -> None:
         self.root = psutil.Process(pid or os.getpid())
         self.interval = interval
         self.peak = 0
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds so far)
+        self._title: dict[int, str] = {}  # pid -> what the process calls itself (for the top list)
+        self._cpu_before = self._cpu_of(self.root)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -59,10 +73,48 @@ class TreeMemorySampler:
         for p in procs:
             try:
                 total += p.memory_info().rss
+                # a worker shows its ray:: title only once started: classify until it is a worker
+                kind = self._cpu[p.pid][0] if self._cpu.get(p.pid, ("",))[0] in ("driver", "ray_workers") else self._kind(p)
+                self._cpu[p.pid] = (kind, max(self._cpu_of(p), self._cpu.get(p.pid, ("", 0.0))[1]))
+                if kind == "ray_system" and p.pid not in self._title:
+                    self._title[p.pid] = _short_title(p.cmdline())
             except psutil.Error:
                 continue
         self.peak = max(self.peak, total)
         return total
+
+    @staticmethod
+    def _cpu_of(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return float(t.user + t.system)
+
+    def _kind(self, p: psutil.Process) -> str:
+        """driver (this process: the ServerApp loop and, under Ray, Flower's and Ray's threads
+        in it), ray_workers (the actors running the ClientApp, or idle workers) or ray_system."""
+        if p.pid == self.root.pid:
+            return "driver"
+        cmd = p.cmdline()
+        title = " ".join(cmd[:1])
+        if (title.startswith("ray::") and ("Actor" in title or "IDLE" in title)) or any(
+            c.endswith("default_worker.py") for c in cmd
+        ):
+            return "ray_workers"
+        return "ray_system"
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) per kind of process while sampled (a process that ended
+        between two samples lost its last 0.2 s at most), and how many worker processes ran."""
+        out = {"driver": 0.0, "ray_workers": 0.0, "ray_system": 0.0}
+        for kind, sec in self._cpu.values():
+            out[kind] += sec
+        out["driver"] -= self._cpu_before
+        out["ray_worker_processes"] = float(sum(1 for kind, _ in self._cpu.values() if kind == "ray_workers"))
+        return out
+
+    def top_system(self, n: int = 5) -> list[tuple[str, float]]:
+        """The Ray system processes that used the most CPU while sampled."""
+        rows = [(self._title.get(pid, str(pid)), sec) for pid, (kind, sec) in self._cpu.items() if kind == "ray_system"]
+        return [(t, round(sec, 2)) for t, sec in sorted(rows, key=lambda r: -r[1])[:n]]
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -78,6 +130,19 @@ class TreeMemorySampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+def _short_title(cmd: list[str]) -> str:
+    """``raylet``, ``gcs_server``, ``ray::DashboardAgent``, ``log_monitor.py``...: the process's
+    title or its program's (or Python script's) file name."""
+    if not cmd:
+        return "?"
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    scripts = [c for c in cmd[1:4] if c.endswith(".py")]
+    if "-m" in cmd[1:3]:
+        return cmd[cmd.index("-m") + 1]
+    return os.path.basename(scripts[0] if scripts else cmd[0])
 
 
 def engine_figures(run_dir: Path, wall: float, workers: int = 1) -> dict[str, Any]:
@@ -110,6 +175,28 @@ def engine_figures(run_dir: Path, wall: float, workers: int = 1) -> dict[str, An
     }
 
 
+def engine_profile(run_dir: Path, wall: float, workers: int = 1) -> tuple[dict[str, float], dict[str, int]]:
+    """The flat phase breakdown of one run (seconds) and its client call counts."""
+    from .engine.profile import DRIVER_PHASES, EVALUATE_PHASES, PROFILE_FILE, TRAIN_PHASES
+
+    p = json.loads((run_dir / PROFILE_FILE).read_text())
+    flat: dict[str, float] = {"wall": wall}
+    names = list(DRIVER_PHASES) + [k for k in p["driver"] if k not in DRIVER_PHASES]
+    for name in names:
+        flat[f"driver.{name}"] = float(p["driver"].get(name, 0.0))
+    flat["engine_overhead"] = wall - sum(float(v) for v in p["driver"].values())
+    for kind, order in (("train", TRAIN_PHASES), ("evaluate", EVALUATE_PHASES)):
+        phases = p[f"client_{kind}"]
+        for name in list(order) + [k for k in phases if k not in order]:
+            flat[f"client.{kind}.{name}"] = float(phases.get(name, 0.0))
+        flat[f"client.{kind}.unattributed"] = float(p["client_compute_seconds"][kind]) - sum(float(v) for v in phases.values())
+    compute = sum(float(v) for v in p["client_compute_seconds"].values())
+    flat["exchange_minus_client_compute"] = (
+        flat["driver.train_exchange"] + flat["driver.evaluate_exchange"] - compute / max(1, workers)
+    )
+    return flat, {k: int(v) for k, v in p["client_calls"].items()}
+
+
 def run_bench(
     scenario: Scenario,
     *,
@@ -125,6 +212,7 @@ def run_bench(
     say = (lambda t: print(t, file=out, flush=True)) if out else (lambda t: None)
     per_engine: dict[str, dict[str, Any]] = {}
     matrices = {}
+    profiles: dict[str, dict[str, float]] = {}
     for engine in ("inline", "ray"):
         say(f"\n=== {engine} engine ===")
         with TreeMemorySampler() as mem:
@@ -136,7 +224,10 @@ def run_bench(
             workers = max(1, workers)  # a remote cluster's size is not known here; a lower bound
         figs = engine_figures(out_dir / engine, wall, workers)
         figs["peak_rss_bytes"] = mem.peak
+        figs["cpu_seconds"] = mem.cpu_seconds()
+        figs["cpu_seconds_top_ray_system"] = mem.top_system()
         figs["final_avg_accuracy"] = outcome.summary["final_avg_accuracy"]
+        profiles[engine], figs["client_calls"] = engine_profile(out_dir / engine, wall, workers)
         per_engine[engine] = figs
         matrices[engine] = outcome.matrix
     inline, ray = per_engine["inline"], per_engine["ray"]
@@ -158,11 +249,14 @@ def run_bench(
         "bytes_per_round": ray["bytes_per_round"],
         "matrices_identical": bool(np.array_equal(matrices["inline"], matrices["ray"], equal_nan=True)),
         "engines": per_engine,
+        "profile": profiles,
     }
     atomic_write_text(out_dir / "bench.json", json.dumps(result, indent=2))
     if out:
         print(file=out)
         print(format_bench(result), file=out)
+        print(file=out)
+        print(format_profile(result["profile"]), file=out)
         print(f"\nbench.json and both run directories in {out_dir}", file=out)
     return result
 
@@ -179,6 +273,8 @@ def format_bench(r: dict[str, Any]) -> str:
         ("peak RSS, process tree (MB)", f"{e['inline']['peak_rss_bytes'] / 1e6:.0f}", f"{e['ray']['peak_rss_bytes'] / 1e6:.0f}"),
         ("bytes per round", f"{e['inline']['bytes_per_round']:,.0f}", f"{e['ray']['bytes_per_round']:,.0f}"),
         ("largest context.state (bytes)", str(e["inline"]["context_state_bytes"]), str(e["ray"]["context_state_bytes"])),
+        *[(f"CPU seconds, {k.replace('_', ' ')}", f"{e['inline'].get('cpu_seconds', {}).get(k, 0.0):.1f}",
+           f"{e['ray'].get('cpu_seconds', {}).get(k, 0.0):.1f}") for k in ("driver", "ray_workers", "ray_system")],
         ("final average accuracy", f"{e['inline']['final_avg_accuracy']:.4f}", f"{e['ray']['final_avg_accuracy']:.4f}"),
     ]
     w = max(len(r0[0]) for r0 in rows)
@@ -188,4 +284,25 @@ def format_bench(r: dict[str, Any]) -> str:
         f"Ray / inline wall-time ratio {r['ratio']:.2f} · round overhead {r['round_overhead_seconds']:.3f} s "
         f"(budget {r['round_overhead_budget_seconds']:.3f} s) · matrices identical: {r['matrices_identical']}"
     )
+    return "\n".join(lines)
+
+
+def format_profile(profile: dict[str, dict[str, float]]) -> str:
+    """The per-phase table: seconds summed over the run, one column per engine."""
+    engines = list(profile)
+    keys: list[str] = []
+    for e in engines:
+        keys += [k for k in profile[e] if k not in keys]
+    def label(k: str) -> str:
+        return k if k in ("wall", "engine_overhead") or k.startswith("driver.") else "  " + k
+
+    title = "where the time goes (s, summed)"
+    w = max(len(title), *(len(label(k)) for k in keys))
+    lines = [f"{title:<{w}}  " + "  ".join(f"{e:>9}" for e in engines)]
+    for k in keys:
+        if all(abs(profile[e].get(k, 0.0)) < 0.0005 for e in engines):
+            continue  # a phase neither engine has (e.g. ray_init inline)
+        lines.append(f"{label(k):<{w}}  " + "  ".join(f"{profile[e].get(k, 0.0):>9.2f}" for e in engines))
+    lines.append("driver.* + engine_overhead = wall; client.* run inside the exchanges (summed over clients, "
+                 "in parallel on Ray's workers)")
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from ..privacy.audit import client_truth
 from ..privacy.secagg import secure_train_mod
 from ..seeding import derive_seed, rng
 from .failures import TRACEBACK_MARK, injected_fault
+from .profile import client_call, lap, phase, to_metrics
 from .runtime import RunSetup, Runtime, runtime_for
 from .state_store import to_cpu
 
@@ -103,7 +104,8 @@ def _fresh_state(rt: Runtime) -> dict[str, Any]:
 
 
 def _load(rt: Runtime, pid: int):
-    state = rt.store.load(pid) or _fresh_state(rt)
+    with phase("state_load"):
+        state = rt.store.load(pid) or _fresh_state(rt)
     model = rt.new_model(pid)
     if state["model"] is not None:
         model.load_state_dict(state["model"])
@@ -113,6 +115,7 @@ def _load(rt: Runtime, pid: int):
         ClientInfo(pid, rt.stream.dataset.num_classes, rt.scenario.model.embedding_dim, rt.device),
     )
     objective.load_state_dict(state.get("objective") or {})
+    lap("model_build")
     return state, model, objective
 
 
@@ -176,13 +179,17 @@ def _remember(rt: Runtime, pid: int, state: dict[str, Any], task: int, model) ->
 
 def _timed(handler):
     """Adds ``compute_seconds`` (time spent inside the handler) to the reply's metrics, so the
-    server can tell client compute from engine overhead."""
+    server can tell client compute from engine overhead, and the handler's phases as
+    ``profile.<phase>`` (simulator/engine/profile.py; they sum to at most ``compute_seconds``)."""
 
     def run(setup: RunSetup, msg: Message, context: Context) -> Message:
         t0 = time.perf_counter()
-        reply = handler(setup, msg, context)
+        with client_call() as timer:
+            reply = handler(setup, msg, context)
         if reply.has_content() and METRICS in reply.content:
             reply.content[METRICS]["compute_seconds"] = time.perf_counter() - t0
+            for key, value in to_metrics(timer).items():
+                reply.content[METRICS][key] = value
         return reply
 
     return run
@@ -193,6 +200,7 @@ def _timed(handler):
 def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     rt = runtime_for(setup)
     rt.set_threads()
+    lap("runtime")  # the first call in a process builds the runtime (data stream, strategy imports)
     pid = _partition_id(context)
     config: ConfigRecord = msg.content[CONFIG]
     step, rnd, server_round = int(config["task"]), int(config["round"]), int(config["server_round"])
@@ -200,6 +208,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     _maybe_fail(rt, pid, server_round)
     state, model, objective = _load(rt, pid)
     objective.receive(msg.content[GLOBAL], model)
+    lap("receive")
     continual = objective.uses_continual
     # the global task this client learns now: its own under per-client task orders. A client
     # that gets no new classes at this step (STALE) keeps its current task but trains on its
@@ -219,6 +228,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     mem_idx = memory_indices(state["memory"]) if continual else no_data
     all_idx = np.concatenate([task_idx, mem_idx])
     x, y = data.x_train[all_idx], data.y_train[all_idx]
+    lap("task_bookkeeping")
     if len(y) == 0:
         # nothing to learn from (a STALE client without memory, a client given no samples):
         # a valid empty reply, counted as trained on nothing, not as a failure
@@ -271,6 +281,7 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
             f"try a smaller training.lr "
             f"or smaller strategy loss weights"
         ) from None
+    lap("train")
     private = (private_prototypes(s, rt.stream.num_tasks, model, x, y, seen, pid=pid, task=task, rnd=rnd, device=rt.device)
                if objective.uploads_prototypes else None)
     client_truth(setup, rt, pid, task, rnd, server_round, model, x, y)  # privacy.keep_uploads only
@@ -281,9 +292,11 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     upload = objective.upload(model, local_protos)
     if private is None and s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
         upload.update(stats_to_arrays(SecondOrderStats.of(feats, y, normalized_features(s.model.classifier))))
+    lap("upload")
     state["model"] = to_cpu(model.state_dict())
     state["objective"] = objective.state_dict()
     state["continual"] = stack.state_dict()
+    lap("state_save")
     reply = _reply(msg, context, rt, pid, state, task, server_round, upload=upload,
                    counts=[int(c) for c in local_protos.counts] if objective.uploads_prototypes else [], loss=float(stats.loss), steps=int(stats.steps),
                    num_examples=int(len(task_idx)))
@@ -301,7 +314,8 @@ def _reply(msg: Message, context: Context, rt: Runtime, pid: int, state: dict[st
     nothing to train on) the upload holds zero prototypes and no weights."""
     if upload is None:
         upload = protos_to_arrays(PrototypeSet.empty(rt.scenario.model.embedding_dim))
-    rt.store.save(pid, state)
+    with phase("state_save"):
+        rt.store.save(pid, state)
     meta = context.state.config_records.get("meta", ConfigRecord({"rounds": 0}))
     meta["rounds"] = int(meta["rounds"]) + 1
     meta["task"] = -1 if task is None else task
@@ -318,6 +332,7 @@ def _reply(msg: Message, context: Context, rt: Runtime, pid: int, state: dict[st
             "context_state_bytes": state_bytes,
         }
     )
+    lap("reply")
     return Message(RecordDict({UPLOAD: ArrayRecord(upload), METRICS: metrics}), reply_to=msg)
 
 
@@ -326,11 +341,13 @@ def _reply(msg: Message, context: Context, rt: Runtime, pid: int, state: dict[st
 def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
     rt = runtime_for(setup)
     rt.set_threads()
+    lap("runtime")  # the first call in a process builds the runtime (data stream, strategy imports)
     pid = _partition_id(context)
     config: ConfigRecord = msg.content[CONFIG]
     seen = [int(c) for c in config["seen_classes"]]
     state, model, objective = _load(rt, pid)
     objective.receive(msg.content[GLOBAL], model)
+    lap("receive")
     data = rt.stream.dataset
     idx = np.concatenate([rt.stream.test_indices[int(t)] for t in config["eval_tasks"]])
     x, y = data.x_test[idx], data.y_test[idx]
@@ -344,6 +361,7 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
         second_order=rt.scenario.model.classifier,
         stats=stats_from_arrays(msg.content[GLOBAL]),
     )
+    lap("predict")
     correct, total = per_class_correct(pred, y, data.num_classes)
     metrics = MetricRecord(
         {
@@ -353,6 +371,7 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
             "train_counts": [int(v) for v in state["class_counts"]],
         }
     )
+    lap("score")
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 

@@ -202,11 +202,13 @@ def run_scenario(
     ``overrides`` (what ``--set`` changed) is recorded in ``config.yaml`` and, without an
     explicit ``run_dir``, names the default one."""
     global ACTIVE_RUN_DIR
+    from .profile import RunProfile
+
+    profile = RunProfile()  # where the time goes (profile.json, read by protofed bench)
     from ..run_dirs import check_run_dir, overrides_tag, resolved_paths
     from ..plots import plot_run
     from ..results import RunWriter
     from .checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
-
     engine = "flower" if grid is not None else (engine or scenario.resources.engine)
     scenario = scenario.model_copy(deep=True)
     if grid is None:
@@ -253,6 +255,7 @@ def run_scenario(
     from ..privacy.audit import UploadLog
 
     rec.upload_log = UploadLog() if scenario.privacy.keep_uploads else None  # not kept across --resume
+    rec.profile = profile
     start_task, strategy_state, wall_before = 0, None, 0.0
     if resume and has_checkpoint(run_dir):
         ckpt = load_checkpoint(run_dir, clients_dir)
@@ -338,6 +341,7 @@ def run_scenario(
     report_run_dir(run_dir)
     try:
         write_stream(stream, state_dir)
+        profile.add("prepare", time.perf_counter() - profile.started)
         if start_task < stream.num_tasks:
             _launch(
                 setup, rec, engine, scenario, verbose, grid=grid,
@@ -345,6 +349,7 @@ def run_scenario(
             )
         completed = True
     finally:
+        profile.mark("finish")
         summary = write_results(completed)
         _track(lambda: (trackers.log_rows(rec.rows), trackers.finish(summary, completed)))
         if completed:
@@ -356,7 +361,23 @@ def run_scenario(
                 rec.say(f"warning: plotting failed: {exc}")
         release_runtime(setup)
         shutil.rmtree(state_dir, ignore_errors=True)
+        profile.add("finish", profile.since("finish"))
+        _write_profile(run_dir, profile, engine, rec)
     return RunOutcome(run_dir, summary, rec.matrix)
+
+
+def _write_profile(run_dir: Path, profile, engine: str, rec: RunRecorder) -> None:
+    """``profile.json``: the run's phases (simulator/engine/profile.py), written last; never
+    lets a run fail."""
+    import json
+
+    from ..results import atomic_write_text
+    from .profile import PROFILE_FILE
+
+    try:
+        atomic_write_text(run_dir / PROFILE_FILE, json.dumps({"engine": engine, **profile.to_dict()}, indent=1))
+    except Exception as exc:
+        rec.say(f"warning: could not write {PROFILE_FILE}: {type(exc).__name__}: {exc}")
 
 
 def _launch(
@@ -369,6 +390,9 @@ def _launch(
         server_loop(setup, rec, grid, **loop_kwargs)
         return
     client_app = build_client_app(setup)
+    profile = getattr(rec, "profile", None)
+    if profile is not None:
+        profile.mark("launch")
     if engine == "inline":
         from .inline import InlineGrid, set_server_identity
         from .ray_engine import quiet_logs
@@ -378,9 +402,14 @@ def _launch(
         set_server_identity()
         server_loop(setup, rec, InlineGrid(client_app, scenario.clients.num_clients), **loop_kwargs)
         return
-    from .ray_engine import run_ray
+    from .ray_engine import quiet_logs, run_ray, start_ray
 
     try:
+        if profile is not None:  # ray.init apart from the rest of the start-up (run_ray finds it started)
+            quiet_logs(verbose)
+            with profile.timed("ray_init"):
+                start_ray(verbose, scenario.resources.ray_address)
+            profile.mark("launch")
         run_ray(
             build_server_app(setup, rec, **loop_kwargs),
             client_app,
@@ -390,6 +419,8 @@ def _launch(
             verbose,
             scenario.resources.ray_address,
         )
+        if profile is not None:
+            profile.add("engine_stop", profile.since("loop_end"))  # the ServerApp returned -> Ray shut down
     except (RunFailure, UserError, KeyboardInterrupt):
         raise
     except Exception as exc:  # Ray itself failed (a dead raylet, the object store, start-up)

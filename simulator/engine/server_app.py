@@ -18,6 +18,7 @@ from ..privacy.secagg import SecureSum, exchange_securely
 from ..records import CONFIG, METRICS, payload_bytes, weights_to_arrays
 from . import failures
 from .failures import ERROR, INJECTED, KINDS, MAX_DELIVERIES, WORKER_DIED, Failure, injected_fault, is_infrastructure, split_reason
+from .profile import RunProfile
 from .recorder import RunRecorder, score_evaluation
 from .runtime import RunSetup, runtime_for
 
@@ -152,12 +153,18 @@ def server_loop(
     """Run tasks ``start_task..T-1``; with ``strategy_state`` the strategy continues from a
     checkpoint taken at the end of task ``start_task - 1``. ``on_task_end(task, strategy)`` is
     called after each task's evaluation (the runner writes results and a checkpoint there)."""
+    prof: RunProfile = getattr(recorder, "profile", None) or RunProfile()  # simulator/engine/profile.py
+    prof.add("engine_start", prof.since("launch"))  # engine start-up until this loop runs
+    t_phase = time.perf_counter()
     rt = runtime_for(setup)
     s = rt.scenario
     stream = rt.stream
     from strategies import RunInfo
 
-    partitions = discover_partitions(grid, s.clients.num_clients)
+    prof.add("strategy_setup", time.perf_counter() - t_phase)
+    with prof.timed("discover_nodes"):
+        partitions = discover_partitions(grid, s.clients.num_clients)
+    t_phase = time.perf_counter()
     strategy = rt.strategy_cls(
         rt.params,
         RunInfo(
@@ -181,6 +188,7 @@ def server_loop(
         strategy.load_state_dict(strategy_state)
         arrays = strategy.global_arrays()
     server_round = start_task * s.training.rounds_per_task
+    prof.add("strategy_setup", time.perf_counter() - t_phase)
     # ``task`` is the step of the federation: with a shared task order every client learns
     # global task ``task`` during it; otherwise the stream's schedule says which one each learns.
     for task in range(start_task, stream.num_tasks):
@@ -194,6 +202,7 @@ def server_loop(
         for rnd in range(s.training.rounds_per_task):
             server_round += 1
             t0 = time.time()
+            t_round = time.perf_counter()
             config = ConfigRecord(
                 {
                     "task": task,
@@ -205,6 +214,7 @@ def server_loop(
             )
             msgs = list(strategy.configure_train(server_round, arrays, config, grid))
             t_send = time.perf_counter()
+            phases = {"configure": t_send - t_round}
             if secure is not None:  # SecAgg+: the strategy receives only the sum (simulator/privacy/secagg.py)
                 replies, failed = exchange_securely(secure, grid, msgs, delivery, task, rnd, server_round, recorder.privacy_releases)
                 up, down = secure.last.bytes_up, secure.last.bytes_down
@@ -213,6 +223,9 @@ def server_loop(
                 replies, failed = delivery.exchange(msgs, "train", task, rnd, server_round)
                 up = sum(payload_bytes(r.content) for r in replies if r.has_content())
             train_seconds = time.perf_counter() - t_send
+            phases["train_exchange"] = train_seconds
+            prof.add_replies("train", replies)
+            t_phase = time.perf_counter()
             compute = [
                 float(r.content[METRICS]["compute_seconds"])
                 for r in replies
@@ -231,6 +244,7 @@ def server_loop(
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays
+            phases["merge"] = time.perf_counter() - t_phase
             train = dict(train_metrics or MetricRecord())
             if secure is not None:
                 train["clients_ok"] = secure.last.clients_ok
@@ -256,8 +270,12 @@ def server_loop(
             if last or s.evaluation.every == "round":
                 t_eval = time.perf_counter()
                 eval_msgs = list(strategy.configure_evaluate(server_round, arrays, config, grid))
+                t_eval_send = time.perf_counter()
+                phases["configure"] += t_eval_send - t_eval
                 eval_replies, eval_failed = delivery.exchange(eval_msgs, "evaluate", task, rnd, server_round)
                 train["eval_seconds"] = time.perf_counter() - t_eval
+                phases["evaluate_exchange"] = time.perf_counter() - t_eval_send
+                prof.add_replies("evaluate", eval_replies)
                 recorder.eval_bytes += sum(payload_bytes(m.content) for m in eval_msgs)
                 good = [r.content[METRICS] for r in eval_replies if r.has_content() and not r.has_error()]
                 train["clients_evaluated"] = len(good)
@@ -273,8 +291,16 @@ def server_loop(
                     learned=None if s.evaluation.population == "all" else {p: learned_by(p, task) for p in range(s.clients.num_clients)},
                 )
             recorder.record_round(task, rnd, server_round, train, scores, time.time() - t0)
+            # scoring: everything else of the round (byte counts, the strategy's evaluation
+            # merge, the accuracies, the recorder's row and progress line)
+            phases["scoring"] = time.perf_counter() - t_round - sum(phases.values())
+            for name, value in phases.items():
+                prof.add(name, value)
+            prof.rounds.append({"global_round": server_round, **phases})
         if on_task_end is not None:
-            on_task_end(task, strategy)
+            with prof.timed("task_end_writes"):
+                on_task_end(task, strategy)
+    prof.mark("loop_end")
 
 
 def learned_tasks_of(scenario, stream, data_scope: str) -> Callable[[int, int], set[int]]:
