@@ -285,12 +285,13 @@ def _train(setup: RunSetup, msg: Message, context: Context) -> Message:
     private = (private_prototypes(s, rt.stream.num_tasks, model, x, y, seen, pid=pid, task=task, rnd=rnd, device=rt.device)
                if objective.uploads_prototypes else None)
     client_truth(setup, rt, pid, task, rnd, server_round, model, x, y)  # privacy.keep_uploads only
-    feats = embed(model, x, rt.device)
     # a DP release is sent as released: no calibration or second-order statistics computed from
-    # the private data are added to it (the privacy check refuses those combinations)
-    local_protos = private if private is not None else stack.calibrate(class_means(feats, y))
+    # the private data are added to it (the privacy check refuses those combinations), and the
+    # data is not embedded a second time
+    feats = None if private is not None else embed(model, x, rt.device)
+    local_protos = private if feats is None else stack.calibrate(class_means(feats, y))
     upload = objective.upload(model, local_protos)
-    if private is None and s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
+    if feats is not None and s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
         upload.update(stats_to_arrays(SecondOrderStats.of(feats, y, normalized_features(s.model.classifier))))
     lap("upload")
     state["model"] = to_cpu(model.state_dict())
