@@ -15,8 +15,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.collections import LineCollection
 
 from .plots import _colors, _save, plt
+
+
+MAX_CLIENTS_SHOWN = 200
+
+
+def _shown_rows(clients: np.ndarray) -> np.ndarray:
+    """Rows of the clients drawn: every client up to ``MAX_CLIENTS_SHOWN``, else a fixed seeded
+    sample of that many (thousands of dots only hide each other)."""
+    clients = np.asarray(clients, dtype=np.int64)
+    ids = np.unique(clients)
+    if len(ids) <= MAX_CLIENTS_SHOWN:
+        return np.arange(len(clients))
+    keep = np.random.default_rng(0).choice(ids, size=MAX_CLIENTS_SHOWN, replace=False)
+    return np.flatnonzero(np.isin(clients, keep))
 
 
 def plot_prototypes(run_dir: Path, path: Path, title: str = "") -> Path | None:
@@ -45,11 +60,18 @@ def plot_prototypes(run_dir: Path, path: Path, title: str = "") -> Path | None:
     zc = project(c["vectors"]) if len(c["classes"]) else np.zeros((0, 2))
     zg = project(g["proto.vectors"]) if has_global else np.zeros((0, 2))
     gpos = {int(k): zg[i] for i, k in enumerate(g["proto.classes"])} if has_global else {}
-    for i, k in enumerate(c["classes"]):
-        k = int(k)
-        if k in gpos:
-            ax.plot([zc[i, 0], gpos[k][0]], [zc[i, 1], gpos[k][1]], color=colors[k], alpha=0.25, linewidth=0.8, zorder=1)
-        ax.scatter(zc[i, 0], zc[i, 1], s=18, color=colors[k], alpha=0.75, zorder=2)
+    shown = _shown_rows(c["client"])
+    ck = np.asarray(c["classes"], dtype=np.int64)[shown]
+    zs = zc[shown]
+    # one LineCollection and one scatter per class, not an artist per point: with 1000 clients the
+    # per-point version took two minutes to draw (scale_1000_clients)
+    lines = [(zs[i], gpos[int(k)]) for i, k in enumerate(ck) if int(k) in gpos]
+    if lines:
+        ax.add_collection(LineCollection(lines, colors=[colors[int(k)] for k in ck if int(k) in gpos],
+                                         alpha=0.25, linewidths=0.8, zorder=1))
+    for k in sorted(set(ck.tolist())):
+        sel = ck == k
+        ax.scatter(zs[sel, 0], zs[sel, 1], s=18, color=colors[k], alpha=0.75, zorder=2)
     for k, z in gpos.items():
         ax.scatter(z[0], z[1], s=220, marker="*", color=colors[k], edgecolor="black", linewidth=0.8, zorder=3)
     for k in classes:
@@ -61,7 +83,11 @@ def plot_prototypes(run_dir: Path, path: Path, title: str = "") -> Path | None:
     ax.set_xlabel(f"PC 1 ({ratio[0]:.0%} of variance)" if len(ratio) > 0 else "PC 1")
     ax.set_ylabel(f"PC 2 ({ratio[1]:.0%} of variance)" if len(ratio) > 1 else "PC 2")
     n_clients = len(set(int(x) for x in c["client"]))
-    ax.set_title((title + "\n" if title else "") + f"final prototypes (PCA): global vs {n_clients} clients' local", fontsize=10)
+    n_shown = len(set(int(x) for x in np.asarray(c["client"])[shown]))
+    head = f"final prototypes (PCA): global vs {n_clients} clients' local"
+    if n_shown < n_clients:
+        head = f"final prototypes (PCA): global vs local, {n_shown} of {n_clients} clients drawn\n(a seeded sample; the PCA is fitted on all)"
+    ax.set_title((title + "\n" if title else "") + head, fontsize=10)
     ax.grid(alpha=0.3)
     _save(fig, path)
     return path

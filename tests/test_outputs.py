@@ -88,3 +88,23 @@ def test_save_none_keeps_nothing(tmp_path):
     assert not (r.run_dir / "plots" / "forgetting.pdf").exists()
     with pytest.raises(protofed.UserError, match="output.save"):
         r.global_state()
+
+
+def test_prototype_plot_draws_a_seeded_sample_of_many_clients(tmp_path):
+    """With thousands of clients the plot draws a fixed sample of them (and says so), drawn as
+    collections: per-point artists took minutes for 1000 clients."""
+    from simulator.prototype_plots import MAX_CLIENTS_SHOWN, _shown_rows, plot_prototypes
+
+    rng = np.random.default_rng(1)
+    n, classes = 600, 4
+    client = np.repeat(np.arange(n), classes)
+    (tmp_path / "final").mkdir()
+    np.savez(tmp_path / "final" / "client_prototypes.npz", client=client, classes=np.tile(np.arange(classes), n),
+             vectors=rng.normal(size=(n * classes, 8)))
+    np.savez(tmp_path / "final" / "global.npz", **{"proto.classes": np.arange(classes), "proto.vectors": rng.normal(size=(classes, 8))})
+    rows = _shown_rows(client)
+    assert len(np.unique(client[rows])) == MAX_CLIENTS_SHOWN
+    assert np.array_equal(rows, _shown_rows(client))  # the same sample every time
+    assert plot_prototypes(tmp_path, tmp_path / "p.png") is not None and (tmp_path / "p.png").stat().st_size > 0
+    few = np.repeat(np.arange(10), 2)
+    assert np.array_equal(_shown_rows(few), np.arange(len(few)))
