@@ -33,6 +33,7 @@ from ..privacy.client import RELEASED, SGD_STEPS, private_prototypes, private_tr
 from ..privacy.audit import client_truth
 from ..privacy.secagg import secure_train_mod
 from ..seeding import derive_seed, rng
+from .cohorts import COHORT_ACTION, serve_cohort
 from .failures import TRACEBACK_MARK, injected_fault
 from .profile import client_call, lap, phase, to_metrics
 from .runtime import RunSetup, Runtime, runtime_for
@@ -380,8 +381,38 @@ def _query(setup: RunSetup, msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: MetricRecord({"partition_id": _partition_id(context)})}), reply_to=msg)
 
 
+def _exits_now(setup: RunSetup):
+    """``first`` for :func:`serve_cohort`: members whose injected fault kills the process run
+    first in their cohort, so the rest of the cohort has not trained when it dies."""
+
+    def check(pid: int, msg: Message) -> bool:
+        config = msg.content.config_records.get(CONFIG)
+        if config is None or "server_round" not in config or msg.metadata.message_type != "train":
+            return False
+        rt = runtime_for(setup)
+        fault = injected_fault(rt.scenario, pid, int(config["server_round"]))
+        return fault is not None and fault[0] == "exit"
+
+    return check
+
+
 def build_client_app(setup: RunSetup) -> ClientApp:
     app = ClientApp()
+    first = _exits_now(setup)
+
+    # cohorts (resources.clients_per_call, simulator/engine/cohorts.py): a packed message runs
+    # each of its members through this same app, as an ordinary per-client message
+    @app.train(COHORT_ACTION)
+    def train_cohort(msg: Message, context: Context) -> Message:
+        return serve_cohort(app, msg, context, first)
+
+    @app.evaluate(COHORT_ACTION)
+    def evaluate_cohort(msg: Message, context: Context) -> Message:
+        return serve_cohort(app, msg, context)
+
+    @app.query(COHORT_ACTION)
+    def query_cohort(msg: Message, context: Context) -> Message:
+        return serve_cohort(app, msg, context)
 
     @app.train(mods=[secure_train_mod(setup)])  # routes SecAgg+ messages only (simulator/privacy/secagg.py)
     def train(msg: Message, context: Context) -> Message:

@@ -120,6 +120,7 @@ class RunProfile:
         self.client_compute = {"train": 0.0, "evaluate": 0.0}
         self.rounds: list[dict[str, Any]] = []
         self.marks: dict[str, float] = {}
+        self.cohorts: dict[str, Any] | None = None  # engine calls under resources.clients_per_call
 
     def add(self, name: str, seconds: float) -> None:
         self.driver[name] = self.driver.get(name, 0.0) + float(seconds)
@@ -169,4 +170,5 @@ class RunProfile:
             "client_train": dict(self.client["train"]),
             "client_evaluate": dict(self.client["evaluate"]),
             "rounds": list(self.rounds),
+            **({"cohorts": dict(self.cohorts)} if self.cohorts else {}),
         }

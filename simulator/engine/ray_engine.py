@@ -82,3 +82,12 @@ def start_ray(verbose: bool, address: str | None = None) -> None:
     )
     if threading.current_thread() is threading.main_thread() and callable(handler):
         signal.signal(signal.SIGTERM, handler)
+
+
+def ray_workers(num_cpus_per_client: int) -> int:
+    """How many client actors Flower's Ray backend will run at once: the cluster's CPUs over the
+    CPUs each client asks for (Ray must be started)."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(1, int(cpus // max(1, num_cpus_per_client)))

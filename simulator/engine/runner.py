@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import FieldError, Problem, RunFailure, UserError
 from ..scenario import Scenario
 from ..seeding import seed_table
+from .cohorts import num_nodes, resolve_clients_per_call
 from .recorder import RunRecorder
 from .runtime import RunSetup, release_runtime, runtime_for, write_stream
 
@@ -400,20 +401,24 @@ def _launch(
         quiet_logs(verbose)
         runtime_for(setup)  # build once, in this process
         set_server_identity()
-        server_loop(setup, rec, InlineGrid(client_app, scenario.clients.num_clients), **loop_kwargs)
+        k = resolve_clients_per_call(scenario, engine, 1)
+        grid = InlineGrid(client_app, num_nodes(scenario.clients.num_clients, k))
+        server_loop(setup, rec, grid, clients_per_call=k, **loop_kwargs)
         return
-    from .ray_engine import quiet_logs, run_ray, start_ray
+    from .ray_engine import quiet_logs, ray_workers, run_ray, start_ray
 
     try:
-        if profile is not None:  # ray.init apart from the rest of the start-up (run_ray finds it started)
-            quiet_logs(verbose)
-            with profile.timed("ray_init"):
-                start_ray(verbose, scenario.resources.ray_address)
+        quiet_logs(verbose)
+        t0 = time.perf_counter()
+        start_ray(verbose, scenario.resources.ray_address)  # ray.init apart from the rest of the start-up
+        if profile is not None:
+            profile.add("ray_init", time.perf_counter() - t0)
             profile.mark("launch")
+        k = resolve_clients_per_call(scenario, engine, ray_workers(scenario.resources.num_cpus_per_client))
         run_ray(
-            build_server_app(setup, rec, **loop_kwargs),
+            build_server_app(setup, rec, clients_per_call=k, **loop_kwargs),
             client_app,
-            scenario.clients.num_clients,
+            num_nodes(scenario.clients.num_clients, k),
             scenario.resources.num_cpus_per_client,
             scenario.resources.num_gpus_per_client,
             verbose,

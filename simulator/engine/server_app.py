@@ -17,6 +17,7 @@ from ..privacy.run import count_releases
 from ..privacy.secagg import SecureSum, exchange_securely
 from ..records import CONFIG, METRICS, payload_bytes, weights_to_arrays
 from . import failures
+from .cohorts import CohortGrid, cohort_stats
 from .failures import ERROR, INJECTED, KINDS, MAX_DELIVERIES, WORKER_DIED, Failure, injected_fault, is_infrastructure, split_reason
 from .profile import RunProfile
 from .recorder import RunRecorder, score_evaluation
@@ -149,10 +150,13 @@ def server_loop(
     start_task: int = 0,
     strategy_state: dict[str, Any] | None = None,
     on_task_end: TaskEndHook | None = None,
+    clients_per_call: int = 1,
 ) -> None:
     """Run tasks ``start_task..T-1``; with ``strategy_state`` the strategy continues from a
     checkpoint taken at the end of task ``start_task - 1``. ``on_task_end(task, strategy)`` is
-    called after each task's evaluation (the runner writes results and a checkpoint there)."""
+    called after each task's evaluation (the runner writes results and a checkpoint there).
+    With ``clients_per_call`` K > 1 the engine's grid holds ceil(N / K) nodes and messages travel
+    packed by cohort (:class:`~simulator.engine.cohorts.CohortGrid`); nothing below sees it."""
     prof: RunProfile = getattr(recorder, "profile", None) or RunProfile()  # simulator/engine/profile.py
     prof.add("engine_start", prof.since("launch"))  # engine start-up until this loop runs
     t_phase = time.perf_counter()
@@ -161,6 +165,8 @@ def server_loop(
     stream = rt.stream
     from strategies import RunInfo
 
+    if clients_per_call > 1:
+        grid = CohortGrid(grid, s.clients.num_clients, clients_per_call)
     prof.add("strategy_setup", time.perf_counter() - t_phase)
     with prof.timed("discover_nodes"):
         partitions = discover_partitions(grid, s.clients.num_clients)
@@ -300,6 +306,7 @@ def server_loop(
         if on_task_end is not None:
             with prof.timed("task_end_writes"):
                 on_task_end(task, strategy)
+    prof.cohorts = cohort_stats(grid)
     prof.mark("loop_end")
 
 

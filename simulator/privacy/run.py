@@ -97,6 +97,11 @@ def check_scenario(scenario, num_tasks: int, strategy_cls, params, source: str) 
                 problems.append(Problem(key, str(exc)))
             except AccountantMissing as exc:
                 problems.append(Problem("privacy", str(exc)))
+    cohort = scenario.resources.clients_per_call
+    if p.secure_aggregation and cohort != "auto" and int(cohort) > 1:
+        # measured: Flower's SecAgg+ client mod fails when members of one cohort share a call
+        # (missing stage keys, missing key shares), so secure runs keep one client per call
+        problems.append(Problem("resources.clients_per_call", f"secure aggregation runs one client per engine call; set resources.clients_per_call to 1 or auto (it is {cohort})"))
     if p.secure_aggregation and scenario.model.classifier != "ncm":
         problems.append(Problem("privacy.secure_aggregation", f"model.classifier {scenario.model.classifier}: second-order statistics are not routed through secure aggregation yet; use model.classifier: ncm"))
     elif p.secure_aggregation:
