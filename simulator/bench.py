@@ -228,6 +228,10 @@ def run_bench(
         figs["cpu_seconds_top_ray_system"] = mem.top_system()
         figs["final_avg_accuracy"] = outcome.summary["final_avg_accuracy"]
         profiles[engine], figs["client_calls"] = engine_profile(out_dir / engine, wall, workers)
+        raw_profile = json.loads((out_dir / engine / "profile.json").read_text())
+        figs["cohorts"] = raw_profile.get("cohorts")  # engine calls when clients_per_call > 1
+        if "gpu_peak_bytes_per_worker" in raw_profile:  # clients on a GPU: torch's peak per actor process
+            figs["gpu_peak_bytes_per_actor"] = raw_profile["gpu_peak_bytes_per_worker"]
         per_engine[engine] = figs
         matrices[engine] = outcome.matrix
     inline, ray = per_engine["inline"], per_engine["ray"]

@@ -361,7 +361,7 @@ class ResourcesConfig(Strict):
     clients_per_call: Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"] = Field(
         "auto",
         description="simulated clients per engine call (a cohort, run one after the other by one actor; results are identical): "
-        "the engine starts ceil(num_clients / K) SuperNodes. auto: 1 on the inline engine and up to 100 clients, else "
+        "the engine starts one SuperNode per cohort of a round (at most ceil(num_clients / K)). auto: 1 on the inline engine and up to 100 clients, else "
         "about 4 calls per Ray actor for a round's sampled clients. Simulation engines only (ray, inline)",
     )
 

@@ -122,3 +122,21 @@ def test_bench_writes_the_profile_of_both_engines(tmp_path):
     assert result["engines"]["ray"]["cpu_seconds"]["ray_workers"] > 0.0
     # only the Ray engine starts Ray
     assert profile["inline"]["driver.ray_init"] == 0.0 and profile["ray"]["driver.ray_init"] > 0.0
+
+
+def test_gpu_device_check_says_clearly_when_there_is_no_gpu(tmp_path):
+    """docs/gpu_device_check.py runs the GPU bench on a GPU machine; without CUDA it exits 3 with
+    a one-line reason and runs nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():  # on a GPU machine the script itself is the check
+        pytest.skip("a CUDA GPU is present: run docs/gpu_device_check.py instead")
+    script = Path(__file__).resolve().parents[1] / "docs" / "gpu_device_check.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "g")], capture_output=True, text=True)
+    assert done.returncode == 3
+    assert "no CUDA GPU" in done.stderr and "nothing was run" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "g").exists()

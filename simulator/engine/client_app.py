@@ -35,7 +35,7 @@ from ..privacy.secagg import secure_train_mod
 from ..seeding import derive_seed, rng
 from .cohorts import COHORT_ACTION, serve_cohort
 from .failures import TRACEBACK_MARK, injected_fault
-from .profile import client_call, lap, phase, to_metrics
+from .profile import GPU_PEAK, WORKER_PID, client_call, lap, phase, to_metrics
 from .runtime import RunSetup, Runtime, runtime_for
 from .state_store import to_cpu
 
@@ -191,6 +191,11 @@ def _timed(handler):
             reply.content[METRICS]["compute_seconds"] = time.perf_counter() - t0
             for key, value in to_metrics(timer).items():
                 reply.content[METRICS][key] = value
+            if runtime_for(setup).device.startswith("cuda"):  # GPU memory of this actor (bench.json)
+                import torch
+
+                reply.content[METRICS][GPU_PEAK] = int(torch.cuda.max_memory_allocated())
+                reply.content[METRICS][WORKER_PID] = os.getpid()
         return reply
 
     return run

@@ -64,9 +64,23 @@ CLIENT_ERROR_CODE = 2  # as the inline engine: an exception in the client handle
 NODE_WAIT_SECONDS = 120.0
 
 
-def num_nodes(num_clients: int, clients_per_call: int) -> int:
-    """SuperNodes the engine starts: enough for every client to be in some cohort at once."""
-    return max(1, math.ceil(num_clients / max(1, clients_per_call)))
+def num_nodes(num_clients: int, clients_per_call: int, sampled: int | None = None, workers: int = 1) -> int:
+    """SuperNodes the engine starts. One client per call: one node per client, as always. With
+    cohorts, one node per cohort of a round's ``sampled`` clients, and at least
+    ``AUTO_CALLS_PER_WORKER`` per actor, never more than ``ceil(num_clients / K)``: Flower's
+    simulation runtime polls every node, so idle nodes cost driver CPU. An exchange with more
+    cohorts than nodes (a full evaluation of every client) is sent in waves."""
+    k = max(1, int(clients_per_call))
+    if k == 1:
+        return int(num_clients)
+    full = max(1, math.ceil(num_clients / k))
+    if sampled is None:
+        return full
+    return min(full, max(math.ceil(sampled / k), AUTO_CALLS_PER_WORKER * max(1, workers)))
+
+
+def sampled_per_round(scenario) -> int:
+    return max(1, math.ceil(float(scenario.clients.participation) * scenario.clients.num_clients))
 
 
 AUTO_MAX_PLAIN_CLIENTS = 100  # up to this many clients, auto means one client per call
@@ -86,8 +100,7 @@ def resolve_clients_per_call(scenario, engine: str, workers: int) -> int:
     n = scenario.clients.num_clients
     if engine == "inline" or n <= AUTO_MAX_PLAIN_CLIENTS:
         return 1
-    sampled = max(1, math.ceil(float(scenario.clients.participation) * n))
-    return max(1, math.ceil(sampled / (AUTO_CALLS_PER_WORKER * max(1, workers))))
+    return max(1, math.ceil(sampled_per_round(scenario) / (AUTO_CALLS_PER_WORKER * max(1, workers))))
 
 
 def virtual_node(pid: int) -> int:
@@ -109,11 +122,11 @@ class CohortGrid(Grid):
     """The engine's Grid as the server loop and strategies see it under cohorts: one virtual node
     per simulated client; messages travel to the real SuperNodes packed by cohort."""
 
-    def __init__(self, grid: Grid, num_clients: int, clients_per_call: int) -> None:
+    def __init__(self, grid: Grid, num_clients: int, clients_per_call: int, nodes: int | None = None) -> None:
         self.grid = grid
         self.num_clients = int(num_clients)
         self.k = max(1, int(clients_per_call))
-        self.num_real = num_nodes(num_clients, self.k)
+        self.num_real = int(nodes) if nodes else num_nodes(num_clients, self.k)
         self._real: list[int] | None = None
         self._states: dict[int, RecordDict] = {}  # virtual node -> that client's context.state
         self._ids = itertools.count(1)
@@ -135,6 +148,12 @@ class CohortGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return [virtual_node(p) for p in range(self.num_clients)]
+
+    def partitions(self) -> dict[int, int]:
+        """Client id -> its node, known by construction: the engine's nodes only need to be up
+        (asking 10,000 simulated clients for their ids would cost a full exchange)."""
+        self._real_nodes()
+        return {p: virtual_node(p) for p in range(self.num_clients)}
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator
 
 PREFIX = "profile."
 PROFILE_FILE = "profile.json"
+GPU_PEAK, WORKER_PID = "gpu_peak_bytes", "worker_pid"  # reply metrics of clients on a GPU
 
 #: client handler phases in the order they happen (the table prints them in this order)
 TRAIN_PHASES = ("runtime", "state_load", "model_build", "receive", "task_bookkeeping", "train", "upload",
@@ -121,6 +122,7 @@ class RunProfile:
         self.rounds: list[dict[str, Any]] = []
         self.marks: dict[str, float] = {}
         self.cohorts: dict[str, Any] | None = None  # engine calls under resources.clients_per_call
+        self.gpu_peak: dict[str, int] = {}  # worker process -> peak GPU memory torch allocated there
 
     def add(self, name: str, seconds: float) -> None:
         self.driver[name] = self.driver.get(name, 0.0) + float(seconds)
@@ -151,6 +153,9 @@ class RunProfile:
             m = r.content[METRICS]
             if "compute_seconds" not in m:
                 continue
+            if GPU_PEAK in m:
+                who = str(int(m.get(WORKER_PID, 0)))
+                self.gpu_peak[who] = max(self.gpu_peak.get(who, 0), int(m[GPU_PEAK]))
             self.client_calls[kind] += 1
             self.client_compute[kind] += float(m["compute_seconds"])
             for key, value in m.items():
@@ -171,4 +176,5 @@ class RunProfile:
             "client_evaluate": dict(self.client["evaluate"]),
             "rounds": list(self.rounds),
             **({"cohorts": dict(self.cohorts)} if self.cohorts else {}),
+            **({"gpu_peak_bytes_per_worker": dict(self.gpu_peak)} if self.gpu_peak else {}),
         }

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import FieldError, Problem, RunFailure, UserError
 from ..scenario import Scenario
 from ..seeding import seed_table
-from .cohorts import num_nodes, resolve_clients_per_call
+from .cohorts import num_nodes, resolve_clients_per_call, sampled_per_round
 from .recorder import RunRecorder
 from .runtime import RunSetup, release_runtime, runtime_for, write_stream
 
@@ -402,8 +402,8 @@ def _launch(
         runtime_for(setup)  # build once, in this process
         set_server_identity()
         k = resolve_clients_per_call(scenario, engine, 1)
-        grid = InlineGrid(client_app, num_nodes(scenario.clients.num_clients, k))
-        server_loop(setup, rec, grid, clients_per_call=k, **loop_kwargs)
+        nodes = num_nodes(scenario.clients.num_clients, k, sampled_per_round(scenario), 1)
+        server_loop(setup, rec, InlineGrid(client_app, nodes), clients_per_call=k, cohort_nodes=nodes, **loop_kwargs)
         return
     from .ray_engine import quiet_logs, ray_workers, run_ray, start_ray
 
@@ -414,11 +414,13 @@ def _launch(
         if profile is not None:
             profile.add("ray_init", time.perf_counter() - t0)
             profile.mark("launch")
-        k = resolve_clients_per_call(scenario, engine, ray_workers(scenario.resources.num_cpus_per_client))
+        workers = ray_workers(scenario.resources.num_cpus_per_client)
+        k = resolve_clients_per_call(scenario, engine, workers)
+        nodes = num_nodes(scenario.clients.num_clients, k, sampled_per_round(scenario), workers)
         run_ray(
-            build_server_app(setup, rec, clients_per_call=k, **loop_kwargs),
+            build_server_app(setup, rec, clients_per_call=k, cohort_nodes=nodes, **loop_kwargs),
             client_app,
-            num_nodes(scenario.clients.num_clients, k),
+            nodes,
             scenario.resources.num_cpus_per_client,
             scenario.resources.num_gpus_per_client,
             verbose,

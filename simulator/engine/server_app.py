@@ -27,7 +27,10 @@ NODE_WAIT_SECONDS = 120.0
 
 
 def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
-    """Wait for every node, then ask each one for its partition id (node ids are random)."""
+    """Wait for every node, then ask each one for its partition id (node ids are random).
+    Under cohorts the grid knows the mapping (:meth:`CohortGrid.partitions`)."""
+    if isinstance(grid, CohortGrid):
+        return grid.partitions()
     deadline = time.time() + NODE_WAIT_SECONDS
     while len(node_ids := sorted(grid.get_node_ids())) < num_clients:
         if time.time() > deadline:
@@ -151,6 +154,7 @@ def server_loop(
     strategy_state: dict[str, Any] | None = None,
     on_task_end: TaskEndHook | None = None,
     clients_per_call: int = 1,
+    cohort_nodes: int | None = None,
 ) -> None:
     """Run tasks ``start_task..T-1``; with ``strategy_state`` the strategy continues from a
     checkpoint taken at the end of task ``start_task - 1``. ``on_task_end(task, strategy)`` is
@@ -166,7 +170,7 @@ def server_loop(
     from strategies import RunInfo
 
     if clients_per_call > 1:
-        grid = CohortGrid(grid, s.clients.num_clients, clients_per_call)
+        grid = CohortGrid(grid, s.clients.num_clients, clients_per_call, cohort_nodes)
     prof.add("strategy_setup", time.perf_counter() - t_phase)
     with prof.timed("discover_nodes"):
         partitions = discover_partitions(grid, s.clients.num_clients)
