@@ -61,14 +61,15 @@ def models_for(backbone, k, norm):
 
 
 def run_both(models, xs, ys, cfg, knowns, seeds, seen=range(8)):
+    seen_each = seen if isinstance(seen, list) else [seen] * len(models)
     seq = copy.deepcopy(models)
     if models[0].backbone.__class__.__name__ == "CNN1D":
         xs = [x.reshape(len(x), 1, 64) for x in xs]
-    vec_stats = train_cohort(models, xs, ys, cfg, seen_classes=[seen] * len(models), num_classes=NUM_CLASSES,
+    vec_stats = train_cohort(models, xs, ys, cfg, seen_classes=seen_each, num_classes=NUM_CLASSES,
                              knowns=knowns, seeds=seeds)
     seq_stats = [
-        train_local(m, x, y, cfg, seen_classes=seen, num_classes=NUM_CLASSES, known=kn, seed=s)
-        for m, x, y, kn, s in zip(seq, xs, ys, knowns, seeds)
+        train_local(m, x, y, cfg, seen_classes=se, num_classes=NUM_CLASSES, known=kn, seed=s)
+        for m, x, y, se, kn, s in zip(seq, xs, ys, seen_each, knowns, seeds)
     ]
     return vec_stats, seq_stats, seq
 
@@ -140,6 +141,12 @@ def test_clipping_momentum_and_weight_decay_are_the_sequential_ones(digits):
     plain = TrainConfig(epochs=1, batch_size=16, lr=0.05, momentum=0.0, weight_decay=0.0, grad_clip=0.0)
     models = models_for("mlp", 3, "batch")
     vec_stats, seq_stats, seq = run_both(models, xs, ys, plain, knowns, seeds=[4, 5, 6])
+    assert_same(models, seq, vec_stats, seq_stats)
+    # each member's own seen classes for the head (the head's columns differ per member)
+    head = TrainConfig(epochs=2, batch_size=8, lr=0.05, classifier="head", grad_clip=1.0)
+    models = models_for("mlp", 3, "batch")
+    seen = [list(range(6)), list(range(8)), list(range(10))]
+    vec_stats, seq_stats, seq = run_both(models, xs, ys, head, knowns, seeds=[7, 8, 9], seen=seen)
     assert_same(models, seq, vec_stats, seq_stats)
 
 

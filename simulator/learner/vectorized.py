@@ -368,16 +368,21 @@ def _sgd_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], b
         coef = (cfg.grad_clip / (total + 1e-6)).clamp(max=1.0)
     for n in names:
         p = params[n][:a]
-        g = grads[n]
+        g = grads[n]  # a fresh result of vmap: updated in place (a copy if it is a broadcast view)
+        if not g.is_contiguous():
+            g = g.contiguous()
         if cfg.grad_clip > 0:
-            g = g * coef.view(a, *([1] * (g.dim() - 1)))
+            g.mul_(coef.view(a, *([1] * (g.dim() - 1))))
         if cfg.weight_decay != 0:
-            g = g + cfg.weight_decay * p
+            g.add_(p, alpha=cfg.weight_decay)
         if cfg.momentum != 0:
-            if first:
-                bufs[n] = torch.zeros_like(params[n])
-                bufs[n][:a] = g
+            if first:  # the buffer starts as the first gradient (every member is active at step 0)
+                if a == params[n].shape[0]:
+                    bufs[n] = g
+                else:
+                    bufs[n] = torch.zeros_like(params[n])
+                    bufs[n][:a] = g
             else:
                 bufs[n][:a].mul_(cfg.momentum).add_(g)
-            g = bufs[n][:a]
+                g = bufs[n][:a]
         p.add_(g, alpha=-cfg.lr)
