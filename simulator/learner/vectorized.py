@@ -261,7 +261,10 @@ def train_cohort(
     # All members' data in one tensor; every step's batches as global indices, padded.
     offsets = np.cumsum([0] + [len(ys[i]) for i in members])
     x_all = torch.as_tensor(np.concatenate([np.asarray(xs[i], dtype=np.float32) for i in members]), device=device)
-    y_all = torch.as_tensor(np.concatenate([np.asarray(ys[i], dtype=np.int64) for i in members]), device=device)
+    y_cat = np.concatenate([np.asarray(ys[i], dtype=np.int64) for i in members])
+    if y_cat.min() < 0 or y_cat.max() >= num_classes:  # the dense loss has one column per class
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {int(y_cat.min())}..{int(y_cat.max())}")
+    y_all = torch.as_tensor(y_cat, device=device)
     width = max(len(b) for p in plans for b in p)
     idx = np.zeros((n_steps, k, width), dtype=np.int64)
     valid = np.zeros((n_steps, k, width), dtype=bool)
@@ -284,6 +287,7 @@ def train_cohort(
         kn = knowns[i]
         if kn is not None and len(kn) > 0:
             dim = kn.dim
+    # without any known prototype a [.., 1] block broadcasts against the features and is masked out
     known_v = torch.zeros(k, num_classes, dim or 1, device=device)
     known_m = torch.zeros(k, num_classes, dtype=torch.bool, device=device)
     for m, i in enumerate(members):
