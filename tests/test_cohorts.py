@@ -146,3 +146,30 @@ def test_auto_clients_per_call(engine, num_clients, participation, workers, expe
     assert resolve_clients_per_call(validate_scenario(raw), engine, workers) == expected
     raw["resources"] = {"clients_per_call": 7}
     assert resolve_clients_per_call(validate_scenario(raw), engine, workers) == 7
+
+
+def test_vectorized_cohorts_match_the_plain_path_within_float_tolerance(tmp_path, monkeypatch):
+    """resources.vectorize trains a cohort's models at once (torch.func); the uploads and the
+    merged prototypes agree with one client per call to float tolerance (the summation order
+    differs), the accuracies to within one test sample in a few cells at most."""
+    import simulator.engine.client_app as client_app
+
+    monkeypatch.setitem(client_app.VECTORIZE_MIN_MEMBERS, "cpu", 2)  # the tiny cohorts vectorise too
+    plain = run(five(resources={"engine": "inline", "clients_per_call": 1}), tmp_path / "plain")
+    vec = run(five(resources={"engine": "inline", "clients_per_call": 3, "vectorize": True}), tmp_path / "vec")
+    prof = json.loads((tmp_path / "vec" / "profile.json").read_text())
+    assert prof["client_updates_vectorized"] > 0
+    for name in ("global.npz", "client_prototypes.npz"):
+        x, y = np.load(plain.run_dir / "final" / name), np.load(vec.run_dir / "final" / name)
+        for key in x.files:
+            np.testing.assert_allclose(x[key], y[key], atol=1e-4, err_msg=f"{name}:{key}")
+    assert np.nanmax(np.abs(plain.matrix - vec.matrix)) <= 0.02
+    assert (plain.run_dir / "clients.csv").read_bytes() == (vec.run_dir / "clients.csv").read_bytes()
+
+
+def test_vectorize_says_why_a_run_cannot_use_it(tmp_path, capsys):
+    raw = five(resources={"engine": "inline", "clients_per_call": 3, "vectorize": True},
+               strategy={"name": "fedproto", "params": {}})
+    out = run_scenario(validate_scenario(raw), run_dir=tmp_path / "r", engine="inline", out=__import__("sys").stdout)
+    assert out.summary["completed"]
+    assert "resources.vectorize is on, but the clients train one by one: a strategy objective" in capsys.readouterr().out

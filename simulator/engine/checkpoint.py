@@ -9,6 +9,7 @@ The checkpoint is removed when the run completes.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,18 @@ from typing import Any
 import torch
 
 CHECKPOINT = "checkpoint"
+
+
+def link_or_copy(src: str, dst: str) -> str:
+    """A hard link where the filesystem allows, else a copy. Safe for the client state store:
+    it never writes a file in place (a save writes a new file and renames it over the old one),
+    so the checkpoint's link keeps the state of the task it was taken at. Copying every client's
+    file at every task took about 5 s a run with 1,000 trained clients."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def save_checkpoint(
@@ -37,7 +50,7 @@ def save_checkpoint(
         tmp / "state.pt",
     )
     if clients_dir.exists():
-        shutil.copytree(clients_dir, tmp / "clients")
+        shutil.copytree(clients_dir, tmp / "clients", copy_function=link_or_copy)
     else:
         (tmp / "clients").mkdir()
     shutil.rmtree(old, ignore_errors=True)

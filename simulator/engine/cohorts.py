@@ -259,12 +259,22 @@ def _records_with_prefix(content: RecordDict, prefix: str) -> RecordDict:
 
 
 Runner = Callable[[Message, Context], Message]
+#: runs a whole cohort at once: (member messages, their contexts, the order to run them in) ->
+#: one reply or exception per member (``resources.vectorize``, simulator/engine/client_app.py)
+CohortRunner = Callable[[list[Message], list[Context], list[int]], list["Message | Exception"]]
 
 
-def serve_cohort(app: Runner, msg: Message, context: Context, first: Callable[[int, Message], bool] | None = None) -> Message:
+def _error_text(exc: Exception) -> str:
+    text = str(exc)
+    return text if TRACEBACK_MARK in text else f"{type(exc).__name__}: {text}{TRACEBACK_MARK}{''.join(traceback.format_exception(exc))}"
+
+
+def serve_cohort(app: Runner, msg: Message, context: Context, first: Callable[[int, Message], bool] | None = None,
+                 together: CohortRunner | None = None) -> Message:
     """Run every member of a packed message through ``app`` (the ClientApp itself, so its mods
     and handlers see ordinary per-client messages) and pack their replies. ``first(pid, member
-    message)`` marks members to run before the others (an injected ``exit`` fault)."""
+    message)`` marks members to run before the others (an injected ``exit`` fault). With
+    ``together`` the members run through it instead, all at once."""
     info = msg.content[COHORT_RECORD]
     nodes, pids = [int(v) for v in info["nodes"]], [int(v) for v in info["pids"]]
     category = msg.metadata.message_type.split(".")[0]
@@ -285,29 +295,36 @@ def serve_cohort(app: Runner, msg: Message, context: Context, first: Callable[[i
     order = list(range(len(nodes)))
     if first is not None:
         order.sort(key=lambda j: not first(pids[j], members[j]))
-    out = RecordDict()
-    codes, reasons = [0] * len(nodes), [""] * len(nodes)
-    for j in order:
-        ctx = Context(
+    contexts = [
+        Context(
             run_id=context.run_id,
             node_id=nodes[j],
             node_config={"partition-id": pids[j], "num-partitions": int(info["num_clients"])},
             state=_records_with_prefix(msg.content, STATE.format(j)),
             run_config=dict(context.run_config or {}),
         )
-        try:
-            reply = app(members[j], ctx)
-        except Exception as exc:  # this member failed; the others carry on
-            text = str(exc)
-            codes[j] = CLIENT_ERROR_CODE
-            reasons[j] = text if TRACEBACK_MARK in text else f"{type(exc).__name__}: {text}{TRACEBACK_MARK}{traceback.format_exc()}"
-            reply = None
-        if reply is not None and reply.has_error():
+        for j in range(len(nodes))
+    ]
+    outcomes: list[Message | Exception | None] = [None] * len(nodes)
+    if together is not None:
+        outcomes = list(together(members, contexts, order))
+    else:
+        for j in order:
+            try:
+                outcomes[j] = app(members[j], contexts[j])
+            except Exception as exc:  # this member failed; the others carry on
+                outcomes[j] = exc
+    out = RecordDict()
+    codes, reasons = [0] * len(nodes), [""] * len(nodes)
+    for j, reply in enumerate(outcomes):
+        if isinstance(reply, Exception):
+            codes[j], reasons[j] = CLIENT_ERROR_CODE, _error_text(reply)
+        elif reply is not None and reply.has_error():
             codes[j], reasons[j] = int(reply.error.code) or CLIENT_ERROR_CODE, str(reply.error.reason)
         elif reply is not None:
             for name, record in reply.content.items():
                 out[MEMBER.format(j) + name] = record
-        for name, record in ctx.state.items():
+        for name, record in contexts[j].state.items():
             out[STATE.format(j) + name] = record
     out[COHORT_RECORD] = ConfigRecord({"codes": codes, "reasons": reasons})
     return Message(out, reply_to=msg)

@@ -73,6 +73,12 @@ class PhaseTimer:
             self._last = end
 
 
+    def resume(self) -> None:
+        """Start a new stretch now (a call interleaved with others resumes here: the time
+        since its last boundary belonged to the others)."""
+        self._last = time.perf_counter()
+
+
 _CURRENT: contextvars.ContextVar[PhaseTimer | None] = contextvars.ContextVar("protofed_phase_timer", default=None)
 
 
@@ -105,6 +111,18 @@ def client_call() -> Iterator[PhaseTimer]:
         _CURRENT.reset(token)
 
 
+@contextmanager
+def resumed_call(timer: PhaseTimer) -> Iterator[PhaseTimer]:
+    """Continue the timer of a call that was set aside (cohorts run their members' handlers
+    interleaved: prepare all, train together, finish all)."""
+    timer.resume()
+    token = _CURRENT.set(timer)
+    try:
+        yield timer
+    finally:
+        _CURRENT.reset(token)
+
+
 def to_metrics(timer: PhaseTimer) -> dict[str, float]:
     return {PREFIX + k: float(v) for k, v in timer.seconds.items()}
 
@@ -122,6 +140,7 @@ class RunProfile:
         self.rounds: list[dict[str, Any]] = []
         self.marks: dict[str, float] = {}
         self.cohorts: dict[str, Any] | None = None  # engine calls under resources.clients_per_call
+        self.vectorized = 0  # client updates trained vectorised (resources.vectorize)
         self.gpu_peak: dict[str, int] = {}  # worker process -> peak GPU memory torch allocated there
 
     def add(self, name: str, seconds: float) -> None:
@@ -153,6 +172,7 @@ class RunProfile:
             m = r.content[METRICS]
             if "compute_seconds" not in m:
                 continue
+            self.vectorized += int(m.get("vectorized", 0))
             if GPU_PEAK in m:
                 who = str(int(m.get(WORKER_PID, 0)))
                 self.gpu_peak[who] = max(self.gpu_peak.get(who, 0), int(m[GPU_PEAK]))
@@ -177,4 +197,5 @@ class RunProfile:
             "rounds": list(self.rounds),
             **({"cohorts": dict(self.cohorts)} if self.cohorts else {}),
             **({"gpu_peak_bytes_per_worker": dict(self.gpu_peak)} if self.gpu_peak else {}),
+            **({"client_updates_vectorized": self.vectorized} if self.vectorized else {}),
         }

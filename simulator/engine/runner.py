@@ -182,6 +182,39 @@ def check_strategy_setup(scenario: Scenario, stream, source: str) -> None:
         raise UserError(source, [Problem(f"strategy.params.{f}", m) for f, m in problems])
 
 
+def why_not_vectorized(scenario: Scenario, stream, engine: str) -> str | None:
+    """Why ``resources.vectorize`` cannot apply to this run, judged before it starts from what
+    every client has in common (two fresh models, the training settings, the method's hooks);
+    None when cohorts of same-architecture clients can train vectorised."""
+    from strategies import STRATEGIES
+
+    from ..learner.backbones import build_model
+    from ..learner.continual import build_stack
+    from ..learner.training import TrainConfig
+    from ..learner.vectorized import why_not_vectorizable
+    from ..objective import ClientObjective
+    from .cohorts import resolve_clients_per_call
+
+    if engine == "flower":
+        return "a Flower deployment runs one client per SuperNode (no cohorts)"
+    if scenario.resources.clients_per_call == "auto" and resolve_clients_per_call(scenario, engine, 1) == 1:
+        return "resources.clients_per_call is auto, which is 1 here (set it to the cohort size you want)"
+    if scenario.resources.clients_per_call != "auto" and int(scenario.resources.clients_per_call) < 2:
+        return "resources.clients_per_call is 1"
+    cls = STRATEGIES[scenario.strategy.name]
+    objective = cls.Objective
+    own = objective.extra_loss is not ClientObjective.extra_loss or hasattr(objective, "before_batch")
+    stack = build_stack(scenario.continual, objective.uses_continual, None)
+    d, m = stream.dataset, scenario.model
+    # two clients of the first architecture (under model heterogeneity each architecture's
+    # clients are trained together; different architectures never are)
+    models = [build_model(m.backbone_of(0), d.input_shape, m.embedding_dim, d.num_classes, objective.needs_head(), 0,
+                          norm=m.norm) for _ in range(2)]
+    cfg = TrainConfig(classifier=objective.train_loss, distill_weight=scenario.continual.feature_distillation)
+    return why_not_vectorizable(models, cfg, hooks_have_losses=own or bool(stack), teacher=None,
+                                private=True if scenario.privacy.dp else None)
+
+
 def run_scenario(
     scenario: Scenario,
     *,
@@ -335,6 +368,8 @@ def run_scenario(
             f"(training.batch_size {scenario.training.batch_size}); see clients.csv "
             "(counted as small_batch_client_tasks in summary.json)"
         )
+    if scenario.resources.vectorize and (why := why_not_vectorized(scenario, stream, engine)):
+        rec.say(f"warning: resources.vectorize is on, but the clients train one by one: {why}")
     completed = False
     ACTIVE_RUN_DIR = run_dir
     from ..supervisor import report_run_dir

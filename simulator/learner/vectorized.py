@@ -55,7 +55,7 @@ from .backbones import ProtoModel
 from .prototypes import PrototypeSet
 from .training import NonFiniteLoss, TrainConfig, TrainStats, _shuffled_batches, _trainable
 
-__all__ = ["CohortNonFiniteLoss", "dense_prototypical_loss", "train_cohort", "why_not_vectorizable"]
+__all__ = ["CohortNonFiniteLoss", "architecture", "dense_prototypical_loss", "train_cohort", "why_not_vectorizable"]
 
 
 class CohortNonFiniteLoss(NonFiniteLoss):
@@ -68,7 +68,8 @@ class CohortNonFiniteLoss(NonFiniteLoss):
 
 
 # ----------------------------------------------------------------------------- eligibility
-def _architecture(model: nn.Module) -> tuple:
+def architecture(model: nn.Module) -> tuple:
+    """What must be equal for models to be stacked: module types, parameter and buffer shapes."""
     mods = tuple((name, type(m).__qualname__) for name, m in model.named_modules())
     params = tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
     bufs = tuple((n, tuple(b.shape), b.dtype) for n, b in model.named_buffers())
@@ -110,9 +111,9 @@ def why_not_vectorizable(
         return "feature distillation from a teacher model"
     if not all(isinstance(m, ProtoModel) for m in models):
         return "not a ProtoModel"
-    first = _architecture(models[0])
+    first = architecture(models[0])
     for i, m in enumerate(models[1:], start=1):
-        if _architecture(m) != first:
+        if architecture(m) != first:
             return f"different architectures in the cohort (member 0 and member {i})"
     devices = {p.device for m in models for p in m.parameters()}
     if len(devices) > 1:
