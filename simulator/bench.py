@@ -49,14 +49,34 @@ BENCH_KEYS = (
 )
 
 
+def _pss(pid: int) -> int | None:
+    """Proportional set size (Linux ``/proc/<pid>/smaps_rollup``): the process's private memory
+    plus its share of pages mapped by several processes (torch's libraries in every Ray worker),
+    so summing it over a process tree counts each page once. None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 class TreeMemorySampler:
     """Peak summed RSS of a process and all its descendants, sampled in a background thread;
-    also the CPU seconds each process used while sampled (:meth:`cpu_seconds`)."""
+    also the peak summed PSS (every ``pss_every``-th sample: reading it costs the kernel a page
+    walk) and the CPU seconds each process used while sampled (:meth:`cpu_seconds`). RSS counts
+    a page shared by N processes N times, so its sum overstates a process tree's memory; PSS
+    does not."""
 
-    def __init__(self, pid: int | None = None, interval: float = 0.2) -> None:
+    def __init__(self, pid: int | None = None, interval: float = 0.2, pss_every: int = 5) -> None:
         self.root = psutil.Process(pid or os.getpid())
         self.interval = interval
         self.peak = 0
+        self.peak_pss: int | None = None
+        self._pss_every = pss_every
+        self._samples = 0
         self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds so far)
         self._title: dict[int, str] = {}  # pid -> what the process calls itself (for the top list)
         self._cpu_before = self._cpu_of(self.root)
@@ -70,7 +90,13 @@ class TreeMemorySampler:
             procs += self.root.children(recursive=True)
         except psutil.Error:
             pass
+        with_pss = self._samples % self._pss_every == 0
+        self._samples += 1
+        pss_total: int | None = 0 if with_pss else None
         for p in procs:
+            if pss_total is not None:
+                pss = _pss(p.pid)
+                pss_total = None if pss is None else pss_total + pss
             try:
                 total += p.memory_info().rss
                 # a worker shows its ray:: title only once started: classify until it is a worker
@@ -81,6 +107,8 @@ class TreeMemorySampler:
             except psutil.Error:
                 continue
         self.peak = max(self.peak, total)
+        if pss_total is not None:
+            self.peak_pss = max(self.peak_pss or 0, pss_total)
         return total
 
     @staticmethod
@@ -224,6 +252,7 @@ def run_bench(
             workers = max(1, workers)  # a remote cluster's size is not known here; a lower bound
         figs = engine_figures(out_dir / engine, wall, workers)
         figs["peak_rss_bytes"] = mem.peak
+        figs["peak_pss_bytes"] = mem.peak_pss
         figs["cpu_seconds"] = mem.cpu_seconds()
         figs["cpu_seconds_top_ray_system"] = mem.top_system()
         figs["final_avg_accuracy"] = outcome.summary["final_avg_accuracy"]
@@ -249,6 +278,7 @@ def run_bench(
         "round_overhead_literal_seconds": ray["round_overhead_literal_seconds"],
         "client_updates_per_second": ray["client_updates_per_second"],
         "peak_rss_bytes": max(inline["peak_rss_bytes"], ray["peak_rss_bytes"]),
+        "ray_peak_pss_bytes": ray["peak_pss_bytes"],
         "eval_share": ray["eval_share"],
         "bytes_per_round": ray["bytes_per_round"],
         "matrices_identical": bool(np.array_equal(matrices["inline"], matrices["ray"], equal_nan=True)),
@@ -275,6 +305,8 @@ def format_bench(r: dict[str, Any]) -> str:
         ("client updates per second", f"{e['inline']['client_updates_per_second']:.2f}", f"{e['ray']['client_updates_per_second']:.2f}"),
         ("evaluation share of wall time", f"{e['inline']['eval_share']:.1%}", f"{e['ray']['eval_share']:.1%}"),
         ("peak RSS, process tree (MB)", f"{e['inline']['peak_rss_bytes'] / 1e6:.0f}", f"{e['ray']['peak_rss_bytes'] / 1e6:.0f}"),
+        ("peak PSS, process tree (MB)", *[f"{e[k]['peak_pss_bytes'] / 1e6:.0f}" if e[k].get("peak_pss_bytes") else "n/a"
+                                          for k in ("inline", "ray")]),
         ("bytes per round", f"{e['inline']['bytes_per_round']:,.0f}", f"{e['ray']['bytes_per_round']:,.0f}"),
         ("largest context.state (bytes)", str(e["inline"]["context_state_bytes"]), str(e["ray"]["context_state_bytes"])),
         *[(f"CPU seconds, {k.replace('_', ' ')}", f"{e['inline'].get('cpu_seconds', {}).get(k, 0.0):.1f}",
@@ -284,6 +316,10 @@ def format_bench(r: dict[str, Any]) -> str:
     w = max(len(r0[0]) for r0 in rows)
     lines = [f"{'':<{w}}  {'inline':>12}  {'ray':>12}"]
     lines += [f"{a:<{w}}  {b:>12}  {c:>12}" for a, b, c in rows]
+    cohorts = e["ray"].get("cohorts")
+    if cohorts:
+        lines.append(f"Ray cohorts: {cohorts['clients_per_call']} clients per call on {cohorts['supernodes']} SuperNodes, "
+                     f"{cohorts['engine_calls']} engine calls for {cohorts['client_messages']} client messages")
     lines.append(
         f"Ray / inline wall-time ratio {r['ratio']:.2f} · round overhead {r['round_overhead_seconds']:.3f} s "
         f"(budget {r['round_overhead_budget_seconds']:.3f} s) · matrices identical: {r['matrices_identical']}"

@@ -122,6 +122,14 @@ def test_bench_writes_the_profile_of_both_engines(tmp_path):
     assert result["engines"]["ray"]["cpu_seconds"]["ray_workers"] > 0.0
     # only the Ray engine starts Ray
     assert profile["inline"]["driver.ray_init"] == 0.0 and profile["ray"]["driver.ray_init"] > 0.0
+    # memory: PSS counts pages shared by the processes once, so it never exceeds the RSS sum
+    import sys as _sys
+
+    if _sys.platform.startswith("linux"):
+        for engine in ("inline", "ray"):
+            figs = result["engines"][engine]
+            assert 0 < figs["peak_pss_bytes"] <= figs["peak_rss_bytes"]
+        assert written["ray_peak_pss_bytes"] == result["engines"]["ray"]["peak_pss_bytes"]
 
 
 def test_gpu_device_check_says_clearly_when_there_is_no_gpu(tmp_path):

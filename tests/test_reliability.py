@@ -231,3 +231,21 @@ def test_ray_dying_under_a_run_ends_with_one_message_and_keeps_finished_tasks(tm
     while _alive(ours) and time.time() < deadline:
         time.sleep(0.5)
     assert _alive(ours) == set()
+
+
+def test_checkpoint_links_keep_the_state_of_their_task(tmp_path):
+    """Checkpoints hard-link the client state files (copying them cost seconds per task at
+    1,000 clients); a later save of a client must not reach into the checkpoint."""
+    import torch
+
+    from simulator.engine.checkpoint import load_checkpoint, save_checkpoint
+    from simulator.engine.state_store import ClientStateStore
+
+    store = ClientStateStore(tmp_path / "state" / "clients")
+    store.save(3, {"w": torch.zeros(2)})
+    save_checkpoint(tmp_path / "run", 0, {}, {}, store.root)
+    store.save(3, {"w": torch.ones(2)})  # the next task's state
+    restored = tmp_path / "restored"
+    load_checkpoint(tmp_path / "run", restored)
+    assert torch.equal(ClientStateStore(restored).load(3)["w"], torch.zeros(2))
+    assert torch.equal(store.load(3)["w"], torch.ones(2))

@@ -70,6 +70,13 @@ def start_ray(verbose: bool, address: str | None = None) -> None:
     if ray.is_initialized():
         return
     handler = signal.getsignal(signal.SIGTERM)
+    if not address:
+        # a local Ray prestarts one idle worker per CPU; Flower's client actors get workers of
+        # their own, so those idle ones only compete with the actors for the CPU while everything
+        # starts. Measured on the quickstart: ray.init 2.05 s instead of 2.6-3.5 s. (Ray's own
+        # configuration names, read from the environment; a name Ray drops is simply ignored.)
+        os.environ.setdefault("RAY_enable_worker_prestart", "0")
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     pythonpath = os.pathsep.join(sys.path)  # actors import the project as the driver does
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"

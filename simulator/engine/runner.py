@@ -368,6 +368,9 @@ def run_scenario(
             f"(training.batch_size {scenario.training.batch_size}); see clients.csv "
             "(counted as small_batch_client_tasks in summary.json)"
         )
+    if engine == "flower" and scenario.resources.clients_per_call not in ("auto", 1):
+        rec.say("warning: resources.clients_per_call applies to the simulation engines; a Flower deployment runs "
+                "one client per SuperNode")
     if scenario.resources.vectorize and (why := why_not_vectorized(scenario, stream, engine)):
         rec.say(f"warning: resources.vectorize is on, but the clients train one by one: {why}")
     completed = False
