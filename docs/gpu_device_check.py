@@ -6,7 +6,7 @@ Run it on a machine with an NVIDIA GPU, from the repository root:
 
 It writes a CIFAR-100-format file of random images (nothing is downloaded), then runs
 ``protofed bench`` on ``scenarios/cifar100_b50_inc10.yaml`` (``resnet32`` clients) shrunk to
-one round per task, with a fractional GPU per client (``--gpus-per-client``, default 0.25: four
+one round per task and every client in every round, with a fractional GPU per client (``--gpus-per-client``, default 0.25: four
 Ray actors share the GPU). ``bench.json`` holds both engines' wall times and phase profiles, and
 ``engines.<engine>.gpu_peak_bytes_per_actor``: the peak GPU memory torch allocated in each client
 process. On a machine without a CUDA GPU it says so and exits with status 3, running nothing.
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                "--set", f"dataset.root={tmp}",
                "--set", f"clients.num_clients={args.clients}",
                "--set", "clients.partition={scheme: iid}",
+               "--set", "clients.participation=1.0",
                "--set", "training.rounds_per_task=1",
                "--set", f"resources.num_gpus_per_client={args.gpus_per_client}"]
         print(" ".join(cmd), flush=True)
