@@ -55,6 +55,7 @@ from flwr.supercore.run import Run
 
 from ..errors import RunFailure
 from .failures import TRACEBACK_MARK
+from .inline import KeptReplies
 
 COHORT_ACTION = "cohort"
 COHORT_RECORD = "cohort"  # ConfigRecord naming the members (request) and their outcomes (reply)
@@ -118,7 +119,7 @@ def _split(items: list, parts: int) -> list[list]:
     return [c for c in out if c]
 
 
-class CohortGrid(Grid):
+class CohortGrid(KeptReplies, Grid):
     """The engine's Grid as the server loop and strategies see it under cohorts: one virtual node
     per simulated client; messages travel to the real SuperNodes packed by cohort."""
 
@@ -156,15 +157,7 @@ class CohortGrid(Grid):
         return {p: virtual_node(p) for p in range(self.num_clients)}
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for reply in self.send_and_receive(list(messages)):
-            key = f"cohort-reply-{next(self._ids)}"
-            self._replies[key] = reply
-            ids.append(key)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+        return self._keep(self.send_and_receive(list(messages)), "cohort-reply")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

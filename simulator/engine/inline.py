@@ -21,7 +21,26 @@ INLINE_RUN_ID = 1
 CLIENT_ERROR_CODE = 2
 
 
-class InlineGrid(Grid):
+class KeptReplies:
+    """For grids that have every reply as soon as they push: ``push_messages`` keeps them under
+    keys of our own and ``pull_messages`` hands them out (once)."""
+
+    _ids: itertools.count
+    _replies: dict[str, Message]
+
+    def _keep(self, replies: Iterable[Message], prefix: str) -> list[str]:
+        ids = []
+        for reply in replies:
+            key = f"{prefix}-{next(self._ids)}"
+            self._replies[key] = reply
+            ids.append(key)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+
+class InlineGrid(KeptReplies, Grid):
     """Delivers each message by calling the ClientApp directly, in order, in this process.
 
     Node ids are 1..N and node ``i`` holds partition ``i - 1``; each node keeps its own
@@ -75,16 +94,7 @@ class InlineGrid(Grid):
             return Message(Error(code=CLIENT_ERROR_CODE, reason=reason), reply_to=msg)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            reply = self._deliver(msg)
-            key = f"reply-{next(self._ids)}"
-            self._replies[key] = reply
-            ids.append(key)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+        return self._keep((self._deliver(msg) for msg in messages), "reply")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
