@@ -173,3 +173,39 @@ def test_vectorize_says_why_a_run_cannot_use_it(tmp_path, capsys):
     out = run_scenario(validate_scenario(raw), run_dir=tmp_path / "r", engine="inline", out=__import__("sys").stdout)
     assert out.summary["completed"]
     assert "resources.vectorize is on, but the clients train one by one: a strategy objective" in capsys.readouterr().out
+
+
+def test_a_process_dying_inside_a_cohort_has_written_no_members_state(tmp_path):
+    """The members' new states are written when the whole cohort has finished: a worker that
+    dies half-way (SystemExit stands in for the process ending) leaves every member's stored
+    state as it was, so the resent cohort trains from the same states; a cohort that finishes
+    writes them all, failed members aside."""
+    import torch
+
+    from simulator.engine.state_store import ClientStateStore
+
+    store = ClientStateStore(tmp_path / "clients")
+    for pid in range(3):
+        store.save(pid, {"round": torch.tensor(0)})
+
+    def app(dies_at):
+        def run(msg: Message, context: Context) -> Message:
+            pid = int(context.node_config["partition-id"])
+            store.save(pid, {"round": store.load(pid)["round"] + 1})
+            if pid == dies_at:
+                raise SystemExit(17)
+            if pid == 1:
+                raise ValueError("a failing client")
+            return Message(RecordDict({"metrics": MetricRecord({"pid": pid})}), reply_to=msg)
+        return run
+
+    set_server_identity()
+    msgs = [Message(RecordDict({"config": ConfigRecord({"i": p})}), dst_node_id=p + 1, message_type="train", group_id="1")
+            for p in range(3)]
+    packed = Message(CohortGrid(None, 3, 3, nodes=1)._pack(msgs), dst_node_id=7, message_type="train.cohort", group_id="1")
+    with pytest.raises(SystemExit):
+        serve_cohort(app(dies_at=2), packed, Context(1, 7, {}, RecordDict(), {}), hold=store.deferred)
+    assert [int(store.load(p)["round"]) for p in range(3)] == [0, 0, 0]
+    reply = serve_cohort(app(dies_at=None), packed, Context(1, 7, {}, RecordDict(), {}), hold=store.deferred)
+    assert list(reply.content[COHORT_RECORD]["codes"]) == [0, 2, 0]
+    assert [int(store.load(p)["round"]) for p in range(3)] == [1, 1, 1]  # the failed one's save too: its handler saved it

@@ -567,9 +567,12 @@ def build_client_app(setup: RunSetup) -> ClientApp:
     # each of its members through this same app, as an ordinary per-client message
     together = _train_cohort_vectorized(setup) if setup_vectorizes(setup) else None
 
+    def hold():
+        return runtime_for(setup).store.deferred()
+
     @app.train(COHORT_ACTION)
     def train_cohort(msg: Message, context: Context) -> Message:
-        return serve_cohort(app, msg, context, first, together)
+        return serve_cohort(app, msg, context, first, together, hold)
 
     @app.evaluate(COHORT_ACTION)
     def evaluate_cohort(msg: Message, context: Context) -> Message:

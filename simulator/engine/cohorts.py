@@ -31,10 +31,11 @@ client id, task and round, never from the process or call), failures (an excepti
 becomes that member's error reply; the other members carry on), metrics and bytes (the server
 loop counts the per-member messages, as without cohorts). The accuracy matrix is identical with
 and without cohorts (tested). A worker process that dies takes its whole cohort's call with it:
-every member gets an infrastructure error and the server sends their messages again; members
-with an injected ``exit`` fault run first in a cohort, so the others have not trained yet when
-the process dies (a real crash in the middle of a cohort would retrain members that finished
-before it: their saved state already holds the round).
+every member gets an infrastructure error and the server sends their messages again. The
+members' new states are held in memory and written together when the cohort has finished
+(``ClientStateStore.deferred``), so a process that dies in the middle of a cohort has written no
+member's state and the resent members train from the same state as the first time; members with
+an injected ``exit`` fault also run first in their cohort, so no work is lost to them.
 
 Cohorts exist in the simulation engines only (``ray``, ``inline``). A Flower deployment (``flwr
 run`` on SuperLink/SuperNodes, :mod:`simulator.flower_app`) keeps one SuperNode per client.
@@ -42,12 +43,13 @@ run`` on SuperLink/SuperNodes, :mod:`simulator.flower_app`) keeps one SuperNode 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
 import time
 import traceback
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ContextManager, Iterable
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
@@ -263,11 +265,13 @@ def _error_text(exc: Exception) -> str:
 
 
 def serve_cohort(app: Runner, msg: Message, context: Context, first: Callable[[int, Message], bool] | None = None,
-                 together: CohortRunner | None = None) -> Message:
+                 together: CohortRunner | None = None, hold: Callable[[], ContextManager] | None = None) -> Message:
     """Run every member of a packed message through ``app`` (the ClientApp itself, so its mods
     and handlers see ordinary per-client messages) and pack their replies. ``first(pid, member
     message)`` marks members to run before the others (an injected ``exit`` fault). With
-    ``together`` the members run through it instead, all at once."""
+    ``together`` the members run through it instead, all at once. The members run inside
+    ``hold()`` (the state store's deferred saves: their new states are written together once
+    every member has finished)."""
     info = msg.content[COHORT_RECORD]
     nodes, pids = [int(v) for v in info["nodes"]], [int(v) for v in info["pids"]]
     category = msg.metadata.message_type.split(".")[0]
@@ -299,14 +303,15 @@ def serve_cohort(app: Runner, msg: Message, context: Context, first: Callable[[i
         for j in range(len(nodes))
     ]
     outcomes: list[Message | Exception | None] = [None] * len(nodes)
-    if together is not None:
-        outcomes = list(together(members, contexts, order))
-    else:
-        for j in order:
-            try:
-                outcomes[j] = app(members[j], contexts[j])
-            except Exception as exc:  # this member failed; the others carry on
-                outcomes[j] = exc
+    with hold() if hold is not None else contextlib.nullcontext():
+        if together is not None:
+            outcomes = list(together(members, contexts, order))
+        else:
+            for j in order:
+                try:
+                    outcomes[j] = app(members[j], contexts[j])
+                except Exception as exc:  # this member failed; the others carry on
+                    outcomes[j] = exc
     out = RecordDict()
     codes, reasons = [0] * len(nodes), [""] * len(nodes)
     for j, reply in enumerate(outcomes):
