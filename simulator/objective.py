@@ -77,6 +77,12 @@ class ClientObjective:
     def needs_head(cls) -> bool:
         return cls.train_loss == "head" or cls.inference == "head"
 
+    @classmethod
+    def adds_own_loss(cls) -> bool:
+        """Whether the method adds loss terms of its own (``extra_loss`` or a ``before_batch``
+        hook): arbitrary code on one model at a time, so its clients never train vectorised."""
+        return cls.extra_loss is not ClientObjective.extra_loss or hasattr(cls, "before_batch")
+
     # ---- per-client state (kept in the client state store between rounds)
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -13,9 +13,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from dataclasses import dataclass
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from ..learner.prototypes import PrototypeSet, class_means
 from ..learner.replay import memory_indices
 from ..learner.second_order import SecondOrderStats, normalized_features
 from ..learner.training import NonFiniteLoss, TrainConfig, embed, train_local
-from ..objective import ClientInfo, ClientObjective
+from ..objective import ClientInfo
 from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_to_arrays, record_bytes, stats_from_arrays, stats_to_arrays
 from ..privacy.client import RELEASED, SGD_STEPS, private_prototypes, private_training
 from ..privacy.audit import client_truth
@@ -318,7 +318,6 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
     objective.before_training(model, x, y)
     stack.prepare(model, rt.device)
     dp_sgd = private_training(s, rt.stream.num_tasks, pid=pid, task=task, rnd=rnd)  # weight sharing under DP
-    own_loss = type(objective).extra_loss is not ClientObjective.extra_loss or hasattr(objective, "before_batch")
     request = TrainRequest(
         model, x, y, tcfg,
         seen_classes=objective.train_classes(stack.train_classes(seen)),
@@ -329,7 +328,7 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
         seed=derive_seed(s.seed, "client_train", pid, task, rnd),
         device=rt.device,
         private=dp_sgd,
-        hooks_have_losses=own_loss or bool(stack),
+        hooks_have_losses=type(objective).adds_own_loss() or bool(stack),
     )
     try:
         stats = yield request

@@ -192,7 +192,6 @@ def why_not_vectorized(scenario: Scenario, stream, engine: str) -> str | None:
     from ..learner.continual import build_stack
     from ..learner.training import TrainConfig
     from ..learner.vectorized import why_not_vectorizable
-    from ..objective import ClientObjective
     from .cohorts import resolve_clients_per_call
 
     if engine == "flower":
@@ -203,7 +202,6 @@ def why_not_vectorized(scenario: Scenario, stream, engine: str) -> str | None:
         return "resources.clients_per_call is 1"
     cls = STRATEGIES[scenario.strategy.name]
     objective = cls.Objective
-    own = objective.extra_loss is not ClientObjective.extra_loss or hasattr(objective, "before_batch")
     stack = build_stack(scenario.continual, objective.uses_continual, None)
     d, m = stream.dataset, scenario.model
     # two clients of the first architecture (under model heterogeneity each architecture's
@@ -211,7 +209,7 @@ def why_not_vectorized(scenario: Scenario, stream, engine: str) -> str | None:
     models = [build_model(m.backbone_of(0), d.input_shape, m.embedding_dim, d.num_classes, objective.needs_head(), 0,
                           norm=m.norm) for _ in range(2)]
     cfg = TrainConfig(classifier=objective.train_loss, distill_weight=scenario.continual.feature_distillation)
-    return why_not_vectorizable(models, cfg, hooks_have_losses=own or bool(stack), teacher=None,
+    return why_not_vectorizable(models, cfg, hooks_have_losses=objective.adds_own_loss() or bool(stack), teacher=None,
                                 private=True if scenario.privacy.dp else None)
 
 
