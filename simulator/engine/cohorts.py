@@ -67,6 +67,23 @@ CLIENT_ERROR_CODE = 2  # as the inline engine: an exception in the client handle
 NODE_WAIT_SECONDS = 120.0
 
 
+def wait_for_nodes(grid: Grid, count: int) -> list[int]:
+    """The grid's node ids once at least ``count`` nodes are up (Flower registers the SuperNodes
+    while the engine starts); a RunFailure after ``NODE_WAIT_SECONDS``."""
+    deadline = time.time() + NODE_WAIT_SECONDS
+    while len(ids := sorted(grid.get_node_ids())) < count:
+        if time.time() > deadline:
+            raise RunFailure(f"only {len(ids)} of {count} client nodes came up")
+        time.sleep(0.02)
+    return ids
+
+
+def cohort_plan(scenario, engine: str, workers: int) -> tuple[int, int]:
+    """Clients per call and SuperNodes for a run on ``engine`` with ``workers`` actors."""
+    k = resolve_clients_per_call(scenario, engine, workers)
+    return k, num_nodes(scenario.clients.num_clients, k, sampled_per_round(scenario), workers)
+
+
 def num_nodes(num_clients: int, clients_per_call: int, sampled: int | None = None, workers: int = 1) -> int:
     """SuperNodes the engine starts. One client per call: one node per client, as always. With
     cohorts, one node per cohort of a round's ``sampled`` clients, and at least
@@ -181,12 +198,7 @@ class CohortGrid(KeptReplies, Grid):
     # ---- internals
     def _real_nodes(self) -> list[int]:
         if self._real is None:
-            deadline = time.time() + NODE_WAIT_SECONDS
-            while len(ids := sorted(self.grid.get_node_ids())) < self.num_real:
-                if time.time() > deadline:
-                    raise RunFailure(f"only {len(ids)} of {self.num_real} client nodes came up")
-                time.sleep(0.02)
-            self._real = ids
+            self._real = wait_for_nodes(self.grid, self.num_real)
         return self._real
 
     def _exchange(self, cohorts: list[list[Message]], real: list[int], mtype: str, group: str,

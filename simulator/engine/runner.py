@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import FieldError, Problem, RunFailure, UserError
 from ..scenario import Scenario
 from ..seeding import seed_table
-from .cohorts import num_nodes, resolve_clients_per_call, sampled_per_round
+from .cohorts import cohort_plan, resolve_clients_per_call
 from .recorder import RunRecorder
 from .runtime import RunSetup, release_runtime, runtime_for, write_stream
 
@@ -192,7 +192,6 @@ def why_not_vectorized(scenario: Scenario, stream, engine: str) -> str | None:
     from ..learner.continual import build_stack
     from ..learner.training import TrainConfig
     from ..learner.vectorized import why_not_vectorizable
-    from .cohorts import resolve_clients_per_call
 
     if engine == "flower":
         return "a Flower deployment runs one client per SuperNode (no cohorts)"
@@ -437,8 +436,7 @@ def _launch(
         quiet_logs(verbose)
         runtime_for(setup)  # build once, in this process
         set_server_identity()
-        k = resolve_clients_per_call(scenario, engine, 1)
-        nodes = num_nodes(scenario.clients.num_clients, k, sampled_per_round(scenario), 1)
+        k, nodes = cohort_plan(scenario, engine, 1)
         server_loop(setup, rec, InlineGrid(client_app, nodes), clients_per_call=k, cohort_nodes=nodes, **loop_kwargs)
         return
     from .ray_engine import quiet_logs, ray_workers, run_ray, start_ray
@@ -450,9 +448,7 @@ def _launch(
         if profile is not None:
             profile.add("ray_init", time.perf_counter() - t0)
             profile.mark("launch")
-        workers = ray_workers(scenario.resources.num_cpus_per_client)
-        k = resolve_clients_per_call(scenario, engine, workers)
-        nodes = num_nodes(scenario.clients.num_clients, k, sampled_per_round(scenario), workers)
+        k, nodes = cohort_plan(scenario, engine, ray_workers(scenario.resources.num_cpus_per_client))
         run_ray(
             build_server_app(setup, rec, clients_per_call=k, cohort_nodes=nodes, **loop_kwargs),
             client_app,

@@ -17,13 +17,12 @@ from ..privacy.run import count_releases
 from ..privacy.secagg import SecureSum, exchange_securely
 from ..records import CONFIG, METRICS, payload_bytes, weights_to_arrays
 from . import failures
-from .cohorts import CohortGrid, cohort_stats
+from .cohorts import CohortGrid, cohort_stats, wait_for_nodes
 from .failures import ERROR, INJECTED, KINDS, MAX_DELIVERIES, WORKER_DIED, Failure, injected_fault, is_infrastructure, split_reason
 from .profile import RunProfile
 from .recorder import RunRecorder, score_evaluation
 from .runtime import RunSetup, runtime_for
 
-NODE_WAIT_SECONDS = 120.0
 
 
 def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
@@ -31,11 +30,7 @@ def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
     Under cohorts the grid knows the mapping (:meth:`CohortGrid.partitions`)."""
     if isinstance(grid, CohortGrid):
         return grid.partitions()
-    deadline = time.time() + NODE_WAIT_SECONDS
-    while len(node_ids := sorted(grid.get_node_ids())) < num_clients:
-        if time.time() > deadline:
-            raise RunFailure(f"only {len(node_ids)} of {num_clients} client nodes came up")
-        time.sleep(0.02)
+    node_ids = wait_for_nodes(grid, num_clients)
     msgs = [
         Message(RecordDict({CONFIG: ConfigRecord({"hello": 1})}), dst_node_id=n, message_type=MessageType.QUERY, group_id="0")
         for n in node_ids
@@ -159,8 +154,8 @@ def server_loop(
     """Run tasks ``start_task..T-1``; with ``strategy_state`` the strategy continues from a
     checkpoint taken at the end of task ``start_task - 1``. ``on_task_end(task, strategy)`` is
     called after each task's evaluation (the runner writes results and a checkpoint there).
-    With ``clients_per_call`` K > 1 the engine's grid holds ceil(N / K) nodes and messages travel
-    packed by cohort (:class:`~simulator.engine.cohorts.CohortGrid`); nothing below sees it."""
+    With ``clients_per_call`` K > 1 the engine's grid holds ``cohort_nodes`` nodes (one per cohort
+    of a round) and messages travel packed by cohort (:class:`~simulator.engine.cohorts.CohortGrid`); nothing below sees it."""
     prof: RunProfile = getattr(recorder, "profile", None) or RunProfile()  # simulator/engine/profile.py
     prof.add("engine_start", prof.since("launch"))  # engine start-up until this loop runs
     t_phase = time.perf_counter()
