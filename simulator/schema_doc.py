@@ -37,6 +37,13 @@ def _allowed(field: FieldInfo) -> str:
         origin = typing.get_origin(t)
         if origin is typing.Literal:
             lits.extend(str(a) for a in typing.get_args(t))
+        elif origin is typing.Annotated:  # a constrained member of a union, e.g. int >= 1 | auto
+            base, *metadata = typing.get_args(t)
+            bounds = [f"{sym} {getattr(m, attr)}" for m in metadata
+                      for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+                      if getattr(m, attr, None) is not None]
+            name = base.__name__ if isinstance(base, type) else str(base)
+            lits.append(" ".join([name, *bounds]) if bounds else name)
         elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
             for a in typing.get_args(t):
                 walk(a)
