@@ -10,6 +10,11 @@ one round per task and every client in every round, with a fractional GPU per cl
 Ray actors share the GPU). ``bench.json`` holds both engines' wall times and phase profiles, and
 ``engines.<engine>.gpu_peak_bytes_per_actor``: the peak GPU memory torch allocated in each client
 process. On a machine without a CUDA GPU it says so and exits with status 3, running nothing.
+
+``--deterministic on|off`` sets ``resources.deterministic`` (default on, as in a scenario): with
+it on, ``bench.json``'s ``matrices_identical`` compares the two engines' CUDA runs exactly.
+While bench runs, ``nvidia-smi`` (when present) samples the GPU's utilisation every 0.5 s; the
+busy share (samples with utilisation above 0) and the mean utilisation go to ``gpu_util.json``.
 """
 
 from __future__ import annotations
@@ -42,12 +47,45 @@ def write_cifar100(root: Path, per_class: int) -> None:
                                               b"coarse_label_names": [f"group{i}".encode() for i in range(20)]}, protocol=4))
 
 
+class GpuSampler:
+    """``nvidia-smi`` utilisation samples while the block runs (nothing when it is missing)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.proc = path, None
+
+    def __enter__(self) -> "GpuSampler":
+        import shutil
+
+        if shutil.which("nvidia-smi"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.raw = self.path.with_suffix(".csv")
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                                          "--format=csv,noheader,nounits", "-lms", "500"],
+                                         stdout=open(self.raw, "w"), stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        self.proc.wait()
+        rows = [line.split(",") for line in self.raw.read_text().splitlines() if line.strip()]
+        util = [float(r[0]) for r in rows if r[0].strip().replace(".", "").isdigit()]
+        figs = {"samples": len(util), "busy_share": sum(u > 0 for u in util) / max(1, len(util)),
+                "mean_utilization_percent": sum(util) / max(1, len(util)),
+                "max_memory_used_mib": max((float(r[1]) for r in rows if len(r) > 1), default=0.0)}
+        self.path.write_text(json.dumps(figs, indent=1))
+        print(f"GPU utilisation while bench ran: busy {figs['busy_share']:.0%} of {len(util)} samples, "
+              f"mean {figs['mean_utilization_percent']:.0f}%", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpu-check", help="bench output folder (default: gpu-check)")
     ap.add_argument("--gpus-per-client", type=float, default=0.25)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--per-class", type=int, default=50, help="training images per class in the generated file")
+    ap.add_argument("--deterministic", choices=("on", "off"), default="on", help="resources.deterministic")
     args = ap.parse_args(argv)
     import torch
 
@@ -65,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                "--set", "clients.partition={scheme: iid}",
                "--set", "clients.participation=1.0",
                "--set", "training.rounds_per_task=1",
-               "--set", f"resources.num_gpus_per_client={args.gpus_per_client}"]
+               "--set", f"resources.num_gpus_per_client={args.gpus_per_client}",
+               "--set", f"resources.deterministic={'true' if args.deterministic == 'on' else 'false'}"]
         print(" ".join(cmd), flush=True)
-        rc = subprocess.call(cmd, cwd=REPO)
+        with GpuSampler(Path(args.out) / "gpu_util.json"):
+            rc = subprocess.call(cmd, cwd=REPO)
     if rc != 0:
         return rc
     bench = json.loads((Path(args.out) / "bench.json").read_text())

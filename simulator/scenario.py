@@ -245,7 +245,7 @@ def layer_norm(norm: str) -> str:
 
 
 class ContinualConfig(Strict):
-    backbone: Literal["train", "freeze_after_first_task"] = Field("train", description="keep training the backbone, or freeze it after the client's first task")
+    backbone: Literal["train", "freeze_after_first_task", "frozen"] = Field("train", description="keep training the backbone, freeze it after the client's first task, or never train it (frozen: it stays as initialised or as model.pretrained loaded it; what differential privacy on prototype uploads needs)")
     feature_distillation: float = Field(0.0, ge=0.0, le=1e6, description="weight of an MSE pull towards the features of the model at task start")
     memory_per_class: int = Field(0, ge=0, le=1_000_000, description="exemplars kept per class per client for replay (0 = exemplar-free)")
     memory_selection: Literal["random", "herding"] = Field("random", description="how exemplars are chosen: seeded random, or iCaRL herding on normalised features")
@@ -369,6 +369,12 @@ class ResourcesConfig(Strict):
         description="train the clients of a cohort at once (torch.func vmap; same results within float tolerance) when "
         "they share one architecture and their method adds no loss of its own; others train one by one (a warning "
         "says why). Groups of at least 10 clients on CPU, 2 on a GPU",
+    )
+    deterministic: bool = Field(
+        True,
+        description="deterministic PyTorch kernels in every process (use_deterministic_algorithms, cuDNN deterministic "
+        "without benchmark, CUBLAS_WORKSPACE_CONFIG): the same seed gives the same numbers on a GPU too; an operation "
+        "without a deterministic implementation then fails naming this key. No cost measured on the CPU",
     )
 
 

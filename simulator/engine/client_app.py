@@ -38,6 +38,7 @@ from ..seeding import derive_seed, rng
 from .cohorts import COHORT_ACTION, serve_cohort
 from .failures import TRACEBACK_MARK, injected_fault
 from .profile import GPU_PEAK, WORKER_PID, PhaseTimer, client_call, lap, phase, resumed_call, to_metrics
+from . import determinism
 from .runtime import RunSetup, Runtime, runtime_for
 from .state_store import to_cpu
 
@@ -85,7 +86,8 @@ def _with_traceback(handler):
         except (ClientDropout, ClientFailure):
             raise
         except Exception as exc:
-            raise ClientError(f"{type(exc).__name__}: {exc}{TRACEBACK_MARK}{traceback.format_exc()}") from exc
+            text = determinism.explain(exc) or f"{type(exc).__name__}: {exc}"
+            raise ClientError(f"{text}{TRACEBACK_MARK}{traceback.format_exc()}") from exc
 
     return run
 
@@ -198,6 +200,7 @@ def _timed(handler):
 def _add_timing(setup: RunSetup, reply: Message, seconds: float, timer) -> None:
     if reply.has_content() and METRICS in reply.content:
         reply.content[METRICS]["compute_seconds"] = seconds
+        reply.content[METRICS][determinism.METRIC] = int(determinism.state())  # bookkeeping, see profile.json
         for key, value in to_metrics(timer).items():
             reply.content[METRICS][key] = value
         if runtime_for(setup).device.startswith("cuda"):  # GPU memory of this actor (bench.json)
@@ -303,7 +306,7 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
         continual
         and s.continual.backbone == "freeze_after_first_task"
         and state.get("tasks_learned", 0) > 1
-    ) or getattr(objective, "backbone_frozen", False)  # share_weights: first_task, after the first task
+    ) or getattr(objective, "backbone_frozen", False) or s.continual.backbone == "frozen"  # share_weights: first_task, after the first task; frozen: never trained
     tcfg = TrainConfig(
         epochs=s.training.local_epochs,
         batch_size=s.training.batch_size,

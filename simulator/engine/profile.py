@@ -142,6 +142,7 @@ class RunProfile:
         self.cohorts: dict[str, Any] | None = None  # engine calls under resources.clients_per_call
         self.vectorized = 0  # client updates trained vectorised (resources.vectorize)
         self.gpu_peak: dict[str, int] = {}  # worker process -> peak GPU memory torch allocated there
+        self.determinism = {"deterministic": 0, "not_deterministic": 0}  # client calls (resources.deterministic)
 
     def add(self, name: str, seconds: float) -> None:
         self.driver[name] = self.driver.get(name, 0.0) + float(seconds)
@@ -173,6 +174,8 @@ class RunProfile:
             if "compute_seconds" not in m:
                 continue
             self.vectorized += int(m.get("vectorized", 0))
+            if "deterministic" in m:
+                self.determinism["deterministic" if int(m["deterministic"]) else "not_deterministic"] += 1
             if GPU_PEAK in m:
                 who = str(int(m.get(WORKER_PID, 0)))
                 self.gpu_peak[who] = max(self.gpu_peak.get(who, 0), int(m[GPU_PEAK]))
@@ -195,6 +198,7 @@ class RunProfile:
             "client_train": dict(self.client["train"]),
             "client_evaluate": dict(self.client["evaluate"]),
             "rounds": list(self.rounds),
+            "client_determinism": dict(self.determinism),
             **({"cohorts": dict(self.cohorts)} if self.cohorts else {}),
             **({"gpu_peak_bytes_per_worker": dict(self.gpu_peak)} if self.gpu_peak else {}),
             **({"client_updates_vectorized": self.vectorized} if self.vectorized else {}),

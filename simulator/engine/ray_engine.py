@@ -8,6 +8,8 @@ import os
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+from . import determinism
+
 
 def quiet_logs(verbose: bool) -> None:
     """Telemetry off; Flower's logger quiet unless ``--verbose`` (client failures are reported
@@ -82,7 +84,8 @@ def start_ray(verbose: bool, address: str | None = None) -> None:
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     ray.init(
         address=address,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        # the actors start with the driver's deterministic-kernel environment (simulator/engine/determinism.py)
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **determinism.ray_env()}},
         logging_level=logging.INFO if verbose else logging.ERROR,
         log_to_driver=verbose,
         **({} if address else {"include_dashboard": False}),

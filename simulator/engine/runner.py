@@ -18,6 +18,7 @@ from ..scenario import Scenario
 from ..seeding import seed_table
 from .cohorts import cohort_plan, resolve_clients_per_call
 from .recorder import RunRecorder
+from . import determinism
 from .runtime import RunSetup, release_runtime, runtime_for, write_stream
 
 
@@ -426,6 +427,7 @@ def _launch(
         server_loop(setup, rec, grid, **loop_kwargs)
         return
     client_app = build_client_app(setup)
+    determinism.apply(scenario.resources.deterministic)  # the driver, before CUDA or Ray start
     profile = getattr(rec, "profile", None)
     if profile is not None:
         profile.mark("launch")

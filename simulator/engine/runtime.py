@@ -20,6 +20,7 @@ from ..data.stream import FederatedStream
 from ..learner.backbones import ProtoModel, build_model
 from ..scenario import Scenario
 from ..seeding import derive_seed
+from . import determinism
 from .device import select_device
 from .state_store import ClientStateStore
 
@@ -46,6 +47,7 @@ class Runtime:
 
         self.strategy_cls = STRATEGIES[self.scenario.strategy.name]
         self.params = self.strategy_cls.Params.model_validate(self.scenario.strategy.params)
+        determinism.apply(self.scenario.resources.deterministic)  # before anything touches CUDA here
         self.device = select_device(self.scenario.resources.num_gpus_per_client)
         self.threads = self.scenario.resources.num_cpus_per_client
 
