@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,7 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .errors import UserError
+from .errors import Problem, UserError
 from .scenario import Scenario, apply_overrides, read_yaml, validate_scenario
 
 __all__ = ["RunResult", "run", "compare", "sweep", "load", "scenario_from"]
@@ -221,14 +223,22 @@ def run(
     return load(outcome.run_dir)
 
 
-def _as_file(scenario: Any, out_dir: str | Path | None, overrides: Any) -> tuple[str, str | None]:
+def _as_file(scenario: Any, out_dir: str | Path | None, overrides: Any, sub: str = "") -> tuple[str, str | None]:
     """A path for the compare/sweep machinery (which reads the scenario from a file), and the
-    output folder. A mapping or Scenario is validated, then written to ``<out>/scenario.yaml``."""
+    output folder. A mapping or Scenario is validated, then written to ``<out>/scenario.yaml``;
+    the default ``<out>`` is the command line's: ``<output.dir>/<name>[-set-<hash>][/<sub>]``."""
     if isinstance(scenario, (str, Path)):
         return str(scenario), (str(out_dir) if out_dir is not None else None)
     sc, _ = scenario_from(scenario, overrides=overrides)
     raw, _ = _raw(scenario)
-    root = Path(out_dir) if out_dir is not None else Path(sc.output.dir) / sc.name
+    if out_dir is not None:
+        root = Path(out_dir)
+    else:
+        from .compare import study_overrides
+        from .run_dirs import scenario_folder
+
+        _, tag = study_overrides(raw, sc, "<scenario mapping>", _override_texts(overrides))
+        root = Path(sc.output.dir) / scenario_folder(sc.name, tag) / sub
     from .results import atomic_write_text
 
     path = root / "scenario.yaml"
@@ -257,16 +267,21 @@ def compare(
     engine: str | None = None,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
-    """``protofed compare``: one row per (label, seed) run with every summary key, ``status``
-    (ok | kept | failed) and ``run_dir``; the table is also written to ``<out>/comparison.csv``."""
+    """``protofed compare``: one row per run of the study folder with every summary key,
+    ``status`` (ok | kept | failed | incomplete), ``this_call`` and ``run_dir``; the table is also
+    written to ``<out>/comparison.csv``. A failed run does not raise: the others go on and its
+    row says ``failed`` with the reason in ``error``. ``overwrite``: replace runs of another
+    scenario in the run directories (as ``--overwrite``)."""
     from .compare import labels_arg, run_compare
 
-    path, out = _as_file(scenario, out_dir, overrides)
-    df, _ = run_compare(
-        path, labels_arg(",".join(_names(strategies))), _seeds(seeds), out_dir=out, engine=engine,
-        sets=_override_texts(overrides), out=sys.stdout if progress else None,
-    )
+    with _api_words():
+        path, out = _as_file(scenario, out_dir, overrides)
+        df, _ = run_compare(
+            path, labels_arg(",".join(_names(strategies))), _seeds(seeds), out_dir=out, engine=engine,
+            sets=_override_texts(overrides), out=sys.stdout if progress else None, overwrite=overwrite,
+        )
     return df
 
 
@@ -280,18 +295,76 @@ def sweep(
     engine: str | None = None,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
-    """``protofed sweep``: every grid cell x strategy x seed; one row per run (the swept keys as
-    columns, then every summary key), also written to ``<out>/sweep.csv``. ``grid`` maps dotted
-    keys to lists of values; unset, the scenario's ``sweep:`` section gives grid, strategies and seeds."""
+    """``protofed sweep``: every grid cell x strategy x seed; one row per run of the sweep folder
+    (the swept keys as columns, then every summary key), also written to ``<out>/sweep.csv``.
+    ``grid`` maps dotted keys to lists of values (a single value, not a list, is a one-value
+    list; a text with a comma is refused: give a list); unset, the scenario's ``sweep:`` section
+    gives grid, strategies and seeds. ``overwrite`` as in :func:`compare`."""
     from .sweep import run_sweep
 
-    path, out = _as_file(scenario, out_dir, overrides)
-    df, _ = run_sweep(
-        path,
-        grid={k: [_plain(v) for v in vals] for k, vals in grid.items()} if grid else None,
-        labels=_names(strategies) if strategies is not None else None,
-        seeds=_seeds(seeds) if seeds is not None else None,
-        out_dir=out, engine=engine, sets=_override_texts(overrides), out=sys.stdout if progress else None,
-    )
+    with _api_words():
+        values = _grid(grid)
+        path, out = _as_file(scenario, out_dir, overrides, "sweep")
+        df, _ = run_sweep(
+            path,
+            grid=values,
+            labels=_names(strategies) if strategies is not None else None,
+            seeds=_seeds(seeds) if seeds is not None else None,
+            out_dir=out, engine=engine, sets=_override_texts(overrides), out=sys.stdout if progress else None,
+            overwrite=overwrite,
+        )
     return df
+
+
+def _grid(grid: Any) -> dict[str, list[Any]] | None:
+    """``grid=`` as ``{dotted key: [values]}``: a single value counts as a one-value list; a text
+    holding a comma, which ``--grid`` would split, is refused rather than guessed."""
+    from .scenario import overridable_key_problem
+
+    if grid is None:
+        return None
+    if not isinstance(grid, Mapping):
+        shown = repr(grid) if len(repr(grid)) <= 60 else repr(grid)[:57] + "..."
+        raise UserError.single("grid=", "grid", f"expected a mapping of dotted keys to lists of values, e.g. "
+                                                f"grid={{'clients.partition.alpha': [0.1, 10]}}; got {type(grid).__name__} {shown}")
+    problems, out = [], {}
+    for key, values in grid.items():
+        where = f"grid[{key!r}]"
+        problem = overridable_key_problem(key) if isinstance(key, str) else "a key must be a dotted key text"
+        if problem:
+            problems.append(Problem(where, problem))
+            continue
+        if isinstance(values, str) and "," in values:
+            problems.append(Problem(where, f"{values!r} is one text; give a list of values, e.g. [0.1, 10]"))
+            continue
+        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+            values = [values]  # one value
+        values = [_plain(v) for v in values]
+        if not values:
+            problems.append(Problem(where, "give at least one value"))
+            continue
+        out[key] = values
+    if problems:
+        raise UserError("grid=", problems)
+    return out
+
+
+#: the command line's flags and the API's arguments that mean the same
+_API_NAMES = {"--grid": "grid=", "--strategies": "strategies=", "--seeds": "seeds=", "--set": "overrides=",
+              "--out": "out_dir=", "--overwrite": "overwrite="}
+
+
+@contextmanager
+def _api_words():
+    """Errors of the shared compare/sweep code name the API's arguments, not the CLI's flags."""
+    import re
+
+    def words(text: str) -> str:
+        return re.sub(r"--(grid|strategies|seeds|set|out|overwrite)\b", lambda m: _API_NAMES[m.group(0)], text)
+
+    try:
+        yield
+    except UserError as exc:
+        raise UserError(words(exc.source), [Problem(words(p.field), words(p.message)) for p in exc.problems]) from None

@@ -98,7 +98,9 @@ def _resume_target(args: argparse.Namespace):
 
         if json.loads(summary.read_text()).get("completed"):
             return None, run_dir
-    if not has_checkpoint(run_dir):
+    from .supervisor import earlier_retries
+
+    if not has_checkpoint(run_dir) and not earlier_retries(run_dir):  # a retry has said so already
         print(f"no checkpoint in {run_dir} (no task finished yet): starting the run again", file=sys.stderr)
     return validate_scenario(raw, str(config)), run_dir
 
@@ -137,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import labels_arg, run_compare, seeds_arg
+    from .compare import labels_arg, run_compare, seeds_arg, this_call_failed
 
     df, _ = run_compare(
         args.scenario,
@@ -147,13 +149,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         engine=args.engine,
         sets=args.set,
         verbose=args.verbose,
+        out=sys.stdout,  # the current one (a default argument keeps the stream of the first import)
         overwrite=args.overwrite,
     )
-    return 0 if (df["status"] != "failed").all() else 1
+    return 1 if this_call_failed(df) else 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .compare import labels_arg, seeds_arg
+    from .compare import labels_arg, seeds_arg, this_call_failed
     from .sweep import grid_arg, run_sweep
 
     df, _ = run_sweep(
@@ -166,8 +169,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sets=args.set,
         verbose=args.verbose,
         out=sys.stdout,
+        overwrite=args.overwrite,
     )
-    return 0 if (df["status"] != "failed").all() else 1
+    return 1 if this_call_failed(df) else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -242,11 +246,12 @@ def _plot(args: argparse.Namespace) -> int:
     if table.exists():  # a compare directory: redraw its two comparison plots as well
         import pandas as pd
 
+        from .compare import OK_STATUSES
         from .plots import plot_compare
 
         df = pd.read_csv(table)
-        ok = df[df["status"] != "failed"]
-        for p in plot_compare(df, [Path(x) for x in ok["run_dir"]], list(ok["label"]), target):
+        ok = df[df["status"].isin(OK_STATUSES)]
+        for p in plot_compare(ok, [Path(x) for x in ok["run_dir"]], list(ok["label"]), target):
             print(p)
     if (target / "sweep.csv").exists():  # a sweep directory: redraw its figure
         from .sweep import read_sweep
@@ -363,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--strategies", help="comma-separated strategy names or compare: labels (default: sweep.strategies)")
     sw.add_argument("--seeds", help="comma-separated seeds (default: sweep.seeds)")
     sw.add_argument("--engine", choices=["ray", "inline"])
-    sw.add_argument("--out", help="output folder (default <output.dir>/<name>/sweep)")
+    sw.add_argument("--out", help="output folder (default <output.dir>/<name>/sweep; <name>-set-<hash> with --set)")
     sw.add_argument("--verbose", action="store_true")
+    sw.add_argument("--overwrite", action="store_true", help="replace runs of other scenarios found in the run directories")
     common(sw)
     sw.set_defaults(func=cmd_sweep)
 

@@ -1,16 +1,24 @@
 """``protofed compare``: strategies x seeds, one run directory each, a comparison table and plots.
 
 Every (label, seed) scenario is validated before the first run starts, so bad input fails fast
-and writes nothing. A run that fails is reported in the table and does not stop the others. A
-run whose directory already holds a completed ``summary.json`` for the same resolved scenario is
-kept and not run again, so an interrupted comparison can be resumed by repeating the command.
+and writes nothing. A run that fails (after its own retries) is reported in the table and does
+not stop the others; the study ends with the list of failed runs (exit 1). A run whose
+directory already holds a completed ``summary.json`` for the same resolved scenario is kept and
+not run again, so an interrupted comparison can be resumed by repeating the command.
+
+The table of a study folder covers every run in it: runs of earlier calls in the same folder
+(other labels or seeds of the same scenario with the same ``--set``) are rows too (``this_call``
+false; ``kept`` when completed, ``incomplete`` or ``failed`` when not, without figures). A run of
+another scenario in the folder is an error naming it (exit 2): a table never mixes studies, and
+never drops a completed result silently.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
@@ -24,12 +32,20 @@ from .scenario import Scenario, apply_overrides, read_yaml, validate_scenario
 TABLE_COLUMNS = ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt", "local_final_avg_accuracy", "bytes_per_round", "wall_seconds")
 
 
+#: statuses of a row whose figures count: run by this call, or a completed run kept from disk
+OK_STATUSES = ("ok", "kept")
+#: what an unfinished run's row keeps of its summary (its partial figures are left out, so that
+#: no table or plot averages them in)
+_IDENTITY_KEYS = ("scenario", "strategy", "seed", "engine", "num_tasks", "num_clients", "completed")
+
+
 @dataclass
 class PlannedRun:
     label: str
     seed: int
     scenario: Scenario
     run_dir: Path
+    overrides: dict[str, Any] = field(default_factory=dict)  # what the study's --set changed (config.yaml)
 
 
 def _resolve_label(raw: dict[str, Any], label: str) -> dict[str, Any] | None:
@@ -65,21 +81,22 @@ def plan(
     seeds: Sequence[int],
     out_dir: str | None,
     sets: Sequence[str] = (),
+    extra_sets: Sequence[str] = (),
 ) -> tuple[list[PlannedRun], Path]:
+    """Every (label, seed) run, validated. ``sets``: the study's ``--set`` (recorded in each
+    run's config.yaml, hashed into the default folder); ``extra_sets``: applied after them but
+    not counted as overrides (a sweep cell, named by its own folder)."""
     from strategies import STRATEGIES
 
-    from .run_dirs import overrides_of, overrides_tag, scenario_folder
+    from .run_dirs import scenario_folder
 
     file_raw = read_yaml(scenario_path)
     raw = apply_overrides(file_raw, list(sets)) if sets else file_raw
     base = validate_scenario(raw, scenario_path)  # the scenario itself must be valid
-    tag = ""
-    if sets:  # compare runs with other --set values land in their own folder
-        try:
-            unset = validate_scenario(file_raw, scenario_path).resolved()
-        except UserError:
-            unset = None
-        tag = overrides_tag(overrides_of(unset, base.resolved()))
+    changed, tag = study_overrides(file_raw, base, scenario_path, sets)
+    if extra_sets:
+        raw = apply_overrides(raw, list(extra_sets))
+        base = validate_scenario(raw, scenario_path)
     problems = []
     for label in labels:
         if _resolve_label(raw, label) is None:
@@ -95,8 +112,23 @@ def plan(
     for label in labels:
         for seed in seeds:
             r = _label_overrides(dict(raw, seed=seed, strategy=_resolve_label(raw, label)), label)
-            runs.append(PlannedRun(label, seed, validate_scenario(r, scenario_path), root / label / f"seed-{seed}"))
+            runs.append(PlannedRun(label, seed, validate_scenario(r, scenario_path), root / label / f"seed-{seed}", changed))
     return runs, root
+
+
+def study_overrides(file_raw: dict[str, Any], base: Scenario, source: str, sets: Sequence[str]) -> tuple[dict[str, Any], str]:
+    """What ``sets`` changed in the scenario file (dotted key -> value) and its hash, by the
+    rules of ``protofed run --set``: a study with other settings lands in its own folder."""
+    from .run_dirs import overrides_of, overrides_tag
+
+    if not sets:
+        return {}, ""
+    try:
+        unset = validate_scenario(file_raw, source).resolved()
+    except UserError:  # the file alone is incomplete; --set completes it
+        unset = None
+    changed = overrides_of(unset, base.resolved())
+    return changed, overrides_tag(changed)
 
 
 def _finished(run: PlannedRun) -> dict[str, Any] | None:
@@ -137,15 +169,127 @@ def execute(run: PlannedRun, scenario_path: str, *, verbose: bool, out: TextIO |
             say(f"resuming the interrupted run in {run.run_dir}")
         outcome = run_scenario(
             run.scenario, source=scenario_path, run_dir=run.run_dir, verbose=verbose, out=out,
-            resume=resume, overwrite=True,
+            resume=resume, overwrite=True, overrides=run.overrides,
         )
         return {**outcome.summary, "status": "ok", "error": ""}
     except KeyboardInterrupt:
         raise
     except UserError as exc:
         return {"status": "failed", "error": exc.render().replace("\n", " ")}
-    except Exception as exc:  # one failed run must not stop the others
+    except (Exception, SystemExit) as exc:  # one failed run must not stop the others (a library's sys.exit included)
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+# --------------------------------------------------------------------------- the study folder
+def found_run_dirs(root: Path, planned: Sequence[Path], depth: int) -> list[Path]:
+    """Run directories ``root/<depth - 1 folders>/seed-<s>/`` (with a config.yaml) that are not
+    among ``planned``: runs of earlier calls that the study's table must cover."""
+    mine = {Path(p).resolve() for p in planned}
+    pattern = "/".join(["*"] * (depth - 1) + ["seed-*", "config.yaml"])
+    found = {p.parent for p in Path(root).glob(pattern) if re.fullmatch(r"seed-\d+", p.parent.name)}
+    return sorted(d for d in found if d.resolve() not in mine)
+
+
+def seed_of(run_dir: Path) -> int:
+    return int(run_dir.name.removeprefix("seed-"))
+
+
+def member_problem(run_dir: Path, run: PlannedRun) -> Problem | None:
+    """Why the run in ``run_dir`` is not the run this study would make there (None if it is)."""
+    from .run_dirs import describe, differences, recorded_state
+
+    config, _ = recorded_state(run_dir)
+    diff = differences(config or {}, run.scenario.resolved())
+    return Problem(str(run_dir), f"holds a run of a different scenario ({describe(diff, 3)})") if diff else None
+
+
+def not_this_study(source: str, problems: list[Problem]) -> UserError:
+    return UserError(source, [*problems, Problem(
+        "--out", "a study folder holds the runs of one scenario (same file, same --set): move those runs away, or choose another --out")])
+
+
+def _study_members(root: Path, runs: list[PlannedRun], scenario_path: str, sets: Sequence[str]) -> list[PlannedRun]:
+    """The runs of earlier calls in ``root`` (same scenario, same --set, any label or seed):
+    the table covers them. A run of another scenario there is an error naming it."""
+    members, problems = [], []
+    for d in found_run_dirs(root, [r.run_dir for r in runs], 2):
+        try:
+            (run,), _ = plan(scenario_path, [d.parent.name], [seed_of(d)], str(root), sets)
+        except UserError as exc:
+            problems.append(Problem(str(d), f"holds a run labelled {d.parent.name!r} that this scenario cannot repeat: {exc.problems[0].message}"))
+            continue
+        problem = member_problem(d, run)
+        if problem:
+            problems.append(problem)
+        else:
+            members.append(run)
+    if problems:
+        raise not_this_study(scenario_path, problems)
+    return members
+
+
+def earlier_rows(table: Path) -> dict[str, dict[str, Any]]:
+    """The rows of a study's earlier table, by run directory (empty when there is none)."""
+    try:
+        df = pd.read_csv(table)
+    except (OSError, ValueError):
+        return {}
+    if "run_dir" not in df.columns:
+        return {}
+    return {str(r["run_dir"]): r for r in df.to_dict("records")}
+
+
+def disk_row(run_dir: Path, earlier: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The table fields of a run this call did not run: its summary when it completed (status
+    ``kept``); otherwise ``failed`` (with the reason an earlier table gave) or ``incomplete``,
+    without figures."""
+    from .run_dirs import recorded_state
+
+    _, summary = recorded_state(run_dir)
+    summary = summary or {}
+    if summary.get("completed"):
+        return {**summary, "status": "kept", "error": ""}
+    row = {k: summary[k] for k in _IDENTITY_KEYS if k in summary}
+    before = earlier.get(str(run_dir), {})
+    if before.get("status") == "failed" and isinstance(before.get("error"), str):
+        return {**row, "status": "failed", "error": before["error"]}
+    return {**row, "status": "incomplete", "error": f"unfinished; continue it with `protofed run --resume {run_dir}` or repeat the study with its label"}
+
+
+def this_call_failed(df: pd.DataFrame) -> bool:
+    """Whether a run of this call failed (the study's exit code 1)."""
+    return bool(((df["status"] == "failed") & df["this_call"].astype(bool)).any())
+
+
+def report_study(df: pd.DataFrame, root: Path, out: TextIO | None) -> None:
+    """After the table: which rows came from earlier calls, which runs are not in the figures,
+    and the list of this call's failed runs (run directory and a one-line reason)."""
+    if out is None:
+        return
+    earlier = df[~df["this_call"].astype(bool)]
+    if len(earlier):
+        labels = ", ".join(str(x) for x in dict.fromkeys(earlier["label"]))
+        print(f"\nthe table also covers {_count(len(earlier), 'run')} found in {root} from earlier calls ({labels}); "
+              "column this_call tells them apart", file=out)
+    unfinished = earlier[~earlier["status"].isin(OK_STATUSES)]
+    if len(unfinished):
+        print(f"not in the figures: {_count(len(unfinished), 'earlier run')} that did not finish:", file=out)
+        for _, r in unfinished.iterrows():
+            print(f"  {r['run_dir']}: {r['status']}: {_one_line(r['error'])}", file=out)
+    failed = df[(df["status"] == "failed") & df["this_call"].astype(bool)]
+    if len(failed):
+        print(f"\nfailed runs ({len(failed)} of {int(df['this_call'].astype(bool).sum())}; the study went on with the others):", file=out)
+        for _, r in failed.iterrows():
+            print(f"  {r['run_dir']}: {_one_line(r['error'])}", file=out)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _one_line(text: Any) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _same_scenario(run: PlannedRun) -> bool:
@@ -183,6 +327,8 @@ def run_compare(
     if conflicts:
         conflicts.append(Problem("--overwrite", "give it to replace those runs, or choose another --out"))
         raise UserError(scenario_path, conflicts)
+    members = _study_members(root, runs, scenario_path, sets)  # earlier runs of this study: in the table too
+    earlier = earlier_rows(root / "comparison.csv")
     rows = []
     started = time.time()
     executed: list[float] = []  # wall seconds of the runs executed so far (kept runs cost nothing)
@@ -203,7 +349,9 @@ def run_compare(
                 say(f"FAILED: {row['error']}")
             executed.append(time.time() - t_run)
         row["run_dir"] = str(r.run_dir)
-        rows.append(row)
+        rows.append({**row, "this_call": True})
+    for m in members:
+        rows.append({"label": m.label, "seed": m.seed, **disk_row(m.run_dir, earlier), "run_dir": str(m.run_dir), "this_call": False})
     df = pd.DataFrame(rows)
     for key in SUMMARY_KEYS:
         if key not in df.columns:
@@ -211,9 +359,9 @@ def run_compare(
     front = ["label", "seed", "status", *[k for k in SUMMARY_KEYS if k not in ("seed",)]]
     df = df[front + [c for c in df.columns if c not in front]]
     RunWriter(root).write_table("comparison", df.drop(columns=["task_classes", "epsilon_spent"], errors="ignore"))  # nested values: the flat keys stay
-    ok = df[df["status"] != "failed"]
+    ok = df[df["status"].isin(OK_STATUSES)]
     if len(ok):
-        plot_compare(df, [Path(p) for p in ok["run_dir"]], list(ok["label"]), root)
+        plot_compare(ok, [Path(p) for p in ok["run_dir"]], list(ok["label"]), root)
     if out:
         protocol = runs[0].scenario.evaluation.protocol
         other = "global" if protocol == "local" else "local"
@@ -221,6 +369,7 @@ def run_compare(
               f"mean ± std over seeds, n = runs behind each figure", file=out)
         print(format_table(df), file=out)
         print(f"\n{len(ok)}/{len(df)} runs ok in {time.time() - started:.0f}s · results in {root}", file=out)
+        report_study(df, root, out)
     return df, root
 
 
@@ -254,12 +403,13 @@ def _flags(ok: pd.DataFrame) -> str:
 
 
 def format_table(df: pd.DataFrame) -> str:
-    """Mean ± std over seeds per label, with the number of runs behind each figure (failed runs
-    counted apart), and a note on runs with unexpected client failures or missing cells."""
+    """Mean ± std over seeds per label, with the number of runs behind each figure (failed,
+    incomplete and pending runs counted apart), and a note on runs with unexpected client
+    failures or missing cells."""
     header = ["strategy", "runs", *TABLE_COLUMNS, "notes"]
     lines = []
     for label, group in df.groupby("label", sort=False):
-        ok = group[group["status"] != "failed"]
+        ok = group[group["status"].isin(OK_STATUSES)]
         cells = [str(label), f"{len(ok)}/{len(group)}"]
         for col in TABLE_COLUMNS:
             if col not in ok.columns:

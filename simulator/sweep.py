@@ -9,7 +9,12 @@ directory already holds a completed run of the same resolved scenario is kept
 (:func:`simulator.compare._finished`), so repeating the command resumes an interrupted sweep.
 
 ``DIR/sweep.csv`` has one row per run: the swept keys as columns, then ``label, seed, status``
-and every summary key. Plots: see :mod:`simulator.sweep_plots`.
+and every summary key. It covers every run of the folder, as ``comparison.csv`` does
+(:mod:`simulator.compare`): cells, labels and seeds of earlier calls are rows too
+(``this_call`` false), a run of another scenario or of other grid keys in the folder is an
+error naming it, and the table written after every run lists the runs still to come
+(``pending``) and the one Ctrl-C stopped (``interrupted``). With ``--set`` the default folder is
+``<name>-set-<hash>/sweep``, as for ``run`` and ``compare``. Plots: see :mod:`simulator.sweep_plots`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any, Mapping, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from .compare import PlannedRun, _conflicts, _finished, execute, format_table, plan
+from .compare import OK_STATUSES, PlannedRun, _conflicts, _finished, execute, format_table, plan, report_study
 from .errors import Problem, UserError
 from .results import SUMMARY_KEYS, RunWriter
 from .scenario import apply_overrides, load_yaml_text, overridable_key_problem, read_yaml, validate_scenario
@@ -54,6 +59,7 @@ class SweepPlan:
     labels: list[str]
     seeds: list[int]
     runs: list[tuple[Cell, PlannedRun]] = field(default_factory=list)
+    sets: list[str] = field(default_factory=list)  # the study's --set
 
 
 def value_text(value: Any) -> str:
@@ -140,24 +146,28 @@ def plan_sweep(
     sets: Sequence[str] = (),
 ) -> SweepPlan:
     """Every run of the sweep, validated; nothing is written."""
-    raw = read_yaml(scenario_path)
-    if sets:
-        raw = apply_overrides(raw, list(sets))
+    from .compare import study_overrides
+    from .run_dirs import scenario_folder
+
+    file_raw = read_yaml(scenario_path)
+    raw = apply_overrides(file_raw, list(sets)) if sets else file_raw
     base = validate_scenario(raw, scenario_path)
+    _, tag = study_overrides(file_raw, base, scenario_path, sets)  # other --set values: another folder, as compare
     grid = dict(grid) if grid else dict(base.sweep.grid)
     if not grid:
         raise UserError.single("--grid", "--grid", "give --grid KEY=V1,V2,... or a sweep: {grid: {KEY: [V1, V2]}} section in the scenario")
     labels = list(labels) if labels else (list(base.sweep.strategies) or [base.strategy.name])
     seeds = list(seeds) if seeds is not None else list(base.sweep.seeds)
-    root = Path(out_dir) if out_dir else Path(base.output.dir) / base.name / "sweep"
-    sp = SweepPlan(root, list(grid), make_cells(grid), labels, seeds)
+    root = Path(out_dir) if out_dir else Path(base.output.dir) / scenario_folder(base.name, tag) / "sweep"
+    sp = SweepPlan(root, list(grid), make_cells(grid), labels, seeds, sets=list(sets))
     for cell in sp.cells:
         try:
-            runs, _ = plan(scenario_path, labels, seeds, str(root / cell.name), [*sets, *cell.sets()])
+            runs, _ = plan(scenario_path, labels, seeds, str(root / cell.name), sets, extra_sets=cell.sets())
         except UserError as exc:
-            if exc.source in ("--strategies", "--set"):
+            if exc.source == "--strategies":
                 raise
-            raise UserError(f"{exc.source} (sweep cell {cell.name})", exc.problems) from None
+            source = "--grid" if exc.source == "--set" else exc.source  # the study's --set applied above: the cell's value is wrong
+            raise UserError(f"{source} (sweep cell {cell.name})", exc.problems) from None
         sp.runs += [(cell, r) for r in runs]
     return sp
 
@@ -236,6 +246,7 @@ def run_sweep(
     out: TextIO | None = sys.stdout,
     plots: bool = True,
     live: bool | None = None,
+    overwrite: bool = False,
 ) -> tuple[pd.DataFrame, Path]:
     """``live``: a rich progress bar (default: when ``out`` is a terminal); otherwise plain
     lines, each run announced with the elapsed time and an ETA (logs, CI)."""
@@ -265,48 +276,50 @@ def run_sweep(
         progress, bar, out = _live_progress(out, len(sp.runs))
         progress.start()
     try:
-        return _execute(sp, scenario_path, engine, verbose, out, plots, progress, bar if progress else None)
+        return _execute(sp, scenario_path, verbose, out, plots, progress, bar if progress else None, overwrite)
     finally:
         if progress is not None:
             progress.stop()
 
 
-def _execute(sp: SweepPlan, scenario_path: str, engine: str | None, verbose: bool, out: Any, plots: bool,
-             progress: Any, bar: Any) -> tuple[pd.DataFrame, Path]:
+def _execute(sp: SweepPlan, scenario_path: str, verbose: bool, out: Any, plots: bool,
+             progress: Any, bar: Any, overwrite: bool) -> tuple[pd.DataFrame, Path]:
     say = (lambda text: print(text, file=out, flush=True)) if out else (lambda text: None)
     say(
         f"protofed sweep · {len(sp.cells)} cells x {len(sp.labels)} strategies x {len(sp.seeds)} seeds = "
         f"{len(sp.runs)} runs · {', '.join(f'{k}: {len(set(map(value_text, (c.values[k] for c in sp.cells))))} values' for k in sp.keys)}"
     )
-    conflicts = _conflicts([r for _, r in sp.runs])  # run directories of other scenarios are never replaced
+    conflicts = [] if overwrite else _conflicts([r for _, r in sp.runs])  # other scenarios' runs are never replaced silently
     if conflicts:
+        conflicts.append(Problem("--overwrite", "give it to replace those runs, or choose another --out"))
         raise UserError(scenario_path, conflicts)
+    earlier = study_rows(sp, scenario_path)  # runs of earlier calls in the folder: in the table too
     finished = [_finished(r) for _, r in sp.runs]
     if any(f is not None for f in finished):
         say(f"{sum(f is not None for f in finished)} runs already finished: kept")
     eta = Eta(sum(f is None for f in finished))
-    rows: list[dict[str, Any]] = []
+    rows = [_first_row(cell, r, done) for (cell, r), done in zip(sp.runs, finished)]
     writer = RunWriter(sp.root)
     for i, (cell, r) in enumerate(sp.runs, 1):
         say(f"\n=== sweep run {i}/{len(sp.runs)} · {cell.name} · {r.label} · seed {r.seed} · {eta.line()} ===")
-        row: dict[str, Any] = {**cell.values, "cell": cell.name, "label": r.label, "seed": r.seed}
-        done = finished[i - 1]
-        if done is not None:
+        if finished[i - 1] is not None:
             say(f"kept: {r.run_dir} already holds this completed run")
-            row.update(done, status="kept", error="")
         else:
             t0 = time.time()
-            row.update(execute(r, scenario_path, verbose=verbose, out=out, say=say))
+            try:
+                rows[i - 1].update(execute(r, scenario_path, verbose=verbose, out=out, say=say))
+            except KeyboardInterrupt:  # the table on disk says which run stopped, then the usual message
+                rows[i - 1].update(status="interrupted", error="interrupted (Ctrl-C or SIGTERM)")
+                writer.write_table("sweep", _table(rows + earlier, sp.keys))
+                raise
             eta.executed.append(time.time() - t0)
-            if row["status"] == "failed":
-                say(f"FAILED: {row['error']}")
-        row["run_dir"] = str(r.run_dir)
-        rows.append(row)
+            if rows[i - 1]["status"] == "failed":
+                say(f"FAILED: {rows[i - 1]['error']}")
         if progress is not None:
             progress.update(bar, advance=1, eta=eta.eta())
-        writer.write_table("sweep", _table(rows, sp.keys))  # the table so far, after every run
-    df = _table(rows, sp.keys)
-    ok = df[df["status"] != "failed"]
+        writer.write_table("sweep", _table(rows + earlier, sp.keys))  # the whole table, after every run
+    df = _table(rows + earlier, sp.keys)
+    ok = df[df["status"].isin(OK_STATUSES)]
     if plots and len(ok):
         from .sweep_plots import plot_sweep
 
@@ -320,7 +333,73 @@ def _execute(sp: SweepPlan, scenario_path: str, engine: str | None, verbose: boo
         print(file=out)
         print(format_table(shown), file=out)
         print(f"\n{len(ok)}/{len(df)} runs ok in {_duration(time.time() - eta.started)} · results in {sp.root}", file=out)
+        report_study(df.assign(label=df["cell"] + " · " + df["label"].astype(str)), sp.root, out)
     return df, sp.root
+
+
+def _first_row(cell: Cell, r: PlannedRun, done: dict[str, Any] | None) -> dict[str, Any]:
+    """A planned run's row before the loop reaches it: ``kept`` with its summary when it is
+    finished on disk, else ``pending`` (what an interrupted sweep's table shows for it)."""
+    row: dict[str, Any] = {**cell.values, "cell": cell.name, "label": r.label, "seed": r.seed}
+    row.update(done or {}, status="kept" if done is not None else "pending", error="")
+    return {**row, "run_dir": str(r.run_dir), "this_call": True}
+
+
+def _cell_from_folder(folder: str, keys: Sequence[str], config: dict[str, Any] | None) -> Cell | None:
+    """The cell a folder of this sweep's grid keys names: its values read from the name (as
+    ``--grid`` reads them) or, for a shortened name, from the run's config.yaml; None when the
+    folder is not a cell over ``keys``."""
+    from .run_dirs import _flat
+
+    candidates = []
+    m = re.fullmatch(",".join(re.escape(k) + "=(.*)" for k in keys), folder)
+    if m:
+        candidates.append({k: parse_value(v) for k, v in zip(keys, m.groups())})
+    flat = _flat(config or {})
+    if all(k in flat for k in keys):
+        candidates.append({k: flat[k] for k in keys})
+    for values in candidates:
+        if cell_name(values) == folder:
+            return Cell(values, folder)
+    return None
+
+
+def study_rows(sp: SweepPlan, scenario_path: str) -> list[dict[str, Any]]:
+    """Rows of the runs of earlier calls in the sweep folder (other cells, labels or seeds of
+    the same scenario, --set and grid keys). A run of another scenario or grid there is an error
+    naming it (exit 2)."""
+    from .compare import disk_row, earlier_rows, found_run_dirs, member_problem, not_this_study, seed_of
+    from .run_dirs import recorded_state
+
+    found = found_run_dirs(sp.root, [r.run_dir for _, r in sp.runs], 3)
+    groups: dict[tuple[str, str], list[Path]] = {}
+    cells: dict[str, Cell] = {}
+    problems: list[Problem] = []
+    for d in found:
+        cell = cells.get(d.parent.parent.name) or _cell_from_folder(d.parent.parent.name, sp.keys, recorded_state(d)[0])
+        if cell is None:
+            problems.append(Problem(str(d), f"is not a cell of a sweep over {', '.join(sp.keys)} (another grid in this folder)"))
+            continue
+        cells[cell.name] = cell
+        groups.setdefault((cell.name, d.parent.name), []).append(d)
+    table = earlier_rows(sp.root / "sweep.csv")
+    rows = []
+    for (name, label), dirs in groups.items():
+        try:
+            runs, _ = plan(scenario_path, [label], [seed_of(d) for d in dirs], str(sp.root / name), sp.sets, extra_sets=cells[name].sets())
+        except UserError as exc:
+            problems += [Problem(str(d), f"holds a run that this scenario cannot repeat: {exc.problems[0].field}: {exc.problems[0].message}") for d in dirs]
+            continue
+        for d, run in zip(dirs, runs):
+            problem = member_problem(d, run)
+            if problem:
+                problems.append(problem)
+                continue
+            rows.append({**cells[name].values, "cell": name, "label": label, "seed": run.seed, **disk_row(d, table),
+                         "run_dir": str(d), "this_call": False})
+    if problems:
+        raise not_this_study(scenario_path, problems)
+    return rows
 
 
 def _table(rows: list[dict[str, Any]], keys: Sequence[str]) -> pd.DataFrame:
