@@ -64,8 +64,14 @@ def test_inline_is_deterministic(tmp_path):
 
 
 def test_fedavg_and_continual_options_run_and_learn(tmp_path):
-    fed = run(tmp_path, "fedavg", strategy={"name": "fedavg", "params": {}})
-    assert fed.matrix[0, 0] > 0.8
+    # With the tiny default training (2 rounds x 1 epoch) fedavg's m[0, 0] (16 test samples,
+    # chance 0.5) measured 0.50-0.81 over seeds 1-5: 0.8125 at the default seed, one sample above
+    # the threshold. 3 x 5 (as the FedSA test's fedavg run): each task's accuracy when it is learned
+    # (the diagonal, 48 samples) averages 0.94-1.00 over seeds 1-5;
+    # failing 0.8 takes 7 more wrong answers than the worst seed.
+    fed = run(tmp_path, "fedavg", strategy={"name": "fedavg", "params": {}},
+              training={"rounds_per_task": 3, "local_epochs": 5, "batch_size": 16, "lr": 0.01})
+    assert np.diag(fed.matrix).mean() > 0.8, fed.matrix
     frozen = run(
         tmp_path,
         "frozen",

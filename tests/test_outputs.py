@@ -53,10 +53,12 @@ def test_global_and_client_state_are_saved_and_rebuild_the_model(saved_run):
         f = model(torch.as_tensor(data.x_train[idx], dtype=torch.float32)).numpy()
     first = int(saved["prototypes"]["classes"][0])
     assert np.allclose(f[data.y_train[idx] == first].mean(0), saved["prototypes"]["vectors"][0], atol=1e-5)
-    # nearest local prototype classifies the test set far above chance (1/6)
+    # nearest local prototype classifies the test set far above chance (1/6): measured 0.65-0.79
+    # on the 48 test samples over seeds 1-5; 0.4 is 12 samples
+    # below the lowest
     d = ((feats[:, None, :].numpy() - model.prototypes["vectors"][None]) ** 2).sum(-1)
     pred = model.prototypes["classes"][d.argmin(1)]
-    assert (pred == data.y_test).mean() > 0.5
+    assert (pred == data.y_test).mean() > 0.4
 
 
 def test_pdf_figures_have_text_labels_and_titles(saved_run):

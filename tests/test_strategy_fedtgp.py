@@ -161,8 +161,13 @@ def run(tmp_path, name, engine="inline", **over):
 
 
 def test_inline_end_to_end(tmp_path):
-    out = run(tmp_path, "fedtgp")
+    # 3 rounds x 5 epochs (as the FedSA end-to-end test): with the tiny default (2 x 1) the first
+    # task's accuracy m[0, 0] (chance 0.5) measured 0.50-0.71 over seeds 1-5, at chance on one.
+    # Here the final average accuracy (3 tasks, 48 test samples, chance 1/6) measured 0.67-0.78
+    # over seeds 1-5; 0.4 is 0.27 (4 binomial sd of 48 samples)
+    # below the lowest.
+    out = run(tmp_path, "fedtgp", training={"rounds_per_task": 3, "local_epochs": 5, "batch_size": 16, "lr": 0.01})
     m = out.matrix
     assert m.shape == (3, 3)
     assert np.isfinite(m[np.tril_indices(3)]).all()
-    assert m[0, 0] > 0.5
+    assert out.summary["final_avg_accuracy"] > 0.4, m

@@ -67,13 +67,22 @@ def test_synthesis_makes_the_teacher_see_the_labels_and_lowers_the_bn_loss():
     gen = Generator((64,), 10)
     cfg = SynthesisConfig(rounds=12, warmup=4, generator_steps=10, student_steps=10, batch_size=64)
     report = synthesize(gen, teacher, student, [0, 1, 2, 3], cfg, seed=3)
-    # fresh samples, labels drawn uniformly over the 4 classes: chance is 0.25
-    x, y = gen.sample(256, [0, 1, 2, 3], torch.Generator().manual_seed(7))
+    # 1024 fresh samples, labels drawn uniformly over the 4 classes: chance is 0.25, and a
+    # teacher at chance exceeds 0.30 on 1024 samples with probability < 1e-4 (binomial sd 0.0135).
+    # Measured (OMP_NUM_THREADS=1): 0.615-0.753 (mean 0.65, sd 0.04) for these seeds under
+    # avx512/avx2/default kernels, 2 threads and 1e-6 relative noise on the teacher's weights
+    # (11 runs); 0.657-0.946 for 5 other generator/synthesis seeds and 3 teacher seeds.
+    # 0.45 is 0.165 (about 4 sd of the spread under perturbation) below the lowest.
+    # The 64-sample probe of the report (teacher_acc_after: 0.578-0.797 over the same
+    # perturbations) is too small for a fixed threshold; it is only compared with its value before.
+    x, y = gen.sample(1024, [0, 1, 2, 3], torch.Generator().manual_seed(7))
     with torch.no_grad():
         pred = teacher.head(teacher(x))[:, :4].argmax(1)
     acc = float((pred == y).float().mean())
-    assert acc > 0.6, (acc, report)
-    assert report.teacher_acc_after > 0.6 and report.teacher_acc_after > report.teacher_acc_before
+    assert acc > 0.45, (acc, report)
+    # before 0.08-0.38, after - before >= 0.39 in every run measured
+    assert report.teacher_acc_after > report.teacher_acc_before + 0.15, report
+    # bn_after / bn_before measured 0.086-0.202
     assert report.bn_after < 0.5 * report.bn_before, report
     assert report.ce_after < report.ce_before
     assert not any(m._forward_hooks for m in teacher.modules())  # hooks removed
