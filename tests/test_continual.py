@@ -190,24 +190,25 @@ def test_supcon_by_hand_and_prd_loss_finite_with_gradients():
 
 # --------------------------------------------------------------------------- TEEN
 def test_teen_calibration_by_hand():
-    new = np.array([[1.0, 0.0]])
+    new = np.array([[2.0, 0.0]])
     old = np.array([[2.0, 0.0], [0.0, 3.0]])
-    # cos = (1, 0): weights softmax(16 * (1, 0)); D = w1 (2, 0) + w2 (0, 3); p <- 0.5 p + 0.5 D
+    # normalised: n = (1, 0), base (1, 0), (0, 1); weights softmax(16 * (1, 0)) = (w1, w2);
+    # D = normalise((w1, w2)); p <- ||p|| (0.5 n + 0.5 D) with ||p|| = 2
     w1 = math.exp(16) / (math.exp(16) + 1.0)
     w2 = 1.0 - w1
-    expected = [0.5 * 1.0 + 0.5 * 2.0 * w1, 0.5 * 3.0 * w2]
+    d = np.array([w1, w2]) / math.hypot(w1, w2)
+    expected = 2.0 * (0.5 * np.array([1.0, 0.0]) + 0.5 * d)
     np.testing.assert_allclose(calibrate_prototypes(new, old, 0.5, 16.0)[0], expected, rtol=1e-6)
-    # the plugin calibrates only the classes that are not old, and keeps the counts
+    # the plugin calibrates only the classes that are not base classes, and keeps the counts
     teen = TEEN(alpha=0.5, tau=16.0)
-    teen.old = protos([0, 1], old)
-    local = PrototypeSet(np.array([1, 7]), np.array([[9.0, 9.0], [1.0, 0.0]], dtype=np.float32), np.array([3, 4]))
-    out = teen.calibrate(local)
-    np.testing.assert_array_equal(out.vectors[0], [9.0, 9.0])
-    np.testing.assert_allclose(out.vectors[1], expected, rtol=1e-6)
-    assert out.counts.tolist() == [3, 4]
-    # alpha 0 or tau -> 0 (uniform weights) by hand
+    held = PrototypeSet(np.array([0, 1, 7]), np.array([[2.0, 0.0], [0.0, 3.0], [2.0, 0.0]], dtype=np.float32), np.array([3, 4, 5]))
+    out = teen.inference_prototypes(held, [0, 1])
+    np.testing.assert_array_equal(out.vectors[:2], held.vectors[:2])
+    np.testing.assert_allclose(out.vectors[2], expected, rtol=1e-6)
+    assert out.counts.tolist() == [3, 4, 5]
+    # alpha 0; alpha 1 with tau -> 0 (uniform weights): normalise((1, 0) + (0, 1)) times ||p|| = 2
     np.testing.assert_allclose(calibrate_prototypes(new, old, 0.0, 16.0), new)
-    np.testing.assert_allclose(calibrate_prototypes(new, old, 1.0, 1e-9), [[1.0, 1.5]], rtol=1e-6)
+    np.testing.assert_allclose(calibrate_prototypes(new, old, 1.0, 1e-9), [[math.sqrt(2), math.sqrt(2)]], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- composition
@@ -240,7 +241,7 @@ def test_stack_is_composed_from_the_scenario_and_round_trips_its_state():
     state = stack.state_dict()
     again = build_stack(cfg, uses_continual=True, state=state)
     assert again.plugins[0].old_classes == [0, 1]
-    assert again.plugins[2].old.classes.tolist() == [0, 1]
+    assert again.plugins[1].ce_classes == [2, 3]  # EWC narrows the cross-entropy as LwF does
     for k in state["plugins"]["ewc"]["fisher"]:
         assert torch.equal(again.plugins[1].fisher[k], stack.plugins[1].fisher[k])
     with pytest.raises(UserError, match="continual.lwf.temperature"):

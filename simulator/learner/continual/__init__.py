@@ -4,8 +4,9 @@ One module per mechanism (:mod:`.lwf`, :mod:`.ewc`, :mod:`.prd`, :mod:`.teen`; e
 in :mod:`.memory`), each a :class:`~.base.ContinualPlugin`. :func:`build_stack` composes the
 mechanisms a scenario's ``continual:`` section turns on into a :class:`ContinualStack`, which is
 the only thing the client handler talks to: it calls :meth:`ContinualStack.task_change` when the
-client meets a new task, passes the stack to ``train_local`` as a loss hook, lets it
-:meth:`~ContinualStack.calibrate` the prototypes it uploads, and keeps its
+client meets a new task, passes the stack to ``train_local`` as a loss hook, lets it change the
+prototypes used for prediction at evaluation (:meth:`~ContinualStack.inference_prototypes`;
+never the uploaded ones), and keeps its
 :meth:`~ContinualStack.state_dict` in the client state store. Strategies whose objective has
 ``uses_continual = False`` (``finetune``) get an empty stack.
 """
@@ -92,9 +93,14 @@ class ContinualStack:
                 total = extra if total is None else total + extra
         return total
 
-    def calibrate(self, protos: PrototypeSet) -> PrototypeSet:
+    def inference_prototypes(self, protos: PrototypeSet | None, base_classes: Sequence[int]) -> PrototypeSet | None:
+        """The prototypes prediction uses (post hoc, e.g. TEEN): ``protos`` changed by every
+        mechanism in turn; ``base_classes``: the classes of the stream's first task."""
+        if protos is None:
+            return None
+        base = [int(c) for c in base_classes]
         for p in self.plugins:
-            protos = p.calibrate(protos)
+            protos = p.inference_prototypes(protos, base)
         return protos
 
     def train_classes(self, seen: Sequence[int]) -> list[int]:
@@ -161,22 +167,28 @@ def task_data(
     device: str | torch.device,
     batch_size: int,
     memory_classes: Sequence[int] = (),
+    task_classes: Sequence[Sequence[int]] = (),
 ) -> TaskData:
     """A :class:`TaskData` for one client and task: the old classes are the seen ones that are
-    not the task's own."""
+    not the task's own, grouped by the task of ``task_classes`` (the stream's classes per task)
+    that holds them (old classes in none of them: one last group; no ``task_classes``: one group)."""
     own = {int(c) for c in classes}
     seen = sorted({int(c) for c in seen_classes} | own)
+    old = [c for c in seen if c not in own]
+    groups = [[c for c in old if c in {int(k) for k in t}] for t in task_classes]
+    rest = [c for c in old if not any(c in g for g in groups)]
     return TaskData(
         x=x,
         y=y,
         classes=sorted(own),
-        old_classes=[c for c in seen if c not in own],
+        old_classes=old,
         prototypes=prototypes,
         loss_fn=task_loss(kind, seen, num_classes, prototypes),
         device=device,
         batch_size=batch_size,
         head=kind == "head",
         memory_classes=sorted(int(c) for c in memory_classes),
+        old_tasks=[g for g in groups if g] + ([rest] if rest else []),
     )
 
 

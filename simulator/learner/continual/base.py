@@ -10,8 +10,10 @@ A mechanism is an object with
 * ``on_task_end(model, data)`` - the client leaves a task (called with the data of that task
   when it meets the next one, and the model it has then: for weight-sharing strategies the
   global model after the last round of the finished task);
-* ``calibrate(protos)`` - may change the prototypes the client uploads (TEEN);
-* ``train_classes(seen)`` - may narrow the classes the head's cross-entropy ranges over (LwF);
+* ``inference_prototypes(protos, base_classes)`` - may change the prototypes used for prediction
+  at evaluation (TEEN), never the ones uploaded or trained towards;
+* ``train_classes(seen)`` - may narrow the classes the head's cross-entropy ranges over (LwF,
+  EWC: :func:`narrowed_ce_classes`);
 * ``state_dict()`` / ``load_state_dict()`` - kept in the client state store between rounds.
 
 ``old`` is the one deviation from DESIGN's four-argument ``extra_loss``: distillation needs the
@@ -45,6 +47,7 @@ class TaskData:
     batch_size: int = 32
     head: bool = False  # the strategy trains a linear head with cross-entropy
     memory_classes: list[int] = field(default_factory=list)  # classes in the client's replay memory
+    old_tasks: list[list[int]] = field(default_factory=list)  # old_classes grouped by the task that brought them
     extra: dict[str, Any] = field(default_factory=dict)
 
     def old_prototypes(self) -> PrototypeSet | None:
@@ -85,7 +88,7 @@ class ContinualPlugin:
     def on_task_end(self, model: ProtoModel, data: TaskData) -> None:
         return None
 
-    def calibrate(self, protos: PrototypeSet) -> PrototypeSet:
+    def inference_prototypes(self, protos: PrototypeSet, base_classes: list[int]) -> PrototypeSet:
         return protos
 
     def train_classes(self, seen: list[int]) -> list[int]:
@@ -96,6 +99,15 @@ class ContinualPlugin:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+def narrowed_ce_classes(data: TaskData) -> list[int] | None:
+    """The classes a head's cross-entropy keeps while old classes exist: the task's own plus
+    those of the replay memory, as PyCIL's ``cross_entropy(logits[:, known:], targets - known)``
+    (LwF, EWC); None (no narrowing) for head-less strategies and for the first task."""
+    if not data.head or not data.old_classes:
+        return None
+    return sorted({int(c) for c in data.classes} | {int(c) for c in data.memory_classes})
 
 
 def kl_distillation(old_logits: torch.Tensor, new_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 
 from ..backbones import ProtoModel
 from ..prototypes import squared_distances
-from .base import ContinualPlugin, OldOutputs, TaskData, kl_distillation
+from .base import ContinualPlugin, OldOutputs, TaskData, kl_distillation, narrowed_ce_classes
 
 
 class LwF(ContinualPlugin):
@@ -47,9 +47,7 @@ class LwF(ContinualPlugin):
 
     def on_task_start(self, model: ProtoModel, data: TaskData) -> None:
         self.old_classes = sorted(int(c) for c in data.old_classes)
-        self.ce_classes = None
-        if data.head and self.old_classes:
-            self.ce_classes = sorted({int(c) for c in data.classes} | {int(c) for c in data.memory_classes})
+        self.ce_classes = narrowed_ce_classes(data)
         old = data.old_prototypes()
         self.old_protos = None if old is None else torch.as_tensor(old.vectors, dtype=torch.float32)
 

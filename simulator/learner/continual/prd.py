@@ -1,23 +1,38 @@
 """Prototype-Sample Relation Distillation (Asadi et al., ICML 2023), ``continual.prd``.
 
-Official recipe (``naderAsadi/Probing-Continual-Learning`` methods/repe.py): supervised
-contrastive representation learning (two augmented views, temperature tau), prototypes learned
-for the current task's classes (``mean(1 - cos(h.detach(), p_y))``), and the distillation of the
-relation between the current samples and the old prototypes:
-``sum KL(softmax(s_old / T) || softmax(s_new / T))`` with ``s_c = <h, p_c> / ||p_c||``; no replay.
+Official code (``naderAsadi/Probing-Continual-Learning`` methods/repe.py, ``RePE.process_inc``):
+``SupCon_tau(two augmented views) + prototypes_coef * L_p + distill_coef * L_d``, where ``L_p =
+mean(1 - cos(h.detach(), p_y))`` learns the current task's prototypes and
+``L_d = sum over old tasks t of KL(softmax(s_old^t / T) || softmax(s_new^t / T))``
+(``relation_distillation_loss``: one softmax and one ``KLDivLoss(batchmean)`` per old task, summed),
+``s_c = <h, p_c> / ||p_c||`` (features not normalised) over the prototypes of task ``t``; no
+replay. Official parser defaults (utils/parser.py): supcon_temperature 0.2, distill_temp 2,
+distill_coef 1, prototypes_coef 1, prototypes_lr 0.01. The README's command for the paper's
+Figure 2 uses supcon_temperature 0.1, distill_coef 4, prototypes_coef 2, distill_temp 1.
 
 protofed's version, on the one training loop of every strategy:
 
-* ``weight * SupCon_tau(features, labels)`` with ``tau = temperature`` on L2-normalised features.
-  Deviation: one view (the other samples of the class in the batch are the positives; an anchor
-  without a positive is left out) - protofed has no augmentation pipeline for 1-D signals;
-* ``weight * KL(softmax(s_old / tau) || softmax(s_new / tau))`` with ``s_c = cos(h, p_c)`` over the
-  prototypes of the old classes the client knows when the task starts (the global prototypes for
-  federated strategies), ``h_old`` from the model at the start of the task. Deviations: cosine
-  (both sides normalised) and the same temperature as SupCon instead of T 1 on unnormalised
-  ``h``; one weight for both terms (the recipe's distill_coef 4, supcon 1);
-* the prototype term is the strategy's own task loss: protofed's prototypes are class means (the
-  prototypical loss pulls features towards them), not separately learned vectors.
+* ``weight * SupCon_tau(features, labels)``, ``tau = temperature`` (default 0.2), on L2-normalised
+  features;
+* ``distill_weight * sum_t KL(softmax(s_old^t / T) || softmax(s_new^t / T))``, ``T =
+  distill_temperature`` (default 2), ``s_c = <h, p_c> / ||p_c||`` as the official code, one
+  softmax per old task over the prototypes of that task's classes (the old classes grouped by the
+  stream's tasks, :attr:`.base.TaskData.old_tasks`; a task with one class adds 0, as officially);
+* the prototype term is the strategy's own task loss.
+
+Deviations from the official code:
+
+* one view (the other samples of the class in the batch are the positives; an anchor without a
+  positive is left out), and SupCon on the embedding itself: protofed has no augmentation
+  pipeline for 1-D signals and no projection head;
+* prototypes: protofed's are class means (the strategy's prototypes, federated), not vectors
+  learned with ``L_p``; the old prototypes are the ones the client knows when the task starts and
+  are the same on both sides of the KL (officially, the new side uses the current, still trainable,
+  prototypes of old tasks and the old side the copy saved at the end of the previous task);
+* the old model (the client's model when it meets the task: for weight-sharing strategies the
+  global model) runs in eval mode; the official copy runs in train mode (BatchNorm batch
+  statistics);
+* the coefficient of SupCon is a parameter (``weight``, officially fixed at 1).
 """
 
 from __future__ import annotations
@@ -52,35 +67,51 @@ class PRD(ContinualPlugin):
     name = "prd"
     needs_old_model = True
 
-    def __init__(self, weight: float = 1.0, temperature: float = 0.1) -> None:
+    def __init__(self, weight: float = 1.0, temperature: float = 0.2, distill_weight: float = 1.0,
+                 distill_temperature: float = 2.0) -> None:
         self.weight = float(weight)
         self.temperature = float(temperature)
+        self.distill_weight = float(distill_weight)
+        self.distill_temperature = float(distill_temperature)
         self.old_protos: torch.Tensor | None = None
+        self.groups: list[list[int]] = []  # rows of old_protos, one list per old task
 
     def on_task_start(self, model: ProtoModel, data: TaskData) -> None:
         old = data.old_prototypes()
         self.old_protos = None if old is None else torch.as_tensor(old.vectors, dtype=torch.float32)
+        self.groups = []
+        if old is not None:
+            row = {int(c): i for i, c in enumerate(old.classes)}
+            tasks = data.old_tasks or [list(data.old_classes)]
+            self.groups = [[row[c] for c in t if c in row] for t in tasks]
+            self.groups = [g for g in self.groups if g]
 
     def relation_loss(self, features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor | None:
-        if self.old_protos is None or len(self.old_protos) < 2:
+        """``sum_t KL(softmax(s_old^t / T) || softmax(s_new^t / T))`` over the old tasks."""
+        if self.old_protos is None or not self.groups:
             return None
-        p = F.normalize(self.old_protos.to(features.device), dim=1)
-        s_new = F.normalize(features, dim=1) @ p.T
-        s_old = F.normalize(old_features, dim=1) @ p.T
-        return kl_distillation(s_old, s_new, self.temperature)
+        p = self.old_protos.to(features.device)
+        norms = p.norm(dim=1).clamp_min(1e-12)
+        s_new, s_old = features @ p.T / norms, old_features @ p.T / norms
+        total = features.new_zeros(())
+        for g in self.groups:
+            idx = torch.as_tensor(g, device=features.device)
+            total = total + kl_distillation(s_old[:, idx], s_new[:, idx], self.distill_temperature)
+        return total
 
     def extra_loss(self, features, labels, logits, model, old: OldOutputs | None) -> torch.Tensor | None:
-        if self.weight == 0:
-            return None
-        loss = supcon_loss(features, labels, self.temperature)
-        if old is not None:
+        loss = None
+        if self.weight != 0:
+            loss = self.weight * supcon_loss(features, labels, self.temperature)
+        if old is not None and self.distill_weight != 0:
             rel = self.relation_loss(features, old.features)
             if rel is not None:
-                loss = loss + rel
-        return self.weight * loss
+                loss = self.distill_weight * rel if loss is None else loss + self.distill_weight * rel
+        return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"old_protos": self.old_protos}
+        return {"old_protos": self.old_protos, "groups": self.groups}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.old_protos = state.get("old_protos")
+        self.groups = list(state.get("groups", []))

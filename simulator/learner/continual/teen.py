@@ -1,48 +1,56 @@
 """TEEN (Wang et al., NeurIPS 2023): training-free calibration of new classes' prototypes,
-``continual.teen: {alpha, tau}``.
+``continual.teen: {alpha, tau}``, applied post hoc, at inference only.
 
-For a new class's prototype ``p_n`` and the old prototypes ``p_b``:
-``w_b = softmax_b(tau * cos(p_n, p_b))``, ``D = sum_b w_b p_b``, ``p_n <- (1 - alpha) p_n + alpha D``.
+For a prototype ``p_n`` of a class that is not a base class and the base classes' prototypes
+``p_b``: ``w_b = softmax_b(tau * cos(p_n, p_b))``, ``D = normalise(sum_b w_b normalise(p_b))``,
+``p_n <- ||p_n|| * ((1 - alpha) normalise(p_n) + alpha D)``.
 
-Where: on the client, on the prototypes it uploads, for the classes of its current task that are
-not among the old classes (learned before the task); the old prototypes are the ones the client
-knows when the task starts (the global ones, fixed for the task). The client is the one place that
-holds both the fresh prototype and the old ones for every strategy, and continual mechanisms live
-on the client (strategies stay merge rules); the server then merges calibrated prototypes, and
-every client's inference uses them. Because the calibration is affine in ``p_n`` for fixed weights,
-a count-weighted merge of calibrated client prototypes equals calibrating the pooled prototype up
-to the difference in the softmax weights between clients (which vanishes when the clients'
-prototypes of a class agree).
+Where: only in the prototypes a client's evaluation predicts with (the global prototypes it holds,
+:meth:`ContinualStack.inference_prototypes`). What clients upload, what the server merges and what
+later rounds train towards (FedProto's lambda * MSE targets, the prototypical loss) are the
+uncalibrated class means: TEEN is a training-free correction of the classifier, not part of
+training. The base classes are those of the stream's first task (TEEN's base session).
 
-Deviations from the official code (``wangkiw/TEEN`` ``soft_calibration``): TEEN normalises the
-prototypes and ``D`` (a cosine classifier); protofed's prototypes are Euclidean class means, so
-``D`` is the weighted mean of the unnormalised old prototypes and keeps their scale. TEEN
-calibrates towards the base session's prototypes only; here every old class counts. Defaults: tau
-16, alpha 0.5 (the CIFAR script uses 0.1).
+Compared line by line with ``wangkiw/TEEN`` models/teen/Network.py ``soft_calibration``
+(normalised base and current prototypes; weights ``softmax(softmax_t * cur @ base.T)``;
+``delta = normalise(weights @ base)``; ``(1 - shift_weight) * cur + shift_weight * delta``, not
+renormalised; the classifier is a cosine one). Deviations:
+
+* scale: the official result lies on (inside) the unit sphere and feeds a cosine classifier;
+  protofed's prototype classifier is Euclidean nearest class mean, so the official vector is
+  multiplied by ``||p_n||`` (its direction, all a cosine classifier sees, is the official one);
+* when: the official code calibrates each session's classes once, right after that session's
+  prototypes are computed, and keeps them; here every non-base class is calibrated at every
+  evaluation from the prototypes held then. The two agree whenever the base prototypes have not
+  changed since (true without replay: no client uploads a base class after the first task);
+* prototypes are federated class means (merged by the strategy) rather than one learner's means.
+
+Defaults: tau 16, alpha 0.5 (the official defaults; the CIFAR script uses alpha 0.1).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from ..backbones import ProtoModel
 from ..prototypes import PrototypeSet
-from .base import ContinualPlugin, TaskData
+from .base import ContinualPlugin
 
 
-def calibrate_prototypes(new: np.ndarray, old: np.ndarray, alpha: float, tau: float) -> np.ndarray:
-    """TEEN's calibration of each row of ``new`` towards the rows of ``old`` (float64 inside)."""
+def calibrate_prototypes(new: np.ndarray, base: np.ndarray, alpha: float, tau: float) -> np.ndarray:
+    """TEEN's calibration of each row of ``new`` towards the rows of ``base`` (float64 inside),
+    scaled by the row's norm (see the module docstring)."""
     n = np.asarray(new, dtype=np.float64)
-    o = np.asarray(old, dtype=np.float64)
-    nn_ = n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-    on = o / np.maximum(np.linalg.norm(o, axis=1, keepdims=True), 1e-12)
-    logits = tau * nn_ @ on.T
+    b = np.asarray(base, dtype=np.float64)
+    norms = np.linalg.norm(n, axis=1, keepdims=True)
+    nn_ = n / np.maximum(norms, 1e-12)
+    bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    logits = tau * nn_ @ bn.T
     logits -= logits.max(1, keepdims=True)
     w = np.exp(logits)
     w /= w.sum(1, keepdims=True)
-    return ((1.0 - alpha) * n + alpha * (w @ o)).astype(np.float32)
+    delta = w @ bn
+    delta /= np.maximum(np.linalg.norm(delta, axis=1, keepdims=True), 1e-12)
+    return (norms * ((1.0 - alpha) * nn_ + alpha * delta)).astype(np.float32)
 
 
 class TEEN(ContinualPlugin):
@@ -51,26 +59,15 @@ class TEEN(ContinualPlugin):
     def __init__(self, alpha: float = 0.5, tau: float = 16.0) -> None:
         self.alpha = float(alpha)
         self.tau = float(tau)
-        self.old: PrototypeSet | None = None
 
-    def on_task_start(self, model: ProtoModel, data: TaskData) -> None:
-        self.old = data.old_prototypes()
-
-    def calibrate(self, protos: PrototypeSet) -> PrototypeSet:
-        if self.old is None or len(self.old) == 0 or len(protos) == 0 or self.alpha == 0:
+    def inference_prototypes(self, protos: PrototypeSet, base_classes: list[int]) -> PrototypeSet:
+        """``protos`` with every non-base class calibrated towards the base classes' prototypes."""
+        base = protos.select(base_classes)
+        if len(base) == 0 or len(protos) == 0 or self.alpha == 0:
             return protos
-        is_new = ~np.isin(protos.classes, self.old.classes)
+        is_new = ~np.isin(protos.classes, np.asarray(base_classes, dtype=np.int64))
         if not is_new.any():
             return protos
         vectors = protos.vectors.copy()
-        vectors[is_new] = calibrate_prototypes(vectors[is_new], self.old.vectors, self.alpha, self.tau)
+        vectors[is_new] = calibrate_prototypes(vectors[is_new], base.vectors, self.alpha, self.tau)
         return PrototypeSet(protos.classes, vectors, protos.counts)
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.old is None:
-            return {"old": None}
-        return {"old": (self.old.classes, self.old.vectors, self.old.counts)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        old = state.get("old")
-        self.old = None if old is None else PrototypeSet(*old)
