@@ -135,7 +135,11 @@ class Registry(dict):
         self.load_plugins()
         if name in self._problems:
             return f"{self.kind} {name!r} is not available: {self._problems[name].describe()}"
-        return f"unknown {self.kind} {name!r}; allowed: {', '.join(sorted(self))}"
+        import difflib
+
+        close = difflib.get_close_matches(str(name), sorted(self), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return f"unknown {self.kind} {name!r}{hint}; allowed: {', '.join(sorted(self))}"
 
     # ------------------------------------------------------------------ reading loads the plugins
     def __getitem__(self, key: str) -> V:

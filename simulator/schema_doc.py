@@ -48,7 +48,7 @@ def _allowed(field: FieldInfo) -> str:
             for a in typing.get_args(t):
                 walk(a)
         elif origin is list:
-            lits.append("list of class ids")
+            lits.append(f"list of {_item_name(typing.get_args(t))}")
         elif t is type(None):
             lits.append("unset")
         elif isinstance(t, type) and not issubclass(t, BaseModel):
@@ -59,6 +59,30 @@ def _allowed(field: FieldInfo) -> str:
     if parts:
         text = (text + ", " if text else "") + ", ".join(parts)
     return text
+
+
+def _item_name(args: tuple) -> str:
+    """What a list holds, in words: ``int``, ``png, pdf, svg``, ``str | mapping``."""
+    if not args:
+        return "values"
+    names: list[str] = []
+    for a in args:
+        origin = typing.get_origin(a)
+        if origin is typing.Literal:
+            names.append(", ".join(str(v) for v in typing.get_args(a)))
+        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            names.append(_item_name(typing.get_args(a)))
+        elif origin is typing.Annotated:
+            names.append(_item_name(typing.get_args(a)[:1]))
+        elif origin in (dict, list):
+            names.append("mapping" if origin is dict else "list")
+        elif isinstance(a, type) and issubclass(a, BaseModel):
+            names.append("mapping")
+        elif isinstance(a, type):
+            names.append(a.__name__)
+        else:
+            names.append(str(a))
+    return " | ".join(dict.fromkeys(names))
 
 
 def _default(field: FieldInfo) -> str:

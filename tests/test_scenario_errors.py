@@ -486,7 +486,7 @@ def test_overrides_validate_like_the_file(tmp_path: Path):
     assert s.clients.num_clients == 4 and s.tasks.class_order == "sorted"
     with pytest.raises(UserError) as exc:
         load_scenario(f, ["training.lr=-1"])
-    assert exc.value.source == str(f)
+    assert exc.value.source == f"--set training.lr=-1 (applied to {f})"  # the --set is wrong, not the file
     assert set(problems_of(exc)) == {"training.lr"}
 
 
