@@ -69,29 +69,36 @@ SECOND_ORDER = "so"
 def stats_to_arrays(stats: SecondOrderStats) -> dict[str, Array]:
     """Per-class counts, feature sums and sums of outer products (float64: they are summed).
     The outer-product sums are symmetric, so only their upper triangles travel (``squares_upper``,
-    ``[C, D (D + 1) / 2]``): half the bytes, nothing lost."""
+    ``[C, D (D + 1) / 2]``): half the bytes, nothing lost. A first-order classifier (``nme``) sends
+    no outer products; ``fecam`` also sends the sums of the untransformed embeddings (``raw_sums``)."""
     rows, cols = np.triu_indices(stats.dim)
-    return {
+    out = {
         f"{SECOND_ORDER}.classes": Array(np.ascontiguousarray(stats.classes, dtype=np.int64)),
         f"{SECOND_ORDER}.counts": Array(np.ascontiguousarray(stats.counts, dtype=np.int64)),
         f"{SECOND_ORDER}.sums": Array(np.ascontiguousarray(stats.sums, dtype=np.float64)),
-        f"{SECOND_ORDER}.squares_upper": Array(np.ascontiguousarray(stats.squares[:, rows, cols], dtype=np.float64)),
     }
+    if stats.squares is not None:
+        out[f"{SECOND_ORDER}.squares_upper"] = Array(np.ascontiguousarray(stats.squares[:, rows, cols], dtype=np.float64))
+    if stats.raw_sums is not None:
+        out[f"{SECOND_ORDER}.raw_sums"] = Array(np.ascontiguousarray(stats.raw_sums, dtype=np.float64))
+    return out
 
 
 def stats_from_arrays(arrays: ArrayRecord) -> SecondOrderStats | None:
     if f"{SECOND_ORDER}.classes" not in arrays:
         return None
     classes, counts, sums = (arrays[f"{SECOND_ORDER}.{k}"].numpy() for k in ("classes", "counts", "sums"))
-    upper = arrays[f"{SECOND_ORDER}.squares_upper"].numpy()
     c = len(np.asarray(classes).reshape(-1))
     d = int(sums.shape[-1]) if sums.ndim == 2 else int(sums.size // max(c, 1))
-    rows, cols = np.triu_indices(d)
-    squares = np.zeros((c, d, d), dtype=np.float64)
-    upper = upper.reshape(c, len(rows))
-    squares[:, rows, cols] = upper
-    squares[:, cols, rows] = upper
-    return SecondOrderStats(classes, counts, sums, squares)
+    squares = None
+    if f"{SECOND_ORDER}.squares_upper" in arrays:
+        rows, cols = np.triu_indices(d)
+        squares = np.zeros((c, d, d), dtype=np.float64)
+        upper = arrays[f"{SECOND_ORDER}.squares_upper"].numpy().reshape(c, len(rows))
+        squares[:, rows, cols] = upper
+        squares[:, cols, rows] = upper
+    raw = arrays[f"{SECOND_ORDER}.raw_sums"].numpy() if f"{SECOND_ORDER}.raw_sums" in arrays else None
+    return SecondOrderStats(classes, counts, sums, squares, raw)
 
 
 # --------------------------------------------------------------------------- weights
@@ -172,12 +179,12 @@ def array_nbytes(array: Array) -> int:
 def payload_bytes(content: RecordDict) -> int:
     """Bytes a method actually communicates in a message: the values of every array (no
     per-array serialisation header) and 8 bytes per number of the payload metrics
-    (``num_examples``, ``proto.*``), those only in a message that carries arrays. Config records (task ids, seen classes: orchestration the
+    (``num_examples``, ``proto.*``), those only in a message whose arrays carry at least one value. Config records (task ids, seen classes: orchestration the
     simulator adds) and bookkeeping metrics are not counted."""
     arrays = [a for rec in content.values() if isinstance(rec, ArrayRecord) for a in rec.values()]
-    if not arrays:  # a method that sends nothing (local, joint) has nothing to weight or count either
-        return 0
     total = sum(array_nbytes(a) for a in arrays)
+    if total == 0:  # nothing sent (local, joint, a client with nothing to train on): nothing to weight or count either
+        return 0
     for rec in content.values():
         if isinstance(rec, MetricRecord):
             for key, v in rec.items():

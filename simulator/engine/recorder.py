@@ -11,6 +11,7 @@ from typing import Any, TextIO
 import numpy as np
 from flwr.app import MetricRecord
 
+from ..records import METRICS
 from .failures import INJECTED, KINDS, WORKER_DIED, Failure, error_signature
 
 
@@ -79,6 +80,16 @@ def score_evaluation(
     return EvalScores(list(eval_tasks), global_mean, local_mean, rows)
 
 
+def slowest_client_seconds(compute: list[float], replies: list[Any]) -> float:
+    """``max_client_seconds`` of a round: the largest ``compute_seconds`` of the replies, or NaN
+    when some client of the round trained vectorised (``resources.vectorize``: its cohort took
+    one joint step and each member's ``compute_seconds`` holds an equal share of it, so no
+    member's own time was measured). ``client_seconds``, their sum, stays the measured total."""
+    vectorized = any(int(r.content[METRICS].get("vectorized", 0))  # client_app.VECTORIZED
+                     for r in replies if r.has_content() and METRICS in r.content)
+    return float("nan") if vectorized else max(compute, default=0.0)
+
+
 @dataclass
 class RunRecorder:
     num_tasks: int
@@ -90,6 +101,8 @@ class RunRecorder:
     bytes_up: int = 0
     bytes_down: int = 0
     eval_bytes: int = 0
+    secagg_bytes_up: int = 0  # SecAgg+ protocol traffic (keys, shares), apart from the payload (bytes_up/down)
+    secagg_bytes_down: int = 0
     privacy_releases: dict[int, int] = field(default_factory=dict)  # client -> rounds it released DP statistics
     privacy_sgd_steps: dict[int, int] = field(default_factory=dict)  # client -> DP-SGD steps it took
     tasks_done: int = 0
@@ -104,7 +117,7 @@ class RunRecorder:
     _STATE_FIELDS = (
         "rows", "client_rows", "bytes_up", "bytes_down", "eval_bytes", "tasks_done", "matrix", "local_matrix",
         "failures", "shown_errors", "privacy_releases",
-        "privacy_sgd_steps",
+        "privacy_sgd_steps", "secagg_bytes_up", "secagg_bytes_down",
     )
 
     def state_dict(self) -> dict[str, Any]:

@@ -23,7 +23,18 @@ strategy API):
   The handler itself does not change.
 * what Flower still sends in clear: ``num_examples`` (we send 1, and max_weight 1, so the
   workflow's weighted mean is the plain mean; the sum is the mean times the number of
-  survivors) and the reply metrics (partition id, loss, timings: no counts, no vectors).
+  survivors) and the reply metrics (partition id, steps, timings: no counts, no vectors, no
+  loss). The client's ``num_examples`` and ``train_loss x num_examples`` travel inside the
+  masked vector, so the server gets the plain run's num_examples-weighted mean loss and total
+  count, never one client's.
+* bytes, defined as in a plain run (README, Metrics): ``bytes_down`` is the payload of the
+  global state sent to the sampled clients, ``bytes_up`` the values of the masked vectors the
+  survivors send (``K x (D + 1) + 3`` numbers and Flower's weight factor, int64 each, for K
+  classes of dimension D: dense over every class, where a plain upload holds the client's
+  classes only). The SecAgg+ protocol's own traffic (stage settings, public keys, encrypted
+  shares, node lists, unmasking shares) is reported apart, as ``secagg_bytes_up`` /
+  ``secagg_bytes_down`` in ``summary.json``; our config text and the metrics in clear are
+  bookkeeping, counted nowhere.
 * quantisation: SecAgg+ works on integers. Values are scaled by ``clipping_range / range``
   (``privacy.secure_range`` bounds every sum coordinate and count; a client exceeding it
   fails loudly) and rounded stochastically to 2^30 levels: about 2e-4 per coordinate of a
@@ -45,8 +56,10 @@ from typing import Any, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarray_to_bytes, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (Code, FitIns, FitRes, Parameters, Status, bytes_to_ndarray, ndarray_to_bytes, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
@@ -58,7 +71,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 
 from ..learner.prototypes import PrototypeSet
-from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_from_arrays, protos_to_arrays, record_bytes
+from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, payload_bytes, protos_from_arrays, protos_to_arrays, record_bytes
 from ..seeding import derive_seed
 
 CLIPPING_RANGE = 8.0
@@ -67,7 +80,7 @@ MODULUS_RANGE = 2**40  # > number of clients x 2^30, within int64
 KEYS = "protofed.array_keys"
 CONFIG_JSON = "protofed.config"
 #: reply metrics that may travel in clear next to the masked vector (bookkeeping only)
-CLEAR_METRICS = ("partition_id", "train_loss", "steps", "server_round", "compute_seconds",
+CLEAR_METRICS = ("partition_id", "steps", "server_round", "compute_seconds",
                  "context_state_bytes", "privacy.released")
 
 
@@ -76,29 +89,52 @@ class SecureRangeExceeded(RuntimeError):
 
 
 # --------------------------------------------------------------------------- encoding
-def encode_upload(protos: PrototypeSet, num_classes: int, dim: int, bound: float) -> np.ndarray:
+#: the loss sum travels divided by this, so that ``train_loss x num_examples`` may reach
+#: ``LOSS_DIVISOR x privacy.secure_range`` (its quantisation step grows by the same factor:
+#: about 0.02 per client at the default range, i.e. 2e-4 on the mean loss over 100 samples)
+LOSS_DIVISOR = 100.0
+TAIL = 3  # after the sums and counts: loss sum / LOSS_DIVISOR, its weight, num_examples
+
+
+def encode_upload(protos: PrototypeSet, num_classes: int, dim: int, bound: float,
+                  train_loss: float | None = None, num_examples: int = 0) -> np.ndarray:
     """The fixed-size vector of one client: per-class sums (count x prototype) then counts,
-    over every class of the dataset, scaled into +-CLIPPING_RANGE."""
+    over every class of the dataset, then ``train_loss x num_examples / LOSS_DIVISOR``, its weight
+    (``num_examples``, 0 when the loss is withheld) and ``num_examples``, so that the server gets
+    the plain run's num_examples-weighted mean loss and total without any client's own; scaled
+    into +-CLIPPING_RANGE."""
     sums = np.zeros((num_classes, dim), dtype=np.float64)
     counts = np.zeros(num_classes, dtype=np.float64)
     if len(protos):
         sums[protos.classes] = protos.vectors.astype(np.float64) * protos.counts[:, None]
         counts[protos.classes] = protos.counts
-    vec = np.concatenate([sums.reshape(-1), counts])
+    weight = float(num_examples) if train_loss is not None else 0.0
+    tail = [weight * float(train_loss or 0.0) / LOSS_DIVISOR, weight, float(num_examples)]
+    vec = np.concatenate([sums.reshape(-1), counts, tail])
     peak = float(np.abs(vec).max(initial=0.0))
     if peak > bound:
         raise SecureRangeExceeded(
-            f"a per-class sum or count reached {peak:.4g}, beyond privacy.secure_range {bound:g}: "
+            f"a per-class sum or count, num_examples or train_loss x num_examples / {LOSS_DIVISOR:g} reached "
+            f"{peak:.4g}, beyond privacy.secure_range {bound:g}: "
             "raise privacy.secure_range (or clip the embeddings with privacy.clip)"
         )
     return vec * (CLIPPING_RANGE / bound)
+
+
+def decode_loss(vec: np.ndarray, num_classes: int, dim: int, bound: float) -> tuple[float | None, int]:
+    """The num_examples-weighted mean train_loss of a summed vector (None when no client sent
+    a loss) and the summed num_examples."""
+    start = num_classes * (dim + 1)
+    loss_sum, weight, n = np.asarray(vec, dtype=np.float64)[start : start + TAIL] * (bound / CLIPPING_RANGE)
+    weight = int(np.rint(weight))
+    return (float(loss_sum * LOSS_DIVISOR / weight) if weight >= 1 else None), int(np.rint(n))
 
 
 def decode_sum(vec: np.ndarray, num_classes: int, dim: int, bound: float) -> PrototypeSet:
     """Per-class prototypes (sum / count) of the classes whose summed count is at least 1."""
     vec = np.asarray(vec, dtype=np.float64) * (bound / CLIPPING_RANGE)
     sums = vec[: num_classes * dim].reshape(num_classes, dim)
-    counts = np.rint(vec[num_classes * dim :]).astype(np.int64)
+    counts = np.rint(vec[num_classes * dim : num_classes * (dim + 1)]).astype(np.int64)
     keep = np.flatnonzero(counts >= 1)
     if len(keep) == 0:
         return PrototypeSet.empty(dim)
@@ -147,7 +183,9 @@ def _fit_through_handler(setup, msg: Message, context: Context, handler) -> Mess
     counts = metrics["proto.counts"] if "proto.counts" in metrics else None
     protos = protos_from_arrays(reply.content[UPLOAD], counts=counts) or PrototypeSet.empty(rt.scenario.model.embedding_dim)
     vec = encode_upload(protos, rt.stream.dataset.num_classes, rt.scenario.model.embedding_dim,
-                        rt.scenario.privacy.secure_range)
+                        rt.scenario.privacy.secure_range,
+                        train_loss=float(metrics["train_loss"]) if "train_loss" in metrics else None,
+                        num_examples=int(metrics["num_examples"]))
     clear = {k: metrics[k] for k in CLEAR_METRICS if k in metrics}
     # Flower's stochastic rounding (next, inside secaggplus_mod) draws from numpy's global
     # generator: seed it so that the run is reproducible
@@ -216,21 +254,42 @@ class _SumOnly(LegacyStrategy):
         return None
 
 
+def _split_bytes(content: RecordDict) -> tuple[int, int]:
+    """``(payload, protocol)`` bytes of one SecAgg+ stage message. Payload: the values of the
+    masked vectors (shape x item size, as :func:`~simulator.records.payload_bytes` counts
+    arrays). Protocol: the rest of the SecAgg+ record (stage and its settings, public keys,
+    encrypted shares, node lists, unmasking shares; bytes and strings by length, numbers 8
+    bytes). Neither counts the legacy fit records around it: the global arrays are counted
+    from our own messages, and our config and the reply metrics in clear are bookkeeping."""
+    record = content.config_records.get(RECORD_KEY_CONFIGS)
+    if record is None:
+        return 0, 0
+    payload = sum(bytes_to_ndarray(b).nbytes for b in record.get(SecAggKey.MASKED_PARAMETERS, []))
+    rest = ConfigRecord({k: v for k, v in record.items() if k != SecAggKey.MASKED_PARAMETERS})
+    return payload, record_bytes(RecordDict({RECORD_KEY_CONFIGS: rest}))
+
+
 @dataclass
 class _Counting:
-    """Forwards the workflow's messages to the real grid, counting bytes and keeping every
-    reply (errors included) for failure accounting."""
+    """Forwards the workflow's messages to the real grid, counting the masked vectors' bytes
+    (payload, up) and the protocol's own traffic apart, and keeping every reply (errors
+    included) for failure accounting."""
 
     grid: Any
     up: int = 0
-    down: int = 0
+    protocol_up: int = 0
+    protocol_down: int = 0
     replies: list[Message] = field(default_factory=list)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        self.down += sum(record_bytes(m.content) for m in messages)
+        self.protocol_down += sum(_split_bytes(m.content)[1] for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self.up += sum(record_bytes(r.content) for r in replies if r.has_content())
+        for r in replies:
+            if r.has_content():
+                payload, protocol = _split_bytes(r.content)
+                self.up += payload
+                self.protocol_up += protocol
         self.replies.extend(replies)
         return replies
 
@@ -240,11 +299,17 @@ class _Counting:
 
 @dataclass
 class RoundStats:
+    """One secure round. ``bytes_up``/``bytes_down``: the payload as a plain run defines it
+    (README, Metrics): the masked vectors up, the global state down; ``protocol_bytes_*``: the
+    SecAgg+ protocol's own traffic (:func:`_split_bytes`), reported apart."""
+
     clients_ok: int = 0
     seconds: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
     compute: list[float] = field(default_factory=list)  # each survivor's compute_seconds (sent in clear)
+    protocol_bytes_up: int = 0
+    protocol_bytes_down: int = 0
 
 
 class SecureSum:
@@ -290,19 +355,20 @@ class SecureSum:
             if r.has_error():
                 self.on_failure(r)
         clear = [dict(res.metrics) for _, res in legacy.results]
-        self.last = RoundStats(len(clear), time.perf_counter() - t0, counting.up, counting.down,
-                               [float(m["compute_seconds"]) for m in clear if "compute_seconds" in m])
+        self.last = RoundStats(len(clear), time.perf_counter() - t0, counting.up,
+                               sum(payload_bytes(m.content) for m in msgs),  # the global state, as in a plain run
+                               [float(m["compute_seconds"]) for m in clear if "compute_seconds" in m],
+                               counting.protocol_up, counting.protocol_down)
         if not legacy.results:
             return [], {}
-        mean = parameters_to_ndarrays(legacy.results[0][1].parameters)[0]
-        total = decode_sum(np.asarray(mean) * len(legacy.results), self.num_classes, self.dim, self.bound)
-        n = int(total.counts.sum())
-        losses = [float(m.get("train_loss", 0.0)) for m in clear]
+        summed = np.asarray(parameters_to_ndarrays(legacy.results[0][1].parameters)[0]) * len(legacy.results)
+        total = decode_sum(summed, self.num_classes, self.dim, self.bound)
+        loss, n = decode_loss(summed, self.num_classes, self.dim, self.bound)
         metrics = MetricRecord(
             {
                 "partition_id": -1,  # the aggregate of the survivors, not one client
-                "num_examples": n,
-                "train_loss": float(np.mean(losses)) if losses else 0.0,
+                "num_examples": n,  # their summed num_examples, and their num_examples-weighted mean loss
+                **({"train_loss": loss} if loss is not None else {}),
                 "steps": int(sum(int(m.get("steps", 0)) for m in clear)),
                 "proto.counts": [int(c) for c in total.counts],
             }
@@ -334,6 +400,8 @@ def exchange_securely(secure: SecureSum, grid, msgs: list[Message], delivery, ta
 
     secure.on_failure = on_failure
     replies, clear = secure.exchange(grid, msgs, server_round)
+    delivery.recorder.secagg_bytes_up += secure.last.protocol_bytes_up
+    delivery.recorder.secagg_bytes_down += secure.last.protocol_bytes_down
     from .client import RELEASED
 
     for pid, m in clear.items():
