@@ -96,6 +96,10 @@ class Upload:
     protos: PrototypeSet | None
 
 
+def _stats_state(s: SecondOrderStats) -> tuple:
+    return (s.classes, s.counts, s.sums, s.squares, s.raw_sums)
+
+
 class FederatedStrategy(Strategy):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -108,6 +112,7 @@ class FederatedStrategy(Strategy):
         self.global_protos = PrototypeSet.empty(run.embedding_dim)
         self.global_weights: dict[str, Array] = {}
         self.global_stats = SecondOrderStats.empty(run.embedding_dim)  # second-order prototypes, when clients send them
+        self.client_stats: dict[int, SecondOrderStats] = {}  # each client's latest statistics per class (merge_second_order)
         self.last_failed = 0
         self.last_ok = 0
         self.available: list[int] | None = None  # clients present this step (None: all); set by the engine
@@ -250,9 +255,11 @@ class FederatedStrategy(Strategy):
         self.merge(server_round, uploads)
         self.merge_second_order(uploads)
         n = sum(u.num_examples for u in uploads)
-        if n > 0:
+        with_loss = [u for u in uploads if "train_loss" in u.metrics]  # clients withhold it under DP
+        n_loss = sum(u.num_examples for u in with_loss)
+        if n_loss > 0:
             stats["train_loss"] = float(
-                sum(float(u.metrics["train_loss"]) * u.num_examples for u in uploads) / n
+                sum(float(u.metrics["train_loss"]) * u.num_examples for u in with_loss) / n_loss
             )
         stats["num_examples"] = n
         return self.global_arrays(), stats
@@ -274,12 +281,24 @@ class FederatedStrategy(Strategy):
             self.global_weights = avg
 
     def merge_second_order(self, uploads: list[Upload]) -> None:
-        """Second-order prototypes (``model.classifier: mahalanobis | lda``), for every strategy
-        whose clients send them: the class-wise sums of this round's uploads (exactly the pooled
-        statistics), replacing the classes uploaded again, as proto_avg does with prototypes."""
-        sets = [s for s in (stats_from_arrays(u.arrays) for u in uploads) if s is not None]
-        if sets:
-            self.global_stats = self.global_stats.updated_with(merge_stats(sets))
+        """Second-order prototypes (``model.classifier: nme | mahalanobis | fecam | lda``), for
+        every strategy whose clients send them. The server keeps each client's latest statistics
+        of each class (a class a client uploads again replaces that client's earlier statistics of
+        it; a client not sampled this round keeps its last contribution), and the global
+        statistics are their class-wise sums over the clients, in client order: with one frozen
+        backbone, exactly the statistics of every client's data pooled, under partial
+        participation too. Memory: one ``D x D`` float64 matrix per (client, class) it ever sent.
+        With backbones that still move, a contribution kept from an earlier round was embedded by
+        an earlier backbone (so were the classes nobody uploads again)."""
+        updated = False
+        for u in uploads:
+            s = stats_from_arrays(u.arrays)
+            if s is not None and len(s):
+                prev = self.client_stats.get(u.partition_id)
+                self.client_stats[u.partition_id] = s if prev is None else prev.updated_with(s)
+                updated = True
+        if updated:
+            self.global_stats = merge_stats([self.client_stats[p] for p in sorted(self.client_stats)])
 
     def summary(self) -> None:
         return None
@@ -290,7 +309,8 @@ class FederatedStrategy(Strategy):
             "protos": (self.global_protos.classes, self.global_protos.vectors, self.global_protos.counts),
             "weights": {k: v.numpy() for k, v in self.global_weights.items()},
             "holding_frozen": sorted(self.holding_frozen),
-            "second_order": (self.global_stats.classes, self.global_stats.counts, self.global_stats.sums, self.global_stats.squares),
+            "second_order": _stats_state(self.global_stats),
+            "second_order_clients": {p: _stats_state(s) for p, s in self.client_stats.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -300,3 +320,4 @@ class FederatedStrategy(Strategy):
         self.holding_frozen = set(int(p) for p in state.get("holding_frozen", []))
         if "second_order" in state:
             self.global_stats = SecondOrderStats(*state["second_order"])
+        self.client_stats = {int(p): SecondOrderStats(*t) for p, t in state.get("second_order_clients", {}).items()}

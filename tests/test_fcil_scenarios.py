@@ -22,7 +22,7 @@ BASELINES = REPO / "scenarios" / "fcil_baselines_mnist1d.yaml"
 
 def test_baseline_labels_carry_their_mechanisms(tmp_path):
     labels = ["finetune", "fedavg", "fedlwf", "fedewc", "fedicarl", "fedicarl_random", "fedlwf_proto", "fedproto",
-              "fedproto_teen", "proto_avg_shared", "proto_avg_prd", "frozen_ncm", "frozen_mahalanobis", "frozen_lda", "frozen_ncm_teen", "joint"]
+              "fedproto_teen", "proto_avg_shared", "proto_avg_prd", "frozen_ncm", "frozen_mahalanobis", "frozen_fecam", "frozen_lda", "frozen_ncm_teen", "joint"]
     runs, _ = plan(str(BASELINES), labels, [0], str(tmp_path / "cmp"))
     s = {r.label: r.scenario for r in runs}
     assert s["fedlwf"].strategy.name == "fedavg" and s["fedlwf"].continual.lwf.temperature == 2.0 and s["fedlwf"].continual.ewc is None
@@ -32,6 +32,8 @@ def test_baseline_labels_carry_their_mechanisms(tmp_path):
     assert s["fedproto_teen"].continual.teen.tau == 16.0 and s["fedproto"].continual.teen is None
     assert s["proto_avg_prd"].continual.prd.weight == 1.0 and s["proto_avg_prd"].continual.memory_per_class == 0
     assert s["frozen_mahalanobis"].model.classifier == "mahalanobis" and s["frozen_ncm"].model.classifier == "ncm"
+    assert s["frozen_fecam"].model.classifier == "fecam" and s["frozen_fecam"].strategy.params["share_weights"] == "first_task"
+    assert s["fedicarl"].model.classifier == "nme" and s["fedicarl_random"].model.classifier == "nme"  # iCaRL's NME
     assert s["frozen_lda"].strategy.params["share_weights"] == "first_task"
     assert s["frozen_ncm_teen"].continual.teen is not None and s["frozen_ncm"].continual.teen is None
     assert s["finetune"].continual.lwf is None and s["joint"].strategy.name == "joint"

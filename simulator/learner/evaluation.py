@@ -29,8 +29,9 @@ def predict(
     stats: SecondOrderStats | None = None,
 ) -> np.ndarray:
     """Predicted class ids for ``x``: nearest prototype among the seen classes, or the argmax of
-    the head restricted to the seen classes. With ``second_order`` ``mahalanobis`` or ``lda`` and
-    ``stats`` that cover every seen class, prototype inference uses that second-order classifier
+    the head restricted to the seen classes. With ``second_order`` other than ``ncm`` (``nme``,
+    ``fecam``, ``mahalanobis``, ``lda``) and ``stats`` that cover every seen class, prototype
+    inference uses that classifier fitted on the merged statistics
     instead of the nearest prototype (otherwise it falls back to the nearest prototype).
 
     A model that knows no prototype of any seen class (e.g. a client that has not trained yet

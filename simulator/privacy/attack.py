@@ -16,9 +16,16 @@ prototype-only methods, the ordinary case once backbones are shared or public. I
 mean uses one half of the held-out samples of the class; the other half are the non-member
 candidates, so the reference never contains a scored sample.
 
-The model itself leaks too in this threat model (it was trained on the members and embeds them
-closer to their class centre): ``model_only_auc`` scores ``-||x - m||^2`` without the release,
-so the release's own contribution is the gap between the two.
+Two baselines say how much of that is the release's own doing. ``model_only_auc`` scores
+``-||x - m||^2`` without any release: the extractor alone (it was trained on the members and
+embeds them closer to their class centre). ``leave_one_out_auc`` is the standard one: each
+member is scored against the release *without it*, ``p_-x = (n p - x) / (n - 1)`` (``n`` the
+release's count of the class; under DP the released noisy count and the member's embedding
+clipped to ``privacy.clip``, i.e. the same noise draw with the member removed), the non-members
+against ``p`` itself. A release that leaves a member out still moves towards the client's other
+samples, which the model pulls towards each other and which share the client's data
+distribution; the leave-one-out baseline keeps that, so ``auc - leave_one_out_auc`` is what
+including the member in the release adds. (Under secure aggregation ``n`` is the aggregate's count.)
 
 Feature inversion (after Mahendran & Vedaldi 2015; Dosovitskiy & Brox 2016 learn a decoder
 instead): optimise an input ``x`` so that the client's extractor maps it onto the released
@@ -95,16 +102,51 @@ def tracing_scores(p: np.ndarray, members: np.ndarray, others: np.ndarray) -> tu
     return _standardise(s_mem, s_non)
 
 
-def tracing_attack(uploads: list[dict[str, Any]], truth: dict[tuple[int, int], dict[str, np.ndarray]]) -> dict[str, Any]:
+def leave_one_out_scores(p: np.ndarray, n: float, members: np.ndarray, others: np.ndarray,
+                         clip: float | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Members scored against the release without them, ``(n p - x) / (n - 1)`` (``x`` clipped
+    to ``clip`` when the release clipped it), non-members against ``p``; standardised as
+    :func:`tracing_scores`. None without enough held-out samples or with ``n <= 1``."""
+    if len(others) < 4 or len(members) == 0 or not np.isfinite(n) or n <= 1:
+        return None
+    ref, cand = others[0::2].astype(np.float64), others[1::2].astype(np.float64)
+    m = ref.mean(axis=0)
+    mem = members.astype(np.float64)
+    removed = mem
+    if clip:
+        norms = np.linalg.norm(mem, axis=1, keepdims=True)
+        removed = mem * np.minimum(1.0, clip / np.maximum(norms, 1e-12))
+    p_loo = (n * p.astype(np.float64)[None, :] - removed) / (n - 1)  # one release per member
+    s_mem = ((mem - m) * (p_loo - m)).sum(1)
+    s_non = (cand - m) @ (p.astype(np.float64) - m)
+    return _standardise(s_mem, s_non)
+
+
+def _roc_summary(prefix: str, mem: list[np.ndarray], non: list[np.ndarray]) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    mem_all, non_all, base_mem, base_non = [], [], [], []
+    if not mem:
+        return {}
+    m, n = np.concatenate(mem), np.concatenate(non)
+    y = np.concatenate([np.ones(len(m)), np.zeros(len(n))])
+    s = np.concatenate([m, n])
+    f, t, _ = roc_curve(y, s)
+    return {f"{prefix}_auc": float(roc_auc_score(y, s)), f"{prefix}_tpr_at_1pct_fpr": float(t[f <= FPR_TARGET].max(initial=0.0))}
+
+
+def tracing_attack(uploads: list[dict[str, Any]], truth: dict[tuple[int, int], dict[str, np.ndarray]],
+                   clip: float | None = None) -> dict[str, Any]:
+    """The tracing attack over every (release, class), with its two baselines (module docstring);
+    ``clip``: the DP clip of the run, if any (the leave-one-out baseline removes clipped members)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    mem_all, non_all, base_mem, base_non, loo_mem, loo_non = [], [], [], [], [], []
     releases = 0
     for u in uploads:
         sr, pid = u["server_round"], u["pid"]
         # an aggregate (secure aggregation) is attacked with every client's samples of the round
         owners = [k for (k, r) in truth if r == sr] if pid < 0 else ([pid] if (pid, sr) in truth else [])
-        for c, p in zip(u["classes"], u["vectors"]):
+        for c, p, n in zip(u["classes"], u["vectors"], u["counts"]):
             for k in owners:
                 t = truth[(k, sr)]
                 mem = t["member_emb"][t["member_y"] == c]
@@ -118,6 +160,10 @@ def tracing_attack(uploads: list[dict[str, Any]], truth: dict[tuple[int, int], d
                 if base is not None:
                     base_mem.append(base[0])
                     base_non.append(base[1])
+                loo = leave_one_out_scores(p, float(n), mem, non, clip)
+                if loo is not None:
+                    loo_mem.append(loo[0])
+                    loo_non.append(loo[1])
                 releases += 1
     if not releases:
         return {"releases": 0}
@@ -125,14 +171,7 @@ def tracing_attack(uploads: list[dict[str, Any]], truth: dict[tuple[int, int], d
     y = np.concatenate([np.ones(len(mem_s)), np.zeros(len(non_s))])
     s = np.concatenate([mem_s, non_s])
     fpr, tpr, _ = roc_curve(y, s)
-    baseline = {}
-    if base_mem:
-        bm, bn = np.concatenate(base_mem), np.concatenate(base_non)
-        by = np.concatenate([np.ones(len(bm)), np.zeros(len(bn))])
-        bs = np.concatenate([bm, bn])
-        bf, bt, _ = roc_curve(by, bs)
-        baseline = {"model_only_auc": float(roc_auc_score(by, bs)),
-                    "model_only_tpr_at_1pct_fpr": float(bt[bf <= FPR_TARGET].max(initial=0.0))}
+    baseline = {**_roc_summary("model_only", base_mem, base_non), **_roc_summary("leave_one_out", loo_mem, loo_non)}
     return {
         "releases": releases,
         "members": int(len(mem_s)),
@@ -149,11 +188,19 @@ def _model_from(t: dict[str, np.ndarray]):
 
     from ..learner.backbones import build_model
 
-    model = build_model(str(t["model.spec.backbone"]), tuple(int(v) for v in t["model.spec.input_shape"]),
-                        int(t["model.spec.embedding_dim"]), int(t["model.spec.num_classes"]),
-                        bool(t["model.spec.with_head"]), 0)
     state = {k[len("model.w."):]: torch.as_tensor(v) for k, v in t.items() if k.startswith("model.w.")}
-    model.load_state_dict(state)
+    # model.norm is recorded since it mattered (group norm under DP); older records: the one that fits
+    norms = [str(t["model.spec.norm"])] if "model.spec.norm" in t else ["batch", "group", "none", "batch_local"]
+    for i, norm in enumerate(norms):
+        model = build_model(str(t["model.spec.backbone"]), tuple(int(v) for v in t["model.spec.input_shape"]),
+                            int(t["model.spec.embedding_dim"]), int(t["model.spec.num_classes"]),
+                            bool(t["model.spec.with_head"]), 0, norm=norm)
+        try:
+            model.load_state_dict(state)
+            break
+        except RuntimeError:
+            if i == len(norms) - 1:
+                raise
     model.eval()
     for q in model.parameters():
         q.requires_grad_(False)
@@ -234,7 +281,8 @@ def run_attack(run_dir: Path, inversion: bool = True) -> dict[str, Any]:
     uploads, truth = load_uploads(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     cfg_privacy = _privacy_of(run_dir)
-    tracing = tracing_attack(uploads, truth)
+    clip = cfg_privacy.get("clip") if cfg_privacy.get("epsilon") or cfg_privacy.get("noise_multiplier") else None
+    tracing = tracing_attack(uploads, truth, clip=float(clip) if clip else None)
     result = {
         "run_dir": str(run_dir),
         "strategy": summary.get("strategy"),
