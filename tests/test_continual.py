@@ -159,7 +159,7 @@ def test_herding_mean_tracks_the_class_mean_better_than_random():
     mu = fn.mean(0)
     herd = np.linalg.norm(fn[herding_order(f, 10)].mean(0) - mu)
     rand = np.mean([np.linalg.norm(fn[rng.choice(200, 10, replace=False)].mean(0) - mu) for _ in range(50)])
-    assert herd < rand / 3
+    assert herd < rand / 2  # ratio 0.155 here, 0.178-0.294 over 5 seeds
 
 
 # --------------------------------------------------------------------------- PRD

@@ -21,7 +21,8 @@ def _release(rng, n_members: int, dim: int, noise: float):
     return p, members, others
 
 
-@pytest.mark.parametrize("noise,low,high", [(0.0, 0.95, 1.0), (50.0, 0.4, 0.6)])
+# noise 0: AUC 0.966-0.979 over 5 data seeds
+@pytest.mark.parametrize("noise,low,high", [(0.0, 0.9, 1.0), (50.0, 0.4, 0.6)])
 def test_tracing_attack_on_synthetic_means(noise, low, high):
     rng = np.random.default_rng(0)
     uploads, truth = [], {}
@@ -33,7 +34,7 @@ def test_tracing_attack_on_synthetic_means(noise, low, high):
     assert out["releases"] == 20 and out["members"] == 160 and out["non_members"] == 20 * 100
     assert low <= out["auc"] <= high
     if noise == 0.0:
-        assert out["tpr_at_1pct_fpr"] > 0.5  # a mean of 8 samples in 64 dimensions gives its members away
+        assert out["tpr_at_1pct_fpr"] > 0.3  # 0.55-0.71 over 5 data seeds; a mean of 8 samples in 64 dimensions gives its members away
     # members and non-members come from one distribution here: without the release nothing leaks
     assert 0.4 <= out["model_only_auc"] <= 0.6
 
@@ -79,7 +80,8 @@ def test_inversion_finds_an_input_that_the_model_maps_onto_the_target():
     rec = invert(model, target, (8,), steps=300)
     with torch.no_grad():
         got = model(torch.as_tensor(rec)[None])[0].numpy()
-    assert np.linalg.norm(got - target) < 0.1 * np.linalg.norm(start - target)
+    # 0.094 for this model, 0.124-0.168 for model seeds 1-4 (the ridge term keeps it off 0)
+    assert np.linalg.norm(got - target) < 0.25 * np.linalg.norm(start - target)
 
 
 def test_leave_one_out_baseline_separates_the_release_from_the_clients_own_distribution():
