@@ -9,7 +9,9 @@
 writes DIR/attack.csv and DIR/attack_roc.png. ``sweep``: final average accuracy against
 epsilon (plus the run without DP); writes DIR/sweep.csv and DIR/accuracy_epsilon.png.
 ``plot SCENARIO --out DIR --set A.csv --set B.csv``: one accuracy/epsilon figure from several
-sweep.csv / attack.csv files (SCENARIO is ignored).
+sweep.csv / attack.csv files (SCENARIO is ignored). ``pretrain SCENARIO --out scenarios/pretrained``:
+the public backbone the accuracy/epsilon scenario loads frozen (SCENARIO is ignored; see
+:func:`pretrain`).
 Runs use the inline engine, one after the other.
 """
 
@@ -95,6 +97,36 @@ def plot_sweep(df: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=130)
 
 
+PUBLIC_DATA_SEED = 2026  # the clients' mnist1d is generated with data_seed 42
+
+
+def pretrain(args) -> None:
+    """The public backbone of ``scenarios/privacy_epsilon_mnist1d.yaml``: a cnn1d (group norm,
+    embedding 64) trained with a linear head (cross-entropy) on PUBLIC data only: mnist1d
+    generated with another generator seed (``PUBLIC_DATA_SEED``), ``--public-samples`` samples of
+    all ten classes, never any client's sample. Under DP the prototype strategies run on it
+    frozen (``continual.backbone: frozen``), so their embedding function is independent of the
+    private data. Writes the backbone's state dict to ``--out``/cnn1d_group_mnist1d_public.pt."""
+    import numpy as np
+    import torch
+
+    from simulator.data.sources import Mnist1dParams, _load_mnist1d
+    from simulator.learner.backbones import build_model
+    from simulator.learner.training import TrainConfig, embed, train_local
+
+    data = _load_mnist1d(Mnist1dParams(num_samples=args.public_samples, data_seed=PUBLIC_DATA_SEED), 0.2, 0)
+    model = build_model("cnn1d", data.input_shape, 64, 10, True, 0, norm="group")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=0.05, classifier="head", grad_clip=10.0)
+    stats = train_local(model, data.x_train, data.y_train, cfg, seen_classes=range(10), num_classes=10, seed=0)
+    model.eval()
+    with torch.no_grad():
+        acc = float((model.head(embed(model, data.x_test)).argmax(1).numpy() == data.y_test).mean())
+    path = args.out / "cnn1d_group_mnist1d_public.pt"
+    torch.save(model.backbone.state_dict(), path)
+    print({"public_train": len(data.y_train), "public_test_accuracy": round(acc, 3), "loss": round(stats.loss, 3),
+           "classes": np.unique(data.y_train).tolist(), "path": str(path)})
+
+
 def plot_csvs(args) -> None:
     """Several sweep.csv / attack.csv files (given as --set PATH) drawn as one figure."""
     frames = [pd.read_csv(p)[["strategy", "epsilon", "final_avg_accuracy"]] for p in args.set]
@@ -105,7 +137,7 @@ def plot_csvs(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["attack", "sweep", "plot"])
+    p.add_argument("what", choices=["attack", "sweep", "plot", "pretrain"])
     p.add_argument("scenario")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--strategies", default="proto_avg,fedproto")
@@ -113,9 +145,11 @@ def main() -> None:
     p.add_argument("--epsilons", default="1,4,16")
     p.add_argument("--clip", type=float, default=10.0)
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--public-samples", type=int, default=500)
+    p.add_argument("--epochs", type=int, default=30)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    {"attack": attack, "sweep": sweep, "plot": plot_csvs}[args.what](args)
+    {"attack": attack, "sweep": sweep, "plot": plot_csvs, "pretrain": pretrain}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -77,8 +77,13 @@ def test_plan_refuses_a_noise_that_exceeds_the_budget():
     assert plan.epsilon_bound == pytest.approx(epsilon_spent(0.5, 10, 1e-5))
 
 
+#: what the DP check accepts for prototype uploads (issue 19): a backbone that never trains on
+#: client data, and no replay memory (tests/test_privacy_end_to_end.py checks both refusals)
+ACCEPTED = {"memory_per_class": 0, "backbone": "frozen"}
+
+
 def test_dp_run_reports_epsilon_per_client_and_noise_changes_prototypes(tmp_path):
-    over = dict(strategy={"name": "proto_avg", "params": {}}, clients__participation=0.67)
+    over = dict(strategy={"name": "proto_avg", "params": {}}, clients__participation=0.67, continual=ACCEPTED)
     out = run_tiny(tmp_path, "dp", privacy={"epsilon": 6.0, "delta": 1e-5, "clip": 5.0}, **over)
     s = json.loads((out.run_dir / "summary.json").read_text())
     eps = s["epsilon_spent"]
@@ -104,7 +109,7 @@ def _write(tmp_path, **over):
 
 
 def test_run_that_would_exceed_the_budget_is_refused_before_it_starts(tmp_path, capsys):
-    path = _write(tmp_path, strategy={"name": "proto_avg", "params": {}},
+    path = _write(tmp_path, strategy={"name": "proto_avg", "params": {}}, continual=ACCEPTED,
                   privacy={"epsilon": 1.0, "noise_multiplier": 0.3})
     code = main(["run", str(path), "--engine", "inline", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
@@ -125,9 +130,9 @@ def test_dp_refuses_weight_sharing_with_the_prototypical_loss(tmp_path, capsys):
 
 
 def test_validate_reports_an_over_budget_noise(tmp_path, capsys):
-    path = _write(tmp_path, strategy={"name": "proto_avg", "params": {}},
+    path = _write(tmp_path, strategy={"name": "proto_avg", "params": {}}, continual=ACCEPTED,
                   privacy={"epsilon": 1.0, "noise_multiplier": 0.3})
     assert main(["validate", str(path)]) == 2
     assert "privacy.noise_multiplier" in capsys.readouterr().err
-    ok = _write(tmp_path, strategy={"name": "proto_avg", "params": {}}, privacy={"epsilon": 1.0})
+    ok = _write(tmp_path, strategy={"name": "proto_avg", "params": {}}, continual=ACCEPTED, privacy={"epsilon": 1.0})
     assert main(["validate", str(ok)]) == 0

@@ -13,7 +13,7 @@ from helpers import run_tiny, tiny
 
 from simulator.cli import main
 from simulator.learner.prototypes import PrototypeSet
-from simulator.privacy.secagg import decode_sum, encode_upload
+from simulator.privacy.secagg import decode_loss, decode_sum, encode_upload
 from strategies.proto_avg import ProtoAvg
 
 
@@ -34,8 +34,11 @@ def _spy_merges(monkeypatch) -> list[tuple[list[int], list[str], PrototypeSet]]:
 def test_encoding_round_trip_is_a_sum():
     a = PrototypeSet(np.array([0, 2]), np.array([[1.0, 2.0], [3.0, -1.0]]), np.array([2, 4]))
     b = PrototypeSet(np.array([2]), np.array([[1.0, 1.0]]), np.array([1]))
-    total = decode_sum(encode_upload(a, 4, 2, 100.0) + encode_upload(b, 4, 2, 100.0), 4, 2, 100.0)
+    summed = encode_upload(a, 4, 2, 100.0, train_loss=0.5, num_examples=6) + encode_upload(b, 4, 2, 100.0, train_loss=2.0, num_examples=1)
+    total = decode_sum(summed, 4, 2, 100.0)
     assert total.classes.tolist() == [0, 2] and total.counts.tolist() == [2, 5]
+    loss, n = decode_loss(summed, 4, 2, 100.0)
+    assert n == 7 and loss == pytest.approx((0.5 * 6 + 2.0 * 1) / 7)  # the num_examples-weighted mean
     np.testing.assert_allclose(total.vectors, [[1.0, 2.0], [(12.0 + 1.0) / 5, (-4.0 + 1.0) / 5]], rtol=1e-6)
     with pytest.raises(RuntimeError, match="privacy.secure_range"):
         encode_upload(a, 4, 2, 10.0)  # 4 x 3.0 = 12 > 10
@@ -64,7 +67,8 @@ def test_secure_aggregation_gives_the_plain_global_prototypes_and_merge_sees_onl
     failures = pd.read_csv(secure.run_dir / "failures.csv")
     assert failures[["global_round", "client", "kind"]].values.tolist() == [[3, 2, "injected"]]
     s, p = secure.summary, plain.summary
-    assert s["bytes_up"] > p["bytes_up"] and s["bytes_down"] > p["bytes_down"]  # keys, shares, masked vectors
+    # the same global state down; up, the dense masked vectors; keys and shares apart (test_definitions.py)
+    assert s["bytes_down"] == p["bytes_down"] and s["bytes_up"] > p["bytes_up"] and s["secagg_bytes_up"] > 0
     m = pd.read_csv(secure.run_dir / "metrics.csv").drop_duplicates("global_round")
     assert m["clients_trained"].tolist() == [3, 3, 2, 3, 3, 3]
     assert (m["client_seconds"] > 0).all()  # the survivors' compute time travels in clear
@@ -72,7 +76,10 @@ def test_secure_aggregation_gives_the_plain_global_prototypes_and_merge_sees_onl
 
 def test_secure_aggregation_with_dp_counts_each_clients_releases(tmp_path):
     out = run_tiny(tmp_path, "both", strategy={"name": "proto_avg", "params": {}},
+                   continual={"memory_per_class": 0, "backbone": "frozen"},  # what the DP check accepts
                    privacy={"secure_aggregation": True, "noise_multiplier": 2.0, "clip": 5.0})
+    m = pd.read_csv(out.run_dir / "metrics.csv")
+    assert m["train_loss"].isna().all()  # withheld under DP, and not rebuilt from the secure sum
     eps = out.summary["epsilon_spent"]
     assert eps["releases_per_client"] == [6, 6, 6]
     assert out.summary["epsilon_spent_max"] > 0

@@ -1,7 +1,8 @@
 """Privacy accounting with Google's ``dp-accounting`` (maintained; nothing hand-written here).
 
 Every round a client trains, it releases one Gaussian mechanism with noise multiplier ``z`` (see
-:mod:`.mechanism`) over every sample it trains on (its task data and its replay memory). A
+:mod:`.mechanism`) over every sample it trains on (its task data; replay memory is refused
+under DP, see :func:`.run.release_problems`). A
 sample's loss over the run is therefore the ``T``-fold composition of ``GaussianDpEvent(z)``,
 where ``T`` is the number of rounds in which its client released; ``T`` is at most the number
 of server rounds (tasks x rounds per task), which bounds every client before the run starts.

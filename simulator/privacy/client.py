@@ -4,6 +4,8 @@ for its local training when the strategy uploads weights."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..learner.prototypes import PrototypeSet
@@ -57,21 +59,30 @@ def private_training(scenario, num_tasks: int, *, pid: int, task: int, rnd: int)
     plan = plan_for(scenario, num_tasks)
     if plan is None or plan.sgd is None:
         return None
-    return PrivateTraining(plan.sgd, derive_seed(scenario.seed, "dp_sgd", pid, task, rnd))
+    sgd = dataclasses.replace(plan.sgd, divisor=float(scenario.training.batch_size))  # public, not q x n
+    return PrivateTraining(sgd, derive_seed(scenario.seed, "dp_sgd", pid, task, rnd))
 
 
 def private_prototypes(
-    scenario, num_tasks: int, model, x: np.ndarray, y: np.ndarray, seen: list[int], *,
+    scenario, num_tasks: int, model, x: np.ndarray, y: np.ndarray, classes: list[int], *,
     pid: int, task: int, rnd: int, device,
 ) -> PrototypeSet | None:
     """The prototypes this client may upload under DP: noisy sums of clipped embeddings and
-    noisy counts of every seen class, post-processed into means. None when DP is off."""
+    noisy counts of every class in ``classes``, post-processed into means. None when DP is off.
+
+    ``classes`` must be public: the classes the client may hold this round by the schedule alone
+    (its task's classes; replay memory is refused under DP), never the classes it actually holds,
+    so an absent class is released too (as noise) and presence leaks nothing. A sample of any
+    other class is an error."""
     plan = plan_for(scenario, num_tasks)
     if plan is None:
         return None
-    with np.errstate(all="ignore"):
-        emb = embed(model, x, device).detach().cpu().numpy()
-    classes = np.array(sorted(set(int(c) for c in seen) | set(int(c) for c in np.unique(y))), dtype=np.int64)
+    if len(y) == 0:  # a client with nothing to train on still releases (pure noise): its silence would tell
+        emb = np.zeros((0, scenario.model.embedding_dim), dtype=np.float64)
+    else:
+        with np.errstate(all="ignore"):
+            emb = embed(model, x, device).detach().cpu().numpy()
+    public = np.array(sorted(set(int(c) for c in classes)), dtype=np.int64)
     gen = rng(scenario.seed, "privacy_noise", pid, task, rnd)
-    sums, counts = noisy_class_sums(emb, y, classes, plan.clip, plan.scales, gen)
-    return prototypes_from_sums(classes, sums, counts)
+    sums, counts = noisy_class_sums(emb, y, public, plan.clip, plan.scales, gen)
+    return prototypes_from_sums(public, sums, counts)

@@ -20,10 +20,11 @@ Per local step (Abadi et al. 2016, as Opacus implements it):
   EWC's penalty on the parameters are not, and are refused before the run);
 * **clipping and noise** by Opacus' ``DPOptimizer`` around the loop's SGD optimizer: each
   per-sample gradient is clipped to L2 norm ``C = privacy.grad_clip``, the clipped gradients are
-  summed, ``N(0, (sigma C)^2 I)`` is added, and the sum is divided by the expected batch size
-  ``q n`` (``n``: the size of the local training set; Opacus' own normalisation, which uses the
-  dataset size; the sampling and the number of steps do not). Momentum and weight decay act on
-  the noisy gradient (post-processing).
+  summed, ``N(0, (sigma C)^2 I)`` is added, and the sum is divided by a PUBLIC constant,
+  ``training.batch_size`` (``SgdPlan.divisor``). Opacus' own normalisation divides by the
+  expected batch size ``q n``, with ``n`` the client's exact sample count: the update's scale
+  would then carry ``n``, which the add/remove-one relation does not allow to be released
+  exactly. Momentum and weight decay act on the noisy gradient (post-processing).
 
 Where ours differs from a plain ``PrivacyEngine.make_private``: we keep the one training loop
 (with its hooks) and index tensors with the sampler's indices instead of going through a
@@ -57,6 +58,10 @@ class SgdPlan:
     clip: float  # C: per-sample gradient L2 norm
     sample_rate: float  # q: Poisson sampling probability of every sample at every step
     epochs: int  # local epochs per round
+    # what the noisy sum of clipped gradients is divided by; None: Opacus' expected batch size
+    # q n, which depends on the client's sample count n (a leak of the exact n under
+    # add/remove-one); runs set a public constant (training.batch_size)
+    divisor: float | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -110,7 +115,7 @@ class PrivateTraining:
             optimizer,
             noise_multiplier=self.plan.noise_multiplier,
             max_grad_norm=self.plan.clip,
-            expected_batch_size=self.plan.sample_rate * n,
+            expected_batch_size=self.plan.divisor if self.plan.divisor is not None else self.plan.sample_rate * n,
             loss_reduction="mean",
             generator=noise,
             secure_mode=False,  # simulator: seeded, reproducible noise (see the module note)
@@ -128,6 +133,10 @@ class PrivateTraining:
         """A step on an empty batch: no per-sample gradient, so the update is the noise alone
         (what Opacus does for an empty Poisson batch)."""
         assert self._opt is not None
+        # clear what the previous step left (its processed summed_grad): the loop clears before
+        # each backward, and an empty batch has none; without this Opacus refuses a non-empty,
+        # empty, non-empty sequence of batches (a client with few samples)
+        self._opt.zero_grad(set_to_none=True)
         for p in self._opt.params:
             p.grad_sample = p.new_zeros((0, *p.shape))
         self._opt.step()

@@ -1,15 +1,18 @@
 """The Gaussian mechanism on per-class sums of clipped embeddings (runs on the client).
 
 Neighbouring relation: two datasets differ by adding or removing ONE training sample of ONE
-client (sample-level DP). What a client releases in one round, for every class the federation
-has seen so far (a public list, so empty classes are released too and presence leaks nothing):
+client (sample-level DP). What a client releases in one round, for every class of the task it
+learns this round (a public list from the schedule, so empty classes are released too and
+presence leaks nothing):
 
 * ``S_c = sum_{i: y_i = c} clip(e_i)``, with ``clip(e) = e * min(1, C / ||e||_2)``,
   released as ``S_c + N(0, s_s^2 I)``;
 * ``n_c = |{i: y_i = c}|``, released as ``n_c + N(0, s_n^2)`` (the counts get noise too; they
   are not treated as public).
 
-One sample moves one class's sum by at most ``C`` (L2) and its count by 1, so the pair of
+One sample moves one class's sum by at most ``C`` (L2) and its count by 1 PROVIDED the
+embedding function does not depend on the sample (a frozen backbone that never trained on
+client data; anything else is refused before the run, :func:`.run.release_problems`), so the pair of
 releases is a Gaussian mechanism with noise multiplier ``z`` when
 ``(C / s_s)^2 + (1 / s_n)^2 = 1 / z^2``. We split that with ``count_share`` ``a``:
 ``s_n = z / sqrt(a)``, ``s_s = C z / sqrt(1 - a)``.

@@ -73,6 +73,42 @@ def dp_sgd_problems(scenario, strategy_cls, params) -> list[Problem]:
     return out
 
 
+def release_problems(scenario, strategy_cls, params) -> list[Problem]:
+    """Why the accountant's sensitivity would be false for this run's releases, if it would be.
+
+    The accountant assumes that adding or removing one sample of a client moves one of its
+    released class sums by at most ``clip`` and one count by 1 (prototype releases), or one
+    DP-SGD step's clipped gradient sum by at most ``grad_clip``. Both fail when (a) the
+    embedding function was trained on the client's data without DP: removing a sample changes
+    the backbone and so every other sample's embedding (measured by
+    ``tests/test_privacy_end_to_end.py``: a class-sum difference of hundreds where ``clip`` is
+    10); (b) a replay memory is kept: which samples it keeps (and releases again in later tasks)
+    is drawn among the task's samples, so one sample changes which others are kept."""
+    from strategies.base import FederatedStrategy
+
+    out: list[Problem] = []
+    c = scenario.continual
+    if getattr(strategy_cls, "aggregate_evaluate", None) is not FederatedStrategy.aggregate_evaluate:
+        out.append(Problem("strategy.name", (
+            f"strategy {strategy_cls.name} reads the clients' evaluation replies (per-class accuracies of models "
+            "trained on their data, and their class counts); under DP those are the simulator's measurement and "
+            "must never reach the strategy")))
+    if c.memory_per_class > 0 and strategy_cls.Objective.uses_continual:
+        out.append(Problem("continual.memory_per_class", (
+            f"continual.memory_per_class {c.memory_per_class}: the replay memory is drawn among the task's samples, so "
+            "adding or removing one sample changes which other samples are kept and released again in later tasks; "
+            "the per-sample bound the accountant assumes does not hold. Use continual.memory_per_class: 0 under DP")))
+    trains_backbone = c.backbone != "frozen"
+    if strategy_cls.Objective.uploads_prototypes and not strategy_cls.weight_sharing(params) and trains_backbone:
+        out.append(Problem("continual.backbone", (
+            f"continual.backbone {c.backbone}: strategy {strategy_cls.name} releases class sums of embeddings computed "
+            "by a backbone the client trained, without DP, on those same samples; removing one sample changes the "
+            "backbone and every other sample's embedding, so a class sum moves by far more than privacy.clip and the "
+            "epsilon would not be a guarantee. Use continual.backbone: frozen (a backbone that never trains on client "
+            "data: its seeded initialisation, or model.pretrained trained on public data only)")))
+    return out
+
+
 def check_scenario(scenario, num_tasks: int, strategy_cls, params, source: str) -> None:
     """Refuse, before anything is written, a privacy setting this run cannot honour."""
     from ..objective import ClientObjective
@@ -89,6 +125,8 @@ def check_scenario(scenario, num_tasks: int, strategy_cls, params, source: str) 
             problems.append(Problem("privacy.epsilon", f"model.classifier {scenario.model.classifier} uploads per-class second-order statistics that this mechanism does not privatise; use model.classifier: ncm"))
         elif scenario.continual.teen is not None:
             problems.append(Problem("privacy.epsilon", "continual.teen calibrates the released prototypes with the client's other prototypes, which would leave the differential-privacy guarantee; leave one of them out"))
+        elif release := release_problems(scenario, strategy_cls, params):
+            problems += release
         else:
             try:
                 plan_for(scenario, num_tasks)
