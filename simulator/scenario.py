@@ -170,9 +170,12 @@ class ModelConfig(Strict):
         "batch",
         description="normalisation layers of cnn1d, cnn and the resnets; under weight sharing BatchNorm running mean/var are FedAvg-averaged with the weights; batch_local: BatchNorm kept local as in FedBN (its weights and statistics never travel); group/none keep no running statistics",
     )
-    classifier: Literal["ncm", "mahalanobis", "lda"] = Field(
+    classifier: Literal["ncm", "nme", "mahalanobis", "fecam", "lda"] = Field(
         "ncm",
-        description="prototype inference: nearest class mean, FeCAM-style per-class covariance (Mahalanobis), or a shared shrunk covariance (LDA); second-order statistics are sums, merged exactly by the server (head-based strategies ignore it)",
+        description="prototype inference: nearest class mean (ncm); iCaRL's nearest mean of exemplars (nme: L2-normalised embeddings and class means); "
+        "FeCAM's per-class Mahalanobis (fecam: Tukey-transformed features, shrinkage twice, correlation matrices, normalised means); "
+        "protofed's own per-class Mahalanobis on normalised features (mahalanobis, not FeCAM's estimator); or a shared shrunk covariance (lda). "
+        "The statistics are sums, merged exactly by the server from each client's latest upload (head-based strategies ignore it)",
     )
     pretrained: PathText | None = Field(
         None, description="a PyTorch state dict of the backbone (torch.save) loaded into every client's initial model; strict key and shape check; never downloaded"
@@ -230,12 +233,14 @@ class EwcConfig(Strict):
 
 
 class PrdConfig(Strict):
-    weight: float = Field(1.0, ge=0.0, le=1e6, description="weight of supervised contrastive + prototype-sample relation distillation")
-    temperature: float = Field(0.1, gt=0.0, le=1e3, description="temperature of both terms (cosine similarities)")
+    weight: float = Field(1.0, ge=0.0, le=1e6, description="weight of the supervised contrastive term (official: 1)")
+    temperature: float = Field(0.2, gt=0.0, le=1e3, description="temperature of the supervised contrastive term (official supcon_temperature, default 0.2)")
+    distill_weight: float = Field(1.0, ge=0.0, le=1e6, description="weight of the prototype-sample relation distillation (official distill_coef, default 1)")
+    distill_temperature: float = Field(2.0, gt=0.0, le=1e3, description="temperature of the relation distillation, one softmax per old task (official distill_temp, default 2)")
 
 
 class TeenConfig(Strict):
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="share of the calibration towards old prototypes")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="share of the calibration towards the base classes' prototypes")
     tau: float = Field(16.0, gt=0.0, le=1e4, description="scale of the cosine similarities in the softmax weights")
 
 
@@ -251,8 +256,8 @@ class ContinualConfig(Strict):
     memory_selection: Literal["random", "herding"] = Field("random", description="how exemplars are chosen: seeded random, or iCaRL herding on normalised features")
     lwf: LwfConfig | None = Field(None, description="Learning without Forgetting, e.g. {weight: 1.0, temperature: 2.0} (fedavg + lwf = FedLwF)")
     ewc: EwcConfig | None = Field(None, description="online EWC with the diagonal empirical Fisher, e.g. {weight: 1000.0} (fedavg + ewc = FedEWC)")
-    prd: PrdConfig | None = Field(None, description="prototype-sample relation distillation (Asadi et al. 2023), e.g. {weight: 1.0, temperature: 0.1}")
-    teen: TeenConfig | None = Field(None, description="TEEN calibration of new classes' uploaded prototypes towards old ones, e.g. {alpha: 0.5, tau: 16}")
+    prd: PrdConfig | None = Field(None, description="prototype-sample relation distillation (Asadi et al. 2023), e.g. {weight: 1.0, temperature: 0.2, distill_weight: 1.0, distill_temperature: 2.0}")
+    teen: TeenConfig | None = Field(None, description="TEEN calibration, at inference only, of the non-base classes' prototypes towards the base (first task's) ones, e.g. {alpha: 0.5, tau: 16}")
 
 
 class StrategyConfig(Strict):
@@ -369,6 +374,11 @@ class ResourcesConfig(Strict):
         description="train the clients of a cohort at once (torch.func vmap; same results within float tolerance) when "
         "they share one architecture and their method adds no loss of its own; others train one by one (a warning "
         "says why). Groups of at least 10 clients on CPU, 2 on a GPU",
+    )
+    retries: int = Field(
+        2, ge=0, le=100,
+        description="how often a run is resumed from its last finished task when its engine's infrastructure dies under it "
+        "(Ray's GCS, raylet or workers; not an error of the method's code), each retry a row of failures.csv; then the run fails",
     )
     deterministic: bool = Field(
         True,
@@ -766,4 +776,28 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
     raw = read_yaml(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return validate_scenario(raw, str(path))
+    try:
+        return validate_scenario(raw, str(path))
+    except UserError as exc:
+        raise blame_overrides(exc, str(path), overrides or []) from None
+
+
+def blame_overrides(exc: UserError, path: str, overrides: list[str]) -> UserError:
+    """The same problems, naming the ``--set`` argument a problem comes from instead of the file
+    (``--set clients.num_clientz=3`` is not a mistake in quickstart.yaml)."""
+    items = {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
+
+    def origin(field: str) -> str | None:
+        for key, item in items.items():
+            if field == key or field.startswith(key + ".") or key.startswith(field + "."):
+                return item
+        return None
+
+    blamed = [origin(p.field) for p in exc.problems]
+    if not any(blamed):
+        return exc
+    if all(blamed):
+        shown = ", ".join(dict.fromkeys(f"--set {b}" for b in blamed if b))
+        return UserError(f"{shown} (applied to {path})", exc.problems)
+    problems = [Problem(p.field, f"{p.message} (from --set {b})" if b else p.message) for p, b in zip(exc.problems, blamed)]
+    return UserError(f"{path} (with --set)", problems)

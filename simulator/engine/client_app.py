@@ -27,7 +27,7 @@ from ..learner import continual as mechanisms
 from ..learner.evaluation import per_class_correct, predict
 from ..learner.prototypes import PrototypeSet, class_means
 from ..learner.replay import memory_indices
-from ..learner.second_order import SecondOrderStats, normalized_features
+from ..learner.second_order import client_statistics
 from ..learner.training import NonFiniteLoss, TrainConfig, embed, train_local
 from ..objective import ClientInfo
 from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_to_arrays, record_bytes, stats_from_arrays, stats_to_arrays
@@ -137,7 +137,7 @@ def _task_data(rt: Runtime, objective, pid: int, task: int, seen: list[int], mem
     d = rt.stream.dataset
     return mechanisms.task_data(d.x_train[idx], d.y_train[idx], rt.stream.tasks[task], seen, d.num_classes,
                                 objective.inference_prototypes(None), objective.train_loss, rt.device,
-                                rt.scenario.training.batch_size, memory_classes)
+                                rt.scenario.training.batch_size, memory_classes, rt.stream.tasks)
 
 
 def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, task: int, stack=None, seen=()) -> None:
@@ -292,9 +292,16 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
     lap("task_bookkeeping")
     if len(y) == 0:
         # nothing to learn from (a STALE client without memory, a client given no samples):
-        # a valid empty reply, counted as trained on nothing, not as a failure
-        return _reply(msg, context, rt, pid, state, task, server_round, upload=None, counts=[],
-                      loss=0.0, steps=0, num_examples=0)
+        # a valid empty reply, counted as trained on nothing, not as a failure. Under DP a
+        # prototype strategy's client still releases (noise only): an empty reply would tell.
+        public = _release_classes(rt, task, stale)
+        empty = (private_prototypes(rt.scenario, rt.stream.num_tasks, model, x, y, public, pid=pid,
+                                    task=-1 if task is None else task, rnd=rnd, device=rt.device)
+                 if objective.uploads_prototypes and public else None)
+        reply = _reply(msg, context, rt, pid, state, task, server_round,
+                       upload=None if empty is None else objective.upload(model, empty),
+                       counts=[] if empty is None else [int(c) for c in empty.counts], loss=0.0, steps=0, num_examples=0)
+        return _withhold_under_dp(reply, rt.scenario, released=empty is not None, sgd_steps=None)
 
     s = rt.scenario
     teacher = None
@@ -342,17 +349,18 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
             f"or smaller strategy loss weights"
         ) from None
     lap("train")
-    private = (private_prototypes(s, rt.stream.num_tasks, model, x, y, seen, pid=pid, task=task, rnd=rnd, device=rt.device)
+    private = (private_prototypes(s, rt.stream.num_tasks, model, x, y, _release_classes(rt, task, stale), pid=pid,
+                                  task=task, rnd=rnd, device=rt.device)
                if objective.uploads_prototypes else None)
     client_truth(setup, rt, pid, task, rnd, server_round, model, x, y)  # privacy.keep_uploads only
     # a DP release is sent as released: no calibration or second-order statistics computed from
     # the private data are added to it (the privacy check refuses those combinations), and the
     # data is not embedded a second time
     feats = None if private is not None else embed(model, x, rt.device)
-    local_protos = private if feats is None else stack.calibrate(class_means(feats, y))
+    local_protos = private if feats is None else class_means(feats, y)
     upload = objective.upload(model, local_protos)
     if feats is not None and s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
-        upload.update(stats_to_arrays(SecondOrderStats.of(feats, y, normalized_features(s.model.classifier))))
+        upload.update(stats_to_arrays(client_statistics(feats, y, s.model.classifier)))
     lap("upload")
     state["model"] = to_cpu(model.state_dict())
     state["objective"] = objective.state_dict()
@@ -360,11 +368,33 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
     lap("state_save")
     reply = _reply(msg, context, rt, pid, state, task, server_round, upload=upload,
                    counts=[int(c) for c in local_protos.counts] if objective.uploads_prototypes else [], loss=float(stats.loss), steps=int(stats.steps),
-                   num_examples=int(len(task_idx)))
-    if private is not None:
-        reply.content[METRICS][RELEASED] = 1
-    if dp_sgd is not None:
-        reply.content[METRICS][SGD_STEPS] = int(stats.steps)
+                   num_examples=int(len(y)))  # the samples it trained on: task + replay memory (a STALE client: its memory)
+    return _withhold_under_dp(reply, s, released=private is not None,
+                              sgd_steps=None if dp_sgd is None else int(stats.steps))
+
+
+def _release_classes(rt: Runtime, task: int | None, stale: bool) -> list[int]:
+    """The classes a client's DP release covers this round, from the public schedule alone: its
+    task's classes when it learns one (none for a STALE client: under DP it keeps no replay
+    memory, so it holds nothing, and everyone knows it)."""
+    return [] if task is None or stale else [int(c) for c in rt.stream.tasks[task]]
+
+
+def _withhold_under_dp(reply: Message, scenario, *, released: bool, sgd_steps: int | None) -> Message:
+    """Under differential privacy a training reply carries nothing exact about the client's
+    data beyond its DP releases: ``num_examples`` is 1 for every reply that carries a release
+    or weights (FedAvg then weights clients uniformly; 0 only for an empty reply without
+    weights, which a weighted mean must skip), and ``train_loss`` and ``steps`` (a function of
+    the sample count outside DP-SGD) are withheld. ``privacy.sgd_steps`` is data-independent
+    (``local_epochs x int(1/q)``, empty Poisson batches included)."""
+    if not scenario.privacy.dp:
+        return reply
+    m = reply.content[METRICS]
+    carries = released or sgd_steps is not None
+    kept = {k: v for k, v in m.items() if k not in ("train_loss", "steps", "num_examples")}
+    reply.content[METRICS] = MetricRecord({**kept, "num_examples": 1 if carries else 0,
+                                           **({RELEASED: 1} if released else {}),
+                                           **({SGD_STEPS: sgd_steps} if sgd_steps is not None else {})})
     return reply
 
 
@@ -420,7 +450,8 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
         x,
         classifier=objective.inference,
         seen_classes=seen,
-        protos=objective.inference_prototypes(None),
+        protos=mechanisms.build_stack(rt.scenario.continual, objective.uses_continual, state.get("continual"))
+        .inference_prototypes(objective.inference_prototypes(None), rt.stream.tasks[0]),  # post hoc (TEEN)
         device=rt.device,
         second_order=rt.scenario.model.classifier,
         stats=stats_from_arrays(msg.content[GLOBAL]),
