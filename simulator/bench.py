@@ -182,7 +182,8 @@ def engine_figures(run_dir: Path, wall: float, workers: int = 1) -> dict[str, An
     (wall time minus the slowest client only) is kept as ``round_overhead_literal_seconds``: with
     more clients than actors it counts queueing behind other clients as overhead."""
     m = pd.read_csv(run_dir / "metrics.csv").drop_duplicates("global_round")
-    # max_client_seconds is NaN in vectorised rounds (no member's own time): the summed compute then
+    # max_client_seconds is NaN in vectorised rounds (no member's own time): the summed compute over
+    # the workers alone then bounds the makespan (fmax ignores the NaN)
     makespan = np.fmax(m["max_client_seconds"], m["client_seconds"] / max(1, workers))
     overhead = (m["train_seconds"] - makespan).clip(lower=0)
     literal = (m["train_seconds"] - m["max_client_seconds"]).clip(lower=0)
