@@ -11,6 +11,10 @@ only one of them is noise the user asked for:
   before it counts, and it never counts as the client's fault.
 * ``error``: anything else: an exception in our code or the method's. Each one is recorded in
   ``failures.csv`` and the first traceback of each distinct error is printed.
+
+A fourth kind of row concerns the whole run, not one reply: ``infrastructure``, the engine's
+infrastructure died under the run (Ray's GCS or raylet, or every worker of a round) and the run
+was resumed from its last finished task (simulator/engine/retry.py).
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import RunFailure
 from ..seeding import rng
 
 INJECTED = "injected"
 ERROR = "error"
 WORKER_DIED = "worker_died"
 KINDS = (INJECTED, ERROR, WORKER_DIED)
+#: a failures.csv row of the whole run: its engine's infrastructure died (Ray's GCS, raylet or
+#: every worker) and the run was resumed from its last finished task (``attempts`` = retry number)
+INFRASTRUCTURE = "infrastructure"
 
 #: how often a message lost to the infrastructure is delivered at most before it counts as
 #: failed, and the pause before each new delivery (seconds: grows by half each time, capped):
@@ -56,6 +64,45 @@ _INFRA_PATTERNS = (
     "NodeDiedError",
     "ObjectLostError",
 )
+
+
+class InfrastructureFailure(RunFailure):
+    """The engine's infrastructure died under the run (not the user's or the method's code):
+    the runner resumes the run from its last finished task, ``resources.retries`` times at most.
+    ``what`` says in a few words what died."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+#: texts of exceptions raised when Ray's own processes are gone or unreachable
+_RAY_DEATH_TEXTS = ("GCS", "raylet", "Raylet", "Ray has not been started", "node has crashed", "Owner died")
+
+
+def infrastructure_cause(exc: BaseException) -> str | None:
+    """What of the infrastructure died, when ``exc`` (or an exception it was raised from) says so;
+    None for anything else, e.g. a strategy's own exception, which is a bug and never retried."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        if isinstance(e, InfrastructureFailure):
+            return e.what
+        module = type(e).__module__
+        if module == "ray" or module.startswith(("ray.", "ray._")):
+            return f"Ray failed ({type(e).__name__}: {first})" if first else f"Ray failed ({type(e).__name__})"
+        if isinstance(e, (ConnectionError, TimeoutError)) and any(t in str(e) for t in _RAY_DEATH_TEXTS):
+            return f"Ray's cluster could not be reached ({first})"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def retry_row(task: int, retry: int, what: str) -> "Failure":
+    """The failures.csv row of retry number ``retry`` of a run whose infrastructure died during
+    ``task`` (phase ``run``; no round or client: the whole run was resumed)."""
+    return Failure("run", task, -1, -1, -1, INFRASTRUCTURE, what[:300], retry)
 
 
 def injected_fault(scenario, partition_id: int, server_round: int) -> tuple[str, str] | None:

@@ -120,6 +120,8 @@ def _summary(
         bytes_down=rec.bytes_down,
         bytes_per_round=(rec.bytes_up + rec.bytes_down) / rounds,
         eval_bytes=rec.eval_bytes,
+        secagg_bytes_up=rec.secagg_bytes_up,  # the SecAgg+ protocol's own traffic (0 without it)
+        secagg_bytes_down=rec.secagg_bytes_down,
         wall_seconds=round(wall, 3),
         completed=completed,
         tasks_completed=done,
@@ -311,10 +313,11 @@ def run_scenario(
     def write_results(completed: bool) -> dict[str, Any]:
         import pandas as pd
 
-        from .failures import FAILURE_COLUMNS
+        from .failures import FAILURE_COLUMNS, INFRASTRUCTURE
 
         summary = _summary(scenario, rec, engine, wall_before + time.time() - started, completed, stream.tasks)
         summary["small_batch_client_tasks"] = small
+        summary["retries"] = sum(1 for f in rec.failures if f.kind == INFRASTRUCTURE)  # simulator/engine/retry.py
         if rec.rows:
             writer.write_metrics(rec.rows)
         if rec.client_rows:
@@ -373,17 +376,28 @@ def run_scenario(
         rec.say(f"warning: resources.vectorize is on, but the clients train one by one: {why}")
     completed = False
     ACTIVE_RUN_DIR = run_dir
-    from ..supervisor import report_run_dir
+    from ..supervisor import earlier_retries, report_run_dir, retries_spent
+    from .retry import Retries
 
-    report_run_dir(run_dir)
+    report_run_dir(run_dir, scenario.resources.retries)
+    retries = Retries(rec, run_dir, clients_dir, scenario.resources.retries, start_task, strategy_state)
+    for number, task, what in earlier_retries(run_dir):  # Ray ended an earlier process of this run
+        retries.add(task, what, number)
     try:
+        if why := retries_spent(run_dir):
+            raise RunFailure(why)
         write_stream(stream, state_dir)
+        write_results(completed=False)  # summary.json says what there is, even if Ray dies in task 1
         profile.add("prepare", time.perf_counter() - profile.started)
-        if start_task < stream.num_tasks:
-            _launch(
-                setup, rec, engine, scenario, verbose, grid=grid,
-                start_task=start_task, strategy_state=strategy_state, on_task_end=on_task_end,
-            )
+        while start_task < stream.num_tasks:
+            try:
+                _launch(
+                    setup, rec, engine, scenario, verbose, grid=grid,
+                    start_task=start_task, strategy_state=strategy_state, on_task_end=on_task_end,
+                )
+                break
+            except RunFailure as exc:
+                start_task, strategy_state = _retry_or_fail(exc, retries, rec, setup, run_dir, engine, grid)
         completed = True
     finally:
         profile.mark("finish")
@@ -401,6 +415,36 @@ def run_scenario(
         profile.add("finish", profile.since("finish"))
         _write_profile(run_dir, profile, engine, rec)
     return RunOutcome(run_dir, summary, rec.matrix)
+
+
+def _retry_or_fail(exc: RunFailure, retries, rec: RunRecorder, setup: RunSetup, run_dir: Path, engine: str, grid) -> tuple[int, Any]:
+    """After the engine failed: when its infrastructure died (not the method's code) and
+    ``resources.retries`` allows, go back to the last finished task (``(start_task,
+    strategy_state)`` to launch again, one line says so); else the run fails with ``exc`` or,
+    for an infrastructure failure, with protofed's message naming the run and Ray's logs."""
+    from .failures import infrastructure_cause
+    from .ray_engine import last_log_dir
+    from .retry import stop_ray
+
+    what = infrastructure_cause(exc) if engine == "ray" and grid is None else None
+    if what is None:
+        raise exc
+    stop_ray()
+    logs = f" Ray's logs: {last_log_dir()}." if last_log_dir() else ""
+    if retries.used >= retries.allowed:
+        raise RunFailure(
+            f"{what}; the run was resumed {retries.used} times already (resources.retries {retries.allowed}). "
+            "This is usually the machine running out of memory or CPU. Try fewer actors at once (a larger "
+            "resources.num_cpus_per_client), a smaller model or batch, or --engine inline; finished tasks are "
+            f"kept and `protofed run --resume {run_dir}` continues from them.{logs}"
+        ) from exc
+    failed_in = rec.tasks_done
+    row = retries.add(failed_in, what)
+    release_runtime(setup)  # a fresh driver runtime over the restored client states
+    start_task, strategy_state = retries.restore()
+    rec.say(f"protofed: {what} during task {failed_in + 1}; resuming the run from its last finished task "
+            f"(retry {row.attempts} of {retries.allowed}).{logs}")
+    return start_task, strategy_state
 
 
 def _write_profile(run_dir: Path, profile, engine: str, rec: RunRecorder) -> None:
@@ -464,10 +508,13 @@ def _launch(
             profile.add("engine_stop", profile.since("loop_end"))  # the ServerApp returned -> Ray shut down
     except (RunFailure, UserError, KeyboardInterrupt):
         raise
-    except Exception as exc:  # Ray itself failed (a dead raylet, the object store, start-up)
+    except Exception as exc:  # Ray itself failed (a dead raylet, the object store, start-up), or the method's code
+        from .failures import InfrastructureFailure, infrastructure_cause
+
+        if (what := infrastructure_cause(exc)) is not None:  # retried by run_scenario
+            raise InfrastructureFailure(what) from exc
         raise RunFailure(
             f"the Ray engine failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}; "
-            "the machine may be out of memory or Ray could not start: try --engine inline, or fewer actors "
-            "(a larger resources.num_cpus_per_client); finished tasks are kept and "
-            "`protofed run --resume RUN_DIR` continues from them"
+            "finished tasks are kept and "
+            f"`protofed run --resume {ACTIVE_RUN_DIR or 'RUN_DIR'}` continues from them"
         ) from exc

@@ -18,9 +18,10 @@ from ..privacy.secagg import SecureSum, exchange_securely
 from ..records import CONFIG, METRICS, payload_bytes, weights_to_arrays
 from . import failures
 from .cohorts import CohortGrid, cohort_stats, wait_for_nodes
-from .failures import ERROR, INJECTED, KINDS, MAX_DELIVERIES, WORKER_DIED, Failure, injected_fault, is_infrastructure, split_reason
+from .failures import (ERROR, INJECTED, KINDS, MAX_DELIVERIES, WORKER_DIED, Failure, InfrastructureFailure, injected_fault,
+                       is_infrastructure, split_reason)
 from .profile import RunProfile
-from .recorder import RunRecorder, score_evaluation
+from .recorder import RunRecorder, score_evaluation, slowest_client_seconds
 from .runtime import RunSetup, runtime_for
 
 
@@ -38,7 +39,10 @@ def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs):
         if reply.has_error():
-            raise RunFailure(f"a client node failed to start: {reply.error.reason[:500]}")
+            code, reason = int(reply.error.code), str(reply.error.reason)
+            if is_infrastructure(code, reason):  # e.g. "ActorDiedError ... Owner's node has crashed": retried
+                raise InfrastructureFailure(f"a client node failed to start, Ray lost it ({split_reason(reason)[0]})")
+            raise RunFailure(f"a client node failed to start: {reason[:500]}")
         mapping[int(reply.content[METRICS]["partition_id"])] = reply.metadata.src_node_id
     if sorted(mapping) != list(range(num_clients)):
         raise RunFailure(f"client nodes reported partitions {sorted(mapping)}, expected 0..{num_clients - 1}")
@@ -242,7 +246,7 @@ def server_loop(
             if reason is not None:
                 raise RunFailure(reason)
             if msgs and failed[WORKER_DIED] == len(msgs):
-                raise RunFailure(infrastructure_hint(s, recorder))
+                raise infrastructure_hint(s, recorder, server_round)
             count_releases(recorder.privacy_releases, replies, recorder.privacy_sgd_steps)
             if getattr(recorder, "upload_log", None) is not None:  # privacy.keep_uploads
                 recorder.upload_log.observe(server_round, task, rnd, replies)
@@ -262,7 +266,7 @@ def server_loop(
                 clients_failed_unexpected=failed[ERROR] + failed[WORKER_DIED],
                 train_seconds=train_seconds,
                 client_seconds=sum(compute),
-                max_client_seconds=max(compute, default=0.0),
+                max_client_seconds=slowest_client_seconds(compute, replies),  # NaN in a vectorised round
                 context_state_bytes=max(
                     (int(r.content[METRICS].get("context_state_bytes", 0)) for r in replies if r.has_content() and METRICS in r.content),
                     default=0,
@@ -323,14 +327,12 @@ def learned_tasks_of(scenario, stream, data_scope: str) -> Callable[[int, int], 
     return learned
 
 
-def infrastructure_hint(scenario, recorder: RunRecorder) -> str:
+def infrastructure_hint(scenario, recorder: RunRecorder, server_round: int) -> InfrastructureFailure:
+    """Every message of a round was lost: the workers died. The runner resumes the run from its
+    last finished task (simulator/engine/retry.py) or, once the retries are spent, names the run
+    directory and what to try."""
     last = recorder.failures[-1].message if recorder.failures else "no reply"
-    return (
-        f"every client message of the round was lost: the Ray workers died ({last}). "
-        "This is usually the machine running out of memory. Try fewer actors at once "
-        "(a larger resources.num_cpus_per_client), a smaller model or batch, or --engine inline; "
-        "finished tasks are kept and `protofed run --resume RUN_DIR` continues from them"
-    )
+    return InfrastructureFailure(f"every client message of global round {server_round} was lost: Ray's workers died ({last[:120]})")
 
 
 def build_server_app(setup: RunSetup, recorder: RunRecorder, **loop_kwargs: Any) -> ServerApp:
