@@ -268,19 +268,23 @@ def compare(
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    parallel: int = 1,
 ) -> pd.DataFrame:
     """``protofed compare``: one row per run of the study folder with every summary key,
     ``status`` (ok | kept | failed | incomplete), ``this_call`` and ``run_dir``; the table is also
     written to ``<out>/comparison.csv``. A failed run does not raise: the others go on and its
     row says ``failed`` with the reason in ``error``. ``overwrite``: replace runs of another
-    scenario in the run directories (as ``--overwrite``)."""
+    scenario in the run directories (as ``--overwrite``). ``parallel``: runs executed at once,
+    each in its own process (as ``--parallel``; the numbers are those of a serial study)."""
     from .compare import labels_arg, run_compare
+    from .study_exec import parallel_arg
 
     with _api_words():
+        n = parallel_arg(parallel, "parallel=")
         path, out = _as_file(scenario, out_dir, overrides)
         df, _ = run_compare(
             path, labels_arg(",".join(_names(strategies))), _seeds(seeds), out_dir=out, engine=engine,
-            sets=_override_texts(overrides), out=sys.stdout if progress else None, overwrite=overwrite,
+            sets=_override_texts(overrides), out=sys.stdout if progress else None, overwrite=overwrite, parallel=n,
         )
     return df
 
@@ -296,15 +300,18 @@ def sweep(
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    parallel: int = 1,
 ) -> pd.DataFrame:
     """``protofed sweep``: every grid cell x strategy x seed; one row per run of the sweep folder
     (the swept keys as columns, then every summary key), also written to ``<out>/sweep.csv``.
     ``grid`` maps dotted keys to lists of values (a single value, not a list, is a one-value
     list; a text with a comma is refused: give a list); unset, the scenario's ``sweep:`` section
-    gives grid, strategies and seeds. ``overwrite`` as in :func:`compare`."""
+    gives grid, strategies and seeds. ``overwrite`` and ``parallel`` as in :func:`compare`."""
+    from .study_exec import parallel_arg
     from .sweep import run_sweep
 
     with _api_words():
+        n = parallel_arg(parallel, "parallel=")
         values = _grid(grid)
         path, out = _as_file(scenario, out_dir, overrides, "sweep")
         df, _ = run_sweep(
@@ -313,7 +320,7 @@ def sweep(
             labels=_names(strategies) if strategies is not None else None,
             seeds=_seeds(seeds) if seeds is not None else None,
             out_dir=out, engine=engine, sets=_override_texts(overrides), out=sys.stdout if progress else None,
-            overwrite=overwrite,
+            overwrite=overwrite, parallel=n,
         )
     return df
 

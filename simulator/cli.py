@@ -35,9 +35,13 @@ def _raw_scenario(path: str, strategy: str | None, seed: int | None, sets: Seque
 
 
 def load_for_cli(path: str, strategy: str | None = None, seed: int | None = None, sets: Sequence[str] = ()):
-    from .scenario import validate_scenario
+    from .scenario import blame_overrides, validate_scenario
 
-    return validate_scenario(_raw_scenario(path, strategy, seed, sets), path)
+    raw = _raw_scenario(path, strategy, seed, sets)
+    try:
+        return validate_scenario(raw, path)
+    except UserError as exc:  # a bad --set value is named as such, not as a mistake in the file
+        raise blame_overrides(exc, path, list(sets)) from None
 
 
 def set_overrides(path: str, scenario, strategy: str | None = None, seed: int | None = None, sets: Sequence[str] = ()) -> dict[str, Any]:
@@ -141,6 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import labels_arg, run_compare, seeds_arg, this_call_failed
 
+    parallel = _parallel(args)
     df, _ = run_compare(
         args.scenario,
         labels_arg(args.strategies),
@@ -151,6 +156,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         out=sys.stdout,  # the current one (a default argument keeps the stream of the first import)
         overwrite=args.overwrite,
+        parallel=parallel,
     )
     return 1 if this_call_failed(df) else 0
 
@@ -159,6 +165,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .compare import labels_arg, seeds_arg, this_call_failed
     from .sweep import grid_arg, run_sweep
 
+    parallel = _parallel(args)
     df, _ = run_sweep(
         args.scenario,
         grid=grid_arg(args.grid) if args.grid else None,
@@ -170,8 +177,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         out=sys.stdout,
         overwrite=args.overwrite,
+        parallel=parallel,
     )
     return 1 if this_call_failed(df) else 0
+
+
+def _parallel(args: argparse.Namespace) -> int:
+    """``--parallel N``; ``--ray-address`` becomes every run's ``resources.ray_address``
+    (result-neutral: the study folder stays the same)."""
+    import json
+
+    from .study_exec import parallel_arg
+
+    if args.ray_address:
+        args.set = [*args.set, f"resources.ray_address={json.dumps(args.ray_address)}"]
+    return parallel_arg(args.parallel)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -358,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output folder (default <output.dir>/<name>)")
     c.add_argument("--verbose", action="store_true")
     c.add_argument("--overwrite", action="store_true", help="replace runs of other scenarios found in the run directories")
+    _study_flags(c)
     common(c)
     c.set_defaults(func=cmd_compare)
 
@@ -371,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", help="output folder (default <output.dir>/<name>/sweep; <name>-set-<hash> with --set)")
     sw.add_argument("--verbose", action="store_true")
     sw.add_argument("--overwrite", action="store_true", help="replace runs of other scenarios found in the run directories")
+    _study_flags(sw)
     common(sw)
     sw.set_defaults(func=cmd_sweep)
 
@@ -404,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="strategies, dataset sources, partition schemes, backbones")
     ls.set_defaults(func=cmd_list)
     return p
+
+
+def _study_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--parallel", default="1", metavar="N",
+                    help="run N runs of the study at once, each in its own process (default 1); on Ray they share one cluster")
+    sp.add_argument("--ray-address", help="run the study on an existing Ray cluster (every run's resources.ray_address)")
 
 
 class Terminated(KeyboardInterrupt):
@@ -455,16 +483,19 @@ def _main(argv: Sequence[str] | None = None) -> int:
         from .engine import runner
         from .supervisor import report_status
 
-        where = str(runner.ACTIVE_RUN_DIR) if runner.ACTIVE_RUN_DIR is not None else "RUN_DIR"
-        print(
-            f"\ninterrupted: finished tasks are kept; continue with `protofed run --resume {where}`",
-            file=sys.stderr,
-        )
+        if runner.ACTIVE_RUN_DIR is not None:
+            hint = f"continue with `protofed run --resume {runner.ACTIVE_RUN_DIR}`"
+        else:  # a study (its runs ran in other processes) or nothing started yet
+            hint = "run the same command again to continue (finished runs are kept, an interrupted one resumes)"
+        print(f"\ninterrupted: finished tasks are kept; {hint}", file=sys.stderr)
         report_status(code)  # before shutting Ray down, which can itself crash on the way out
         _stop_ray()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # Flower's server thread may still wait on replies that will never come
+    except BrokenPipeError:  # the reader went away (`protofed schema | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # not bad input (that is a UserError, exit 2) but a bug: say so, exit 1
         if os.environ.get("PROTOFED_DEBUG"):
             raise

@@ -27,7 +27,7 @@ import pandas as pd
 
 from .errors import Problem, UserError
 from .results import SUMMARY_KEYS, RunWriter
-from .scenario import Scenario, apply_overrides, read_yaml, validate_scenario
+from .scenario import Scenario, apply_overrides, blame_overrides, read_yaml, validate_scenario
 
 TABLE_COLUMNS = ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt", "local_final_avg_accuracy", "bytes_per_round", "wall_seconds")
 
@@ -92,7 +92,10 @@ def plan(
 
     file_raw = read_yaml(scenario_path)
     raw = apply_overrides(file_raw, list(sets)) if sets else file_raw
-    base = validate_scenario(raw, scenario_path)  # the scenario itself must be valid
+    try:
+        base = validate_scenario(raw, scenario_path)  # the scenario itself must be valid
+    except UserError as exc:
+        raise blame_overrides(exc, str(scenario_path), list(sets)) from None
     changed, tag = study_overrides(file_raw, base, scenario_path, sets)
     if extra_sets:
         raw = apply_overrides(raw, list(extra_sets))
@@ -310,7 +313,10 @@ def run_compare(
     verbose: bool = False,
     out: TextIO | None = sys.stdout,
     overwrite: bool = False,
+    parallel: int = 1,
 ) -> tuple[pd.DataFrame, Path]:
+    """``parallel``: runs executed at once (:mod:`simulator.study_exec`); the numbers are those
+    of a serial study."""
     from .engine.runner import build_stream_checked, check_strategy_setup, check_writable
     from .plots import plot_compare
 
@@ -329,27 +335,8 @@ def run_compare(
         raise UserError(scenario_path, conflicts)
     members = _study_members(root, runs, scenario_path, sets)  # earlier runs of this study: in the table too
     earlier = earlier_rows(root / "comparison.csv")
-    rows = []
     started = time.time()
-    executed: list[float] = []  # wall seconds of the runs executed so far (kept runs cost nothing)
-    for i, r in enumerate(runs, 1):
-        say = (lambda text: print(text, file=out, flush=True)) if out else (lambda text: None)
-        eta = f" · ETA {_duration(sum(executed) / len(executed) * (len(runs) - i + 1))}" if executed else ""
-        say(f"\n=== run {i}/{len(runs)}: {r.label} · seed {r.seed} ({len(runs) - i} left after this) · "
-            f"elapsed {_duration(time.time() - started)}{eta} ===")
-        t_run = time.time()
-        row: dict[str, Any] = {"label": r.label, "seed": r.seed}
-        done = _finished(r)
-        if done is not None:
-            say(f"kept: {r.run_dir} already holds this completed run")
-            row.update(done, status="kept", error="")
-        else:
-            row.update(execute(r, scenario_path, verbose=verbose, out=out, say=say))
-            if row["status"] == "failed":
-                say(f"FAILED: {row['error']}")
-            executed.append(time.time() - t_run)
-        row["run_dir"] = str(r.run_dir)
-        rows.append({**row, "this_call": True})
+    rows = _execute_study(runs, scenario_path, parallel=parallel, verbose=verbose, out=out, root=root)
     for m in members:
         rows.append({"label": m.label, "seed": m.seed, **disk_row(m.run_dir, earlier), "run_dir": str(m.run_dir), "this_call": False})
     df = pd.DataFrame(rows)
@@ -371,6 +358,42 @@ def run_compare(
         print(f"\n{len(ok)}/{len(df)} runs ok in {time.time() - started:.0f}s · results in {root}", file=out)
         report_study(df, root, out)
     return df, root
+
+
+def _execute_study(runs: list[PlannedRun], scenario_path: str, *, parallel: int, verbose: bool, out: TextIO | None,
+                   root: Path) -> list[dict[str, Any]]:
+    """This call's rows, in the order of ``runs``: completed runs on disk kept, the others
+    executed (``parallel`` at once), each announced with the elapsed time and an ETA."""
+    from .study_exec import execute_runs
+
+    say = (lambda text: print(text, file=out, flush=True)) if out else (lambda text: None)
+    rows: list[dict[str, Any]] = [{"label": r.label, "seed": r.seed} for r in runs]
+    started, executed, todo = time.time(), [], []  # executed: wall seconds of the runs executed so far
+    for i, r in enumerate(runs):
+        done = _finished(r)
+        if done is not None:
+            say(f"kept: {r.run_dir} already holds this completed run ({r.label} · seed {r.seed})")
+            rows[i].update(done, status="kept", error="")
+        else:
+            todo.append((i, r))
+
+    def on_start(i: int, r: PlannedRun) -> None:
+        left = len(todo) - len(executed)
+        eta = f" · ETA {_duration(sum(executed) / len(executed) * left / max(1, parallel))}" if executed else ""
+        say(f"\n=== run {i + 1}/{len(runs)}: {r.label} · seed {r.seed} · "
+            f"elapsed {_duration(time.time() - started)}{eta} ===")
+
+    def on_done(i: int, row: dict[str, Any], seconds: float) -> None:
+        rows[i].update(row)
+        executed.append(seconds)
+        if row["status"] == "failed":
+            say(f"FAILED: {runs[i].label} · seed {runs[i].seed}: {row['error']}")
+        elif parallel > 1:
+            say(f"finished: {runs[i].label} · seed {runs[i].seed} in {_duration(seconds)} ({len(executed)}/{len(todo)})")
+
+    execute_runs(todo, scenario_path, parallel=parallel, verbose=verbose, out=out, log_dir=root / "logs",
+                 on_start=on_start, on_done=on_done)
+    return [{**row, "run_dir": str(r.run_dir), "this_call": True} for row, r in zip(rows, runs)]
 
 
 def _duration(seconds: float) -> str:

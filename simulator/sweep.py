@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from .compare import OK_STATUSES, PlannedRun, _conflicts, _finished, execute, format_table, plan, report_study
+from .compare import OK_STATUSES, PlannedRun, _conflicts, _finished, format_table, plan, report_study
 from .errors import Problem, UserError
 from .results import SUMMARY_KEYS, RunWriter
 from .scenario import apply_overrides, load_yaml_text, overridable_key_problem, read_yaml, validate_scenario
@@ -247,9 +247,11 @@ def run_sweep(
     plots: bool = True,
     live: bool | None = None,
     overwrite: bool = False,
+    parallel: int = 1,
 ) -> tuple[pd.DataFrame, Path]:
     """``live``: a rich progress bar (default: when ``out`` is a terminal); otherwise plain
-    lines, each run announced with the elapsed time and an ETA (logs, CI)."""
+    lines, each run announced with the elapsed time and an ETA (logs, CI). ``parallel``: runs
+    executed at once (:mod:`simulator.study_exec`), with the numbers of a serial sweep."""
     from .engine.runner import build_stream_checked, check_strategy_setup, check_writable
 
     sp = plan_sweep(scenario_path, grid, labels, seeds, out_dir, sets)
@@ -276,14 +278,14 @@ def run_sweep(
         progress, bar, out = _live_progress(out, len(sp.runs))
         progress.start()
     try:
-        return _execute(sp, scenario_path, verbose, out, plots, progress, bar if progress else None, overwrite)
+        return _execute(sp, scenario_path, verbose, out, plots, progress, bar if progress else None, overwrite, parallel)
     finally:
         if progress is not None:
             progress.stop()
 
 
 def _execute(sp: SweepPlan, scenario_path: str, verbose: bool, out: Any, plots: bool,
-             progress: Any, bar: Any, overwrite: bool) -> tuple[pd.DataFrame, Path]:
+             progress: Any, bar: Any, overwrite: bool, parallel: int = 1) -> tuple[pd.DataFrame, Path]:
     say = (lambda text: print(text, file=out, flush=True)) if out else (lambda text: None)
     say(
         f"protofed sweep · {len(sp.cells)} cells x {len(sp.labels)} strategies x {len(sp.seeds)} seeds = "
@@ -300,24 +302,8 @@ def _execute(sp: SweepPlan, scenario_path: str, verbose: bool, out: Any, plots: 
     eta = Eta(sum(f is None for f in finished))
     rows = [_first_row(cell, r, done) for (cell, r), done in zip(sp.runs, finished)]
     writer = RunWriter(sp.root)
-    for i, (cell, r) in enumerate(sp.runs, 1):
-        say(f"\n=== sweep run {i}/{len(sp.runs)} · {cell.name} · {r.label} · seed {r.seed} · {eta.line()} ===")
-        if finished[i - 1] is not None:
-            say(f"kept: {r.run_dir} already holds this completed run")
-        else:
-            t0 = time.time()
-            try:
-                rows[i - 1].update(execute(r, scenario_path, verbose=verbose, out=out, say=say))
-            except KeyboardInterrupt:  # the table on disk says which run stopped, then the usual message
-                rows[i - 1].update(status="interrupted", error="interrupted (Ctrl-C or SIGTERM)")
-                writer.write_table("sweep", _table(rows + earlier, sp.keys))
-                raise
-            eta.executed.append(time.time() - t0)
-            if rows[i - 1]["status"] == "failed":
-                say(f"FAILED: {rows[i - 1]['error']}")
-        if progress is not None:
-            progress.update(bar, advance=1, eta=eta.eta())
-        writer.write_table("sweep", _table(rows + earlier, sp.keys))  # the whole table, after every run
+    _run_all(sp, scenario_path, finished, rows, earlier, eta, writer, say,
+             dict(verbose=verbose, out=out, parallel=parallel), lambda: progress and progress.update(bar, advance=1, eta=eta.eta()))
     df = _table(rows + earlier, sp.keys)
     ok = df[df["status"].isin(OK_STATUSES)]
     if plots and len(ok):
@@ -335,6 +321,44 @@ def _execute(sp: SweepPlan, scenario_path: str, verbose: bool, out: Any, plots: 
         print(f"\n{len(ok)}/{len(df)} runs ok in {_duration(time.time() - eta.started)} · results in {sp.root}", file=out)
         report_study(df.assign(label=df["cell"] + " · " + df["label"].astype(str)), sp.root, out)
     return df, sp.root
+
+
+def _run_all(sp: SweepPlan, scenario_path: str, finished: list, rows: list[dict[str, Any]], earlier: list[dict[str, Any]],
+             eta: Eta, writer: RunWriter, say, options: dict[str, Any], advance) -> None:
+    """Execute the runs not finished on disk (``options["parallel"]`` at once,
+    :mod:`simulator.study_exec`); the whole table is written after every finished run, and the
+    runs a Ctrl-C stopped are ``interrupted`` in it."""
+    from .study_exec import execute_runs
+
+    for i, ((cell, r), done) in enumerate(zip(sp.runs, finished)):
+        if done is not None:
+            say(f"kept: {r.run_dir} already holds this completed run ({cell.name} · {r.label} · seed {r.seed})")
+            advance()
+    todo = [(i, r) for i, ((_, r), done) in enumerate(zip(sp.runs, finished)) if done is None]
+    running: set[int] = set()
+
+    def on_start(i: int, r: PlannedRun) -> None:
+        running.add(i)
+        say(f"\n=== sweep run {i + 1}/{len(sp.runs)} · {sp.runs[i][0].name} · {r.label} · seed {r.seed} · {eta.line()} ===")
+
+    def on_done(i: int, row: dict[str, Any], seconds: float) -> None:
+        running.discard(i)
+        rows[i].update(row)
+        eta.executed.append(seconds / max(1, options["parallel"]))  # the study's time per run
+        if row["status"] == "failed":
+            say(f"FAILED: {sp.runs[i][0].name} · {sp.runs[i][1].label} · seed {sp.runs[i][1].seed}: {row['error']}")
+        advance()
+        writer.write_table("sweep", _table(rows + earlier, sp.keys))  # the whole table, after every run
+
+    try:
+        execute_runs(todo, scenario_path, parallel=options["parallel"], verbose=options["verbose"], out=options["out"],
+                     log_dir=sp.root / "logs", on_start=on_start, on_done=on_done)
+    except KeyboardInterrupt:  # the table on disk says which runs stopped, then the usual message
+        for i in running:
+            rows[i].update(status="interrupted", error="interrupted (Ctrl-C or SIGTERM)")
+        writer.write_table("sweep", _table(rows + earlier, sp.keys))
+        raise
+    writer.write_table("sweep", _table(rows + earlier, sp.keys))
 
 
 def _first_row(cell: Cell, r: PlannedRun, done: dict[str, Any] | None) -> dict[str, Any]:
