@@ -28,11 +28,15 @@ message saves a round trip (a process start per node) on every successful run; t
 message covers the rest. Only a ServerApp killed from outside leaves a folder behind, and that
 folder can never be read by another run (its run id is unique).
 
-Start-up cost: on the Deployment Engine each message starts a fresh ``flwr-clientapp`` process.
-This module imports nothing heavy at import time; ``query`` messages (partition discovery,
-cleanup) never import torch, and the federated data stream is built once per node and scenario
-and cached under ``<state-dir>/streams/<hash of the resolved scenario>.pkl``; later messages of
-this and later runs load it instead of rebuilding it.
+Start-up cost: with Flower's default isolation each message starts a fresh ``flwr-clientapp``
+process; the README's recipe instead runs each SuperNode with ``--isolation process`` beside one
+long-lived ClientApp process (:mod:`simulator.deploy`), where the caches below (``_SETUPS`` and
+the engine's runtimes) last from one message of a run to the next. Either way this module
+imports nothing heavy at import time; ``query`` messages (partition discovery, cleanup) never
+import torch, and the federated data stream is built once per node and scenario and cached
+under ``<state-dir>/streams/<hash of the resolved scenario>.pkl``; later messages of this and
+later runs load it instead of rebuilding it. With ``PROTOFED_DEPLOY_LOG`` set, every message
+answered appends a JSON line (process start, handler start and end) to that file.
 """
 
 from __future__ import annotations
@@ -275,9 +279,33 @@ def _cleanup(context: Context) -> None:
 
 
 client_app = ClientApp()
+TIMING_LOG = "PROTOFED_DEPLOY_LOG"  # env: a file that gets one JSON line per message answered
+
+
+def _timed(handler):
+    """With ``PROTOFED_DEPLOY_LOG`` set, append when this process started, when the handler
+    began and when it returned (``time.time()``) to that file: the start-up cost of a message."""
+
+    def wrapped(msg: Message, context: Context) -> Message:
+        began = time.time()
+        try:
+            return handler(msg, context)
+        finally:
+            log = os.environ.get(TIMING_LOG)
+            if log:
+                import psutil
+
+                row = {"where": "clientapp", "pid": os.getpid(), "type": msg.metadata.message_type,
+                       "process_start": psutil.Process().create_time(), "began": began, "returned": time.time()}
+                with open(log, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+
+    wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
+    return wrapped
 
 
 @client_app.train()
+@_timed
 def _train(msg: Message, context: Context) -> Message:
     from .engine.client_app import _train as train
 
@@ -285,6 +313,7 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 @client_app.evaluate()
+@_timed
 def _evaluate(msg: Message, context: Context) -> Message:
     from .engine.client_app import _evaluate as evaluate
     from .engine.runtime import runtime_for
@@ -303,6 +332,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 
 @client_app.query()
+@_timed
 def _query(msg: Message, context: Context) -> Message:
     """Partition discovery (``engine.client_app._query``'s reply) or, at the end of the run, the
     cleanup of this node's state; neither needs torch or the data."""

@@ -4,7 +4,9 @@ The bash block between the README's ``deployment-recipe`` markers is executed by
 ``flower-superlink``, one real ``flower-supernode`` per client and ``flwr run`` with a SuperLink
 connection in a temporary Flower home. The test changes only the recipe's first line (its
 variables: free ports picked now, a tiny scenario, run directories under ``tmp_path``) and runs
-the ``flwr run`` line twice on the same SuperNodes. Both runs must give the inline engine's
+the ``flwr run`` line twice on the same SuperNodes. Each SuperNode's messages, of both runs, must be
+answered by the one long-lived ClientApp process the recipe starts beside it
+(``python -m simulator.deploy``), not by a process per message. Both runs must give the inline engine's
 accuracy matrix and training losses (a second run that started from the first run's clients
 would not), progress lines must reach ``flwr run --stream``, the SuperNodes must have removed
 their run folders, and every process the test started is stopped, whatever happens.
@@ -12,6 +14,7 @@ their run folders, and every process the test started is stopped, whatever happe
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -152,7 +155,9 @@ def test_readme_recipe_on_real_superlink_and_supernodes(tmp_path):
     tmp = tmp_path / "tmp"  # mktemp (the Flower home) and the SuperNodes' default state-dir
     tmp.mkdir()
     tag = uuid.uuid4().hex
-    env = {**os.environ, "TMPDIR": str(tmp), "PROTOFED_TEST_TAG": tag, "OMP_NUM_THREADS": "1", "PATH": PATH}
+    timing = tmp_path / "messages.jsonl"  # one line per ClientApp message (simulator.flower_app)
+    env = {**os.environ, "TMPDIR": str(tmp), "PROTOFED_TEST_TAG": tag, "OMP_NUM_THREADS": "1", "PATH": PATH,
+           "PROTOFED_DEPLOY_LOG": str(timing)}
     env.pop("FLWR_HOME", None)
     started = time.time()
     proc = subprocess.Popen(
@@ -184,6 +189,16 @@ def test_readme_recipe_on_real_superlink_and_supernodes(tmp_path):
         assert (out / "accuracy_matrix.csv").read_text() == expected, out
         pd.testing.assert_frame_equal(_table(out), _table(tmp_path / "inline"))
     assert inline.summary["completed"]
+
+    # one long-lived ClientApp process per SuperNode answered every message of both runs (with
+    # Flower's process per message there were as many processes as messages); each node got
+    # per run: the discovery query, then a train and an evaluate per round (2 tasks x 1 round)
+    rows = [json.loads(line) for line in timing.read_text().splitlines()]
+    answered = [r for r in rows if r.get("where") == "clientapp"]
+    assert len(answered) == 2 * NODES * 5, answered
+    assert len({r["pid"] for r in answered}) == NODES, "a ClientApp process per message, not per SuperNode"
+    claimed = [r for r in rows if "claimed" in r]  # the worker's own line per message
+    assert sorted((r["pid"], r["type"]) for r in claimed) == sorted((r["pid"], r["type"]) for r in answered)
 
     # client state was keyed by run and removed at its end; the data stream was built once
     state_root = tmp / "protofed-nodes"
