@@ -152,8 +152,8 @@ def test_dp_on_prototype_uploads_is_refused_unless_the_embedding_never_saw_the_d
 def test_post_hoc_teen_is_allowed_under_dp(tmp_path, capsys):
     # TEEN only post-processes the prototypes a client predicts with (the DP output it received),
     # never what it releases, so it no longer has to be refused
-    ok = write_tiny(tmp_path, privacy={"epsilon": 4.0}, continual={"memory_per_class": 0, "backbone": "frozen",
-                                                                    "teen": {"alpha": 0.5, "tau": 16}})
+    ok = write_tiny(tmp_path, privacy={"epsilon": 4.0}, strategy={"name": "proto_avg", "params": {}},
+                    continual={"memory_per_class": 0, "backbone": "frozen", "teen": {"alpha": 0.5, "tau": 16}})
     assert main(["validate", str(ok)]) == 0, capsys.readouterr().err
 
 
