@@ -377,10 +377,13 @@ def _execute_study(runs: list[PlannedRun], scenario_path: str, *, parallel: int,
         else:
             todo.append((i, r))
 
+    begun: list[int] = []
+
     def on_start(i: int, r: PlannedRun) -> None:
-        left = len(todo) - len(executed)
+        begun.append(i)
+        left = len(todo) - len(executed)  # this run and those not finished yet
         eta = f" · ETA {_duration(sum(executed) / len(executed) * left / max(1, parallel))}" if executed else ""
-        say(f"\n=== run {i + 1}/{len(runs)}: {r.label} · seed {r.seed} · "
+        say(f"\n=== run {i + 1}/{len(runs)}: {r.label} · seed {r.seed} ({len(todo) - len(begun)} left after this) · "
             f"elapsed {_duration(time.time() - started)}{eta} ===")
 
     def on_done(i: int, row: dict[str, Any], seconds: float) -> None:
