@@ -124,3 +124,19 @@ def test_vectorised_rounds_report_no_per_client_maximum(tmp_path, monkeypatch):
     plain = run_scenario(validate_scenario(raw), run_dir=tmp_path / "plain", out=None)
     mp = _metrics(plain.run_dir)
     assert (mp["max_client_seconds"] > 0).all() and (mp["max_client_seconds"] <= mp["client_seconds"]).all()
+
+
+def test_a_round_in_which_nothing_trains_has_no_loss_not_zero(tmp_path):
+    """proto_avg on a frozen backbone has no parameter to train (no head): its clients take no
+    step, so the round's train_loss is empty; a loss of 0.0 would read as a perfect fit."""
+    import pandas as pd
+
+    from helpers import run_tiny
+
+    out = run_tiny(tmp_path, "frozen", clients__num_clients=2, training__rounds_per_task=1,
+                   strategy={"name": "proto_avg", "params": {}}, continual={"memory_per_class": 0, "backbone": "frozen"})
+    m = pd.read_csv(out.run_dir / "metrics.csv").drop_duplicates("global_round")
+    assert (m["clients_idle"] == m["clients_trained"]).all()  # every client took no step
+    assert m["train_loss"].isna().all(), m["train_loss"].tolist()
+    trained = run_tiny(tmp_path, "trained", clients__num_clients=2, training__rounds_per_task=1)
+    assert pd.read_csv(trained.run_dir / "metrics.csv")["train_loss"].notna().all()

@@ -419,7 +419,9 @@ def _reply(msg: Message, context: Context, rt: Runtime, pid: int, state: dict[st
         {
             "partition_id": pid,
             "num_examples": num_examples,
-            "train_loss": loss,
+            # a client that took no step (nothing to train: e.g. a frozen backbone and no head) has no
+            # loss; 0.0 would read as a perfect fit, and the server averages only the losses it gets
+            **({"train_loss": loss} if steps > 0 else {}),
             "steps": steps,
             "proto.counts": counts,
             "server_round": server_round,
