@@ -443,11 +443,9 @@ def _on_sigterm(signum, frame) -> None:  # pragma: no cover - exercised through 
 
 
 def _stop_ray() -> None:
-    if "ray" in sys.modules:
-        import ray
+    from .engine.ray_engine import stop_ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+    stop_ray()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -75,6 +75,19 @@ def _label_overrides(raw: dict[str, Any], label: str) -> dict[str, Any]:
     return raw
 
 
+def study_base(scenario_path: str, sets: Sequence[str]) -> tuple[dict, Scenario, dict, str]:
+    """The study's scenario: the file with the study's ``--set`` applied (raw and validated; a bad
+    ``--set`` is named as such), what those change and their hash (the folder's tag)."""
+    file_raw = read_yaml(scenario_path)
+    raw = apply_overrides(file_raw, list(sets)) if sets else file_raw
+    try:
+        base = validate_scenario(raw, scenario_path)  # the scenario itself must be valid
+    except UserError as exc:
+        raise blame_overrides(exc, str(scenario_path), list(sets)) from None
+    changed, tag = study_overrides(file_raw, base, scenario_path, sets)
+    return raw, base, changed, tag
+
+
 def plan(
     scenario_path: str,
     labels: Sequence[str],
@@ -90,13 +103,7 @@ def plan(
 
     from .run_dirs import scenario_folder
 
-    file_raw = read_yaml(scenario_path)
-    raw = apply_overrides(file_raw, list(sets)) if sets else file_raw
-    try:
-        base = validate_scenario(raw, scenario_path)  # the scenario itself must be valid
-    except UserError as exc:
-        raise blame_overrides(exc, str(scenario_path), list(sets)) from None
-    changed, tag = study_overrides(file_raw, base, scenario_path, sets)
+    raw, base, changed, tag = study_base(scenario_path, sets)
     if extra_sets:
         raw = apply_overrides(raw, list(extra_sets))
         base = validate_scenario(raw, scenario_path)
@@ -146,17 +153,7 @@ def _finished(run: PlannedRun) -> dict[str, Any] | None:
 
 def _conflicts(runs: list[PlannedRun]) -> list[Problem]:
     """Run directories that hold a run of another scenario (never replaced without --overwrite)."""
-    from .run_dirs import describe, differences, recorded_state
-
-    problems = []
-    for r in runs:
-        config, _ = recorded_state(r.run_dir)
-        if config is None:
-            continue
-        diff = differences(config, r.scenario.resolved())
-        if diff:
-            problems.append(Problem(str(r.run_dir), f"holds a run of a different scenario ({describe(diff, 3)})"))
-    return problems
+    return [p for r in runs if (p := member_problem(r.run_dir, r))]
 
 
 def execute(run: PlannedRun, scenario_path: str, *, verbose: bool, out: TextIO | None, say) -> dict[str, Any]:
@@ -202,7 +199,9 @@ def member_problem(run_dir: Path, run: PlannedRun) -> Problem | None:
     from .run_dirs import describe, differences, recorded_state
 
     config, _ = recorded_state(run_dir)
-    diff = differences(config or {}, run.scenario.resolved())
+    if config is None:  # nothing recorded there: nothing to conflict with
+        return None
+    diff = differences(config, run.scenario.resolved())
     return Problem(str(run_dir), f"holds a run of a different scenario ({describe(diff, 3)})") if diff else None
 
 

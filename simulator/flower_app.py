@@ -41,6 +41,7 @@ answered appends a JSON line (process start, handler start and end) to that file
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -282,6 +283,14 @@ client_app = ClientApp()
 TIMING_LOG = "PROTOFED_DEPLOY_LOG"  # env: a file that gets one JSON line per message answered
 
 
+@functools.lru_cache(maxsize=1)
+def _process_start() -> float:
+    """When this process started (read once: a long-lived ClientApp answers many messages)."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def _timed(handler):
     """With ``PROTOFED_DEPLOY_LOG`` set, append when this process started, when the handler
     began and when it returned (``time.time()``) to that file: the start-up cost of a message."""
@@ -293,10 +302,8 @@ def _timed(handler):
         finally:
             log = os.environ.get(TIMING_LOG)
             if log:
-                import psutil
-
                 row = {"where": "clientapp", "pid": os.getpid(), "type": msg.metadata.message_type,
-                       "process_start": psutil.Process().create_time(), "began": began, "returned": time.time()}
+                       "process_start": _process_start(), "began": began, "returned": time.time()}
                 with open(log, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
 

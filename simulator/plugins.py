@@ -135,10 +135,9 @@ class Registry(dict):
         self.load_plugins()
         if name in self._problems:
             return f"{self.kind} {name!r} is not available: {self._problems[name].describe()}"
-        import difflib
+        from .scenario import did_you_mean
 
-        close = difflib.get_close_matches(str(name), sorted(self), n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(str(name), sorted(self))
         return f"unknown {self.kind} {name!r}{hint}; allowed: {', '.join(sorted(self))}"
 
     # ------------------------------------------------------------------ reading loads the plugins

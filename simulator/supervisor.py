@@ -150,15 +150,6 @@ def _pump(src, dst, verbose: bool, died: list[str] | None = None) -> None:
     src.close()
 
 
-def _descendants(pid: int) -> set[int]:
-    import psutil
-
-    try:
-        return {p.pid for p in psutil.Process(pid).children(recursive=True)}
-    except psutil.Error:
-        return set()
-
-
 def _stop(pids: set[int]) -> None:
     import psutil
 
@@ -176,13 +167,6 @@ def _stop(pids: set[int]) -> None:
             p.kill()
         except psutil.Error:
             pass
-
-
-def _last_run_dir(stdout_lines: list[str]) -> str | None:
-    for line in reversed(stdout_lines):
-        if line.startswith("run directory: "):
-            return line.split(": ", 1)[1].strip()
-    return None
 
 
 def _ray_process(proc) -> str | None:

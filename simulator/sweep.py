@@ -36,7 +36,7 @@ import pandas as pd
 from .compare import OK_STATUSES, PlannedRun, _conflicts, _finished, format_table, plan, report_study
 from .errors import Problem, UserError
 from .results import SUMMARY_KEYS, RunWriter
-from .scenario import apply_overrides, load_yaml_text, overridable_key_problem, read_yaml, validate_scenario
+from .scenario import load_yaml_text, overridable_key_problem
 
 MAX_CELL_NAME = 200  # below the 255 bytes a file name may have
 
@@ -146,13 +146,10 @@ def plan_sweep(
     sets: Sequence[str] = (),
 ) -> SweepPlan:
     """Every run of the sweep, validated; nothing is written."""
-    from .compare import study_overrides
+    from .compare import study_base
     from .run_dirs import scenario_folder
 
-    file_raw = read_yaml(scenario_path)
-    raw = apply_overrides(file_raw, list(sets)) if sets else file_raw
-    base = validate_scenario(raw, scenario_path)
-    _, tag = study_overrides(file_raw, base, scenario_path, sets)  # other --set values: another folder, as compare
+    _, base, _, tag = study_base(scenario_path, sets)  # other --set values: another folder, as compare
     grid = dict(grid) if grid else dict(base.sweep.grid)
     if not grid:
         raise UserError.single("--grid", "--grid", "give --grid KEY=V1,V2,... or a sweep: {grid: {KEY: [V1, V2]}} section in the scenario")
@@ -305,6 +302,7 @@ def _execute(sp: SweepPlan, scenario_path: str, verbose: bool, out: Any, plots: 
     _run_all(sp, scenario_path, finished, rows, earlier, eta, writer, say,
              dict(verbose=verbose, out=out, parallel=parallel), lambda: progress and progress.update(bar, advance=1, eta=eta.eta()))
     df = _table(rows + earlier, sp.keys)
+    writer.write_table("sweep", df)  # also when every run was finished already (no run wrote it)
     ok = df[df["status"].isin(OK_STATUSES)]
     if plots and len(ok):
         from .sweep_plots import plot_sweep
@@ -319,7 +317,7 @@ def _execute(sp: SweepPlan, scenario_path: str, verbose: bool, out: Any, plots: 
         print(file=out)
         print(format_table(shown), file=out)
         print(f"\n{len(ok)}/{len(df)} runs ok in {_duration(time.time() - eta.started)} · results in {sp.root}", file=out)
-        report_study(df.assign(label=df["cell"] + " · " + df["label"].astype(str)), sp.root, out)
+        report_study(shown, sp.root, out)
     return df, sp.root
 
 
@@ -358,7 +356,6 @@ def _run_all(sp: SweepPlan, scenario_path: str, finished: list, rows: list[dict[
             rows[i].update(status="interrupted", error="interrupted (Ctrl-C or SIGTERM)")
         writer.write_table("sweep", _table(rows + earlier, sp.keys))
         raise
-    writer.write_table("sweep", _table(rows + earlier, sp.keys))
 
 
 def _first_row(cell: Cell, r: PlannedRun, done: dict[str, Any] | None) -> dict[str, Any]:

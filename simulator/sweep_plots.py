@@ -67,7 +67,9 @@ def _subtitle(df: pd.DataFrame) -> str:
 
 
 def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out_dir: Path, formats: Sequence[str] | None = None) -> list[Path]:
-    ok = df[df["status"].isin(("ok", "kept"))]  # not failed, incomplete or pending runs
+    from .compare import OK_STATUSES
+
+    ok = df[df["status"].isin(OK_STATUSES)]  # not failed, incomplete or pending runs
     if ok.empty:
         return []
     if len(keys) == 1:

@@ -298,7 +298,11 @@ class FederatedStrategy(Strategy):
                 self.client_stats[u.partition_id] = s if prev is None else prev.updated_with(s)
                 updated = True
         if updated:
-            self.global_stats = merge_stats([self.client_stats[p] for p in sorted(self.client_stats)])
+            self.global_stats = self._merged_client_stats()
+
+    def _merged_client_stats(self):
+        """Every client's latest statistics summed class by class, in client order."""
+        return merge_stats([self.client_stats[p] for p in sorted(self.client_stats)])
 
     def summary(self) -> None:
         return None
@@ -309,7 +313,6 @@ class FederatedStrategy(Strategy):
             "protos": (self.global_protos.classes, self.global_protos.vectors, self.global_protos.counts),
             "weights": {k: v.numpy() for k, v in self.global_weights.items()},
             "holding_frozen": sorted(self.holding_frozen),
-            "second_order": _stats_state(self.global_stats),
             "second_order_clients": {p: _stats_state(s) for p, s in self.client_stats.items()},
         }
 
@@ -318,6 +321,8 @@ class FederatedStrategy(Strategy):
         self.global_protos = PrototypeSet(c, v, n)
         self.global_weights = {k: Array(np.asarray(a)) for k, a in state["weights"].items()}
         self.holding_frozen = set(int(p) for p in state.get("holding_frozen", []))
-        if "second_order" in state:
-            self.global_stats = SecondOrderStats(*state["second_order"])
         self.client_stats = {int(p): SecondOrderStats(*t) for p, t in state.get("second_order_clients", {}).items()}
+        if self.client_stats:  # the merged statistics are derived from the clients' (as merge_second_order does)
+            self.global_stats = self._merged_client_stats()
+        elif "second_order" in state:  # a checkpoint written before the clients' statistics were kept
+            self.global_stats = SecondOrderStats(*state["second_order"])

@@ -46,3 +46,11 @@ def test_a_closed_pipe_ends_the_command_quietly():
     proc = subprocess.run(f"{sys.executable} -m simulator.cli schema | head -1", shell=True, capture_output=True,
                           text=True, timeout=120)
     assert proc.stdout.startswith("name") and "internal error" not in proc.stderr, proc.stderr
+
+
+def test_a_bad_set_on_a_sweep_blames_the_set_argument_too(tmp_path, capsys):
+    code = main(["sweep", "scenarios/quickstart.yaml", "--grid", "training.lr=0.1,0.2", "--set", "clients.num_clientz=3",
+                 "--out", str(tmp_path / "sweep")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --set clients.num_clientz=3 (applied to scenarios/quickstart.yaml)"), err
+    assert not (tmp_path / "sweep").exists()

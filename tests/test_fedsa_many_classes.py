@@ -60,6 +60,10 @@ MANY = dict(
 )
 
 
+# Why xfail and not a pass: the test states what FedSA should do (keep up with proto_avg) and records
+# that, measured against the official code line by line, it does not here (strategies/fedsa.py). Strict:
+# an unexpected pass fails the suite, and only the final assertion may fail (raises=AssertionError);
+# a crash or an unlearnable regime (pytest.fail below) is a real failure.
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 19: FedSA's random anchors do not align the clients' feature spaces "
                    "with many classes and few samples per class (strategies/fedsa.py docstring)")
 def test_fedsa_keeps_up_with_proto_avg_on_many_image_classes(tmp_path):

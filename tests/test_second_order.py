@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from simulator.engine.runner import run_scenario
 from simulator.learner.backbones import build_model
 from simulator.learner.prototypes import class_means
-from simulator.learner.second_order import SecondOrderStats, fecam_covariances, fit_classifier, lda_covariance
+from simulator.learner.second_order import SecondOrderStats, mahalanobis_correlations, fit_classifier, lda_covariance
 from simulator.learner.training import embed
 from simulator.records import FROZEN_FLAG, WEIGHT_PREFIX, protos_to_arrays, stats_from_arrays, stats_to_arrays
 from simulator.scenario import validate_scenario
@@ -59,7 +59,7 @@ def test_federated_second_order_statistics_equal_pooled_ones():
     within = sum(np.cov(f_all[y_all == c], rowvar=False) * (np.sum(y_all == c) - 1) for c in pooled.classes)
     w = within / (len(y_all) - 4)
     np.testing.assert_allclose(lda_covariance(merged), 0.9 * w + 0.1 * np.trace(w) / 8 * np.eye(8), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(fecam_covariances(merged), fecam_covariances(pooled), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mahalanobis_correlations(merged), mahalanobis_correlations(pooled), rtol=1e-5, atol=1e-6)
     a, b = fit_classifier(merged, "lda"), fit_classifier(pooled, "lda")
     np.testing.assert_allclose(a.scores(f_all), b.scores(f_all), rtol=1e-5, atol=1e-4)
     assert np.array_equal(a.predict(f_all), b.predict(f_all))
@@ -69,11 +69,11 @@ def test_federated_second_order_statistics_equal_pooled_ones():
 
     merged_n = merge_stats([stats_from_arrays(ArrayRecord(u)) for u in norm_up])
     pooled_n = SecondOrderStats.of(f_all, y_all, normalize=True)
-    np.testing.assert_allclose(fecam_covariances(merged_n), fecam_covariances(pooled_n), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mahalanobis_correlations(merged_n), mahalanobis_correlations(pooled_n), rtol=1e-5, atol=1e-6)
     a, b = fit_classifier(merged_n, "mahalanobis"), fit_classifier(pooled_n, "mahalanobis")
     np.testing.assert_allclose(a.scores(f_all), b.scores(f_all), rtol=1e-5, atol=1e-4)
     assert np.array_equal(a.predict(f_all), b.predict(f_all))
-    corr = fecam_covariances(pooled_n)
+    corr = mahalanobis_correlations(pooled_n)
     np.testing.assert_allclose(np.diagonal(corr, axis1=1, axis2=2), 1.0)  # correlation matrices
     # a class uploaded again replaces that client's statistics of it; other clients' and classes' stay
     f = embed(model, parts[0][0][:10])

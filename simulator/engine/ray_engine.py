@@ -51,11 +51,16 @@ def study_ray():
         yield
     finally:
         _STUDY["owned"] = False
-        if "ray" in sys.modules:
-            import ray
+        stop_ray()
 
-            if ray.is_initialized():
-                ray.shutdown()
+
+def stop_ray() -> None:
+    """Shut this process's Ray down, if it was started (without importing Ray otherwise)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @contextmanager

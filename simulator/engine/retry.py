@@ -74,17 +74,3 @@ class Retries:
         self.sync()
         return start, state
 
-
-def stop_ray() -> None:
-    """Shut this process's Ray down after its cluster failed (never fails itself)."""
-    import sys
-
-    if "ray" not in sys.modules:
-        return
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:
-        pass

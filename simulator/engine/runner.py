@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -423,13 +424,13 @@ def _retry_or_fail(exc: RunFailure, retries, rec: RunRecorder, setup: RunSetup, 
     strategy_state)`` to launch again, one line says so); else the run fails with ``exc`` or,
     for an infrastructure failure, with protofed's message naming the run and Ray's logs."""
     from .failures import infrastructure_cause
-    from .ray_engine import last_log_dir
-    from .retry import stop_ray
+    from .ray_engine import last_log_dir, stop_ray
 
     what = infrastructure_cause(exc) if engine == "ray" and grid is None else None
     if what is None:
         raise exc
-    stop_ray()
+    with contextlib.suppress(Exception):  # Ray's cluster failed: its shutdown may fail too
+        stop_ray()
     logs = f" Ray's logs: {last_log_dir()}." if last_log_dir() else ""
     if retries.used >= retries.allowed:
         raise RunFailure(

@@ -246,7 +246,7 @@ def server_loop(
             if reason is not None:
                 raise RunFailure(reason)
             if msgs and failed[WORKER_DIED] == len(msgs):
-                raise infrastructure_hint(s, recorder, server_round)
+                raise infrastructure_hint(recorder, server_round)
             count_releases(recorder.privacy_releases, replies, recorder.privacy_sgd_steps)
             if getattr(recorder, "upload_log", None) is not None:  # privacy.keep_uploads
                 recorder.upload_log.observe(server_round, task, rnd, replies)
@@ -327,7 +327,7 @@ def learned_tasks_of(scenario, stream, data_scope: str) -> Callable[[int, int], 
     return learned
 
 
-def infrastructure_hint(scenario, recorder: RunRecorder, server_round: int) -> InfrastructureFailure:
+def infrastructure_hint(recorder: RunRecorder, server_round: int) -> InfrastructureFailure:
     """Every message of a round was lost: the workers died. The runner resumes the run from its
     last finished task (simulator/engine/retry.py) or, once the retries are spent, names the run
     directory and what to try."""

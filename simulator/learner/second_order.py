@@ -64,8 +64,7 @@ import numpy as np
 import torch
 
 CLASSIFIERS = ("ncm", "nme", "mahalanobis", "fecam", "lda")
-FECAM_GAMMA = (1.0, 1.0)  # protofed's mahalanobis: one shrinkage with these weights
-FECAM_ALPHA = (1.0, 1.0)  # FeCAM's alpha1, alpha2 (official CIFAR-100 / ImageNet configurations)
+SHRINK_WEIGHTS = (1.0, 1.0)  # FeCAM's alpha1, alpha2 (official CIFAR-100 / ImageNet configurations); mahalanobis uses them too
 FECAM_SHRINKS = 2  # FeCAM applies its shrinkage twice
 TUKEY_BETA = 0.5  # FeCAM's beta
 LDA_SHRINKAGE = 0.1
@@ -170,7 +169,7 @@ class SecondOrderStats:
 
 def _as_array(features: torch.Tensor | np.ndarray) -> np.ndarray:
     f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
-    return f.astype(np.float64)
+    return f.astype(np.float64, copy=False)  # no second copy of what is float64 already
 
 
 def _same_layout(a: SecondOrderStats, b: SecondOrderStats) -> None:
@@ -185,11 +184,6 @@ def l2_normalize(f: np.ndarray) -> np.ndarray:
 def tukey(f: np.ndarray) -> np.ndarray:
     """Tukey's ladder of powers with FeCAM's beta 0.5, as a signed power (module docstring)."""
     return np.sign(f) * np.abs(f) ** TUKEY_BETA
-
-
-def normalized_features(kind: str) -> bool:
-    """Whether the classifier ``kind`` sums L2-normalised embeddings."""
-    return kind in ("nme", "mahalanobis")
 
 
 def client_statistics(features: torch.Tensor | np.ndarray, labels: np.ndarray, kind: str) -> SecondOrderStats:
@@ -248,23 +242,26 @@ def _correlation(c: np.ndarray) -> np.ndarray:
     return c / np.outer(sd, sd)
 
 
-def fecam_covariances(stats: SecondOrderStats) -> np.ndarray:
-    """protofed's ``mahalanobis``: shrunk (once) per-class covariances normalised to correlation
-    matrices ``[C, D, D]`` (module docstring)."""
-    cov = stats.scatter() / np.maximum(stats.counts - 1, 1)[:, None, None]
-    return np.stack([_correlation(_shrink(c, *FECAM_GAMMA, nonzero_off_diagonal=False)) for c in cov]) if len(cov) else cov
-
-
-def fecam_official_covariances(stats: SecondOrderStats) -> np.ndarray:
-    """``fecam``: covariances of the (Tukey-transformed) statistics, shrunk twice, normalised to
+def _class_correlations(stats: SecondOrderStats, shrinks: int, nonzero_off_diagonal: bool) -> np.ndarray:
+    """Per-class covariances, shrunk ``shrinks`` times (weights ``SHRINK_WEIGHTS``), normalised to
     correlation matrices ``[C, D, D]``."""
     cov = stats.scatter() / np.maximum(stats.counts - 1, 1)[:, None, None]
     out = []
     for c in cov:
-        for _ in range(FECAM_SHRINKS):
-            c = _shrink(c, *FECAM_ALPHA, nonzero_off_diagonal=True)
+        for _ in range(shrinks):
+            c = _shrink(c, *SHRINK_WEIGHTS, nonzero_off_diagonal=nonzero_off_diagonal)
         out.append(_correlation(c))
     return np.stack(out) if out else cov
+
+
+def mahalanobis_correlations(stats: SecondOrderStats) -> np.ndarray:
+    """protofed's ``mahalanobis`` (not FeCAM's estimator, module docstring): shrunk once."""
+    return _class_correlations(stats, 1, nonzero_off_diagonal=False)
+
+
+def fecam_correlations(stats: SecondOrderStats) -> np.ndarray:
+    """``fecam``: of the (Tukey-transformed) statistics, shrunk twice as FeCAM's ``shrink_cov``."""
+    return _class_correlations(stats, FECAM_SHRINKS, nonzero_off_diagonal=True)
 
 
 def lda_covariance(stats: SecondOrderStats) -> np.ndarray:
@@ -320,12 +317,12 @@ def fit_classifier(stats: SecondOrderStats, kind: str) -> FittedClassifier:
     if kind == "nme":
         means = l2_normalize(stats.means)
     elif kind == "mahalanobis":
-        prec = np.stack([np.linalg.pinv(c, hermitian=True) for c in fecam_covariances(stats)])
+        prec = np.stack([np.linalg.pinv(c, hermitian=True) for c in mahalanobis_correlations(stats)])
     elif kind == "fecam":
         if stats.raw_sums is None:
             raise ValueError("fecam needs the raw sums of the embeddings")
         means = l2_normalize(tukey(stats.raw_sums / np.maximum(stats.counts, 1)[:, None]))
-        prec = np.stack([np.linalg.pinv(c, hermitian=True) for c in fecam_official_covariances(stats)])
+        prec = np.stack([np.linalg.pinv(c, hermitian=True) for c in fecam_correlations(stats)])
     elif kind == "lda":
         prec = np.linalg.pinv(lda_covariance(stats), hermitian=True)
     else:

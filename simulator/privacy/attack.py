@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .mechanism import clip_rows
 
 FPR_TARGET = 0.01
 
@@ -112,10 +113,7 @@ def leave_one_out_scores(p: np.ndarray, n: float, members: np.ndarray, others: n
     ref, cand = others[0::2].astype(np.float64), others[1::2].astype(np.float64)
     m = ref.mean(axis=0)
     mem = members.astype(np.float64)
-    removed = mem
-    if clip:
-        norms = np.linalg.norm(mem, axis=1, keepdims=True)
-        removed = mem * np.minimum(1.0, clip / np.maximum(norms, 1e-12))
+    removed = clip_rows(mem, clip) if clip else mem  # what the release summed for this member
     p_loo = (n * p.astype(np.float64)[None, :] - removed) / (n - 1)  # one release per member
     s_mem = ((mem - m) * (p_loo - m)).sum(1)
     s_non = (cand - m) @ (p.astype(np.float64) - m)

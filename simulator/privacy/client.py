@@ -48,9 +48,13 @@ def plan_for(scenario, num_tasks: int) -> DpPlan | None:
     sgd_epochs = scenario.training.local_epochs if uses_dp_sgd(scenario) else None
     rounds = num_tasks * scenario.training.rounds_per_task
     releases = rounds if uploads_prototypes(scenario) else 0
-    key = (p.model_dump_json(), num_tasks, scenario.training.rounds_per_task, sgd_epochs, releases)
+    batch = scenario.training.batch_size
+    key = (p.model_dump_json(), num_tasks, scenario.training.rounds_per_task, sgd_epochs, releases, batch)
     if key not in _PLANS:
-        _PLANS[key] = make_plan(p, rounds, sgd_epochs, releases=releases)
+        plan = make_plan(p, rounds, sgd_epochs, releases=releases)
+        if plan.sgd is not None:  # DP-SGD normalises by the public batch size, not Opacus' q x n (dp_sgd.py)
+            plan = dataclasses.replace(plan, sgd=dataclasses.replace(plan.sgd, divisor=float(batch)))
+        _PLANS[key] = plan
     return _PLANS[key]
 
 
@@ -59,8 +63,7 @@ def private_training(scenario, num_tasks: int, *, pid: int, task: int, rnd: int)
     plan = plan_for(scenario, num_tasks)
     if plan is None or plan.sgd is None:
         return None
-    sgd = dataclasses.replace(plan.sgd, divisor=float(scenario.training.batch_size))  # public, not q x n
-    return PrivateTraining(sgd, derive_seed(scenario.seed, "dp_sgd", pid, task, rnd))
+    return PrivateTraining(plan.sgd, derive_seed(scenario.seed, "dp_sgd", pid, task, rnd))
 
 
 def private_prototypes(

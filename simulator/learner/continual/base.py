@@ -110,6 +110,14 @@ def narrowed_ce_classes(data: TaskData) -> list[int] | None:
     return sorted({int(c) for c in data.classes} | {int(c) for c in data.memory_classes})
 
 
+def narrow(seen: list[int], ce_classes: list[int] | None) -> list[int]:
+    """``seen`` restricted to ``ce_classes`` (unchanged when there is no narrowing)."""
+    if ce_classes is None:
+        return seen
+    keep = set(ce_classes)
+    return [c for c in seen if c in keep]
+
+
 def kl_distillation(old_logits: torch.Tensor, new_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``KL(softmax(old / T) || softmax(new / T))``, averaged over the batch.
 

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from ..backbones import ProtoModel
-from .base import ContinualPlugin, OldOutputs, TaskData, narrowed_ce_classes
+from .base import ContinualPlugin, OldOutputs, TaskData, narrow, narrowed_ce_classes
 
 FISHER_MAX = 1e-4  # PyCIL's clamp
 
@@ -64,10 +64,7 @@ class EWC(ContinualPlugin):
         self.ce_classes = narrowed_ce_classes(data)
 
     def train_classes(self, seen: list[int]) -> list[int]:
-        if self.ce_classes is None or self.weight == 0:
-            return seen
-        keep = set(self.ce_classes)
-        return [c for c in seen if c in keep]
+        return seen if self.weight == 0 else narrow(seen, self.ce_classes)
 
     def on_task_end(self, model: ProtoModel, data: TaskData) -> None:
         if len(data.y) == 0:

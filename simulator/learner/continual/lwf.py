@@ -31,7 +31,7 @@ import torch
 
 from ..backbones import ProtoModel
 from ..prototypes import squared_distances
-from .base import ContinualPlugin, OldOutputs, TaskData, kl_distillation, narrowed_ce_classes
+from .base import ContinualPlugin, OldOutputs, TaskData, kl_distillation, narrow, narrowed_ce_classes
 
 
 class LwF(ContinualPlugin):
@@ -63,9 +63,7 @@ class LwF(ContinualPlugin):
         return self.weight * kl_distillation(-squared_distances(old.features, p), -squared_distances(features, p), self.temperature)
 
     def train_classes(self, seen: list[int]) -> list[int]:
-        if self.ce_classes is None or self.weight == 0:
-            return seen
-        return [c for c in seen if c in set(self.ce_classes)]
+        return seen if self.weight == 0 else narrow(seen, self.ce_classes)
 
     def state_dict(self) -> dict[str, Any]:
         return {"old_classes": list(self.old_classes), "old_protos": self.old_protos, "ce_classes": self.ce_classes}

@@ -75,6 +75,7 @@ class PRD(ContinualPlugin):
         self.distill_temperature = float(distill_temperature)
         self.old_protos: torch.Tensor | None = None
         self.groups: list[list[int]] = []  # rows of old_protos, one list per old task
+        self._fixed: tuple | None = None  # (device, old_protos / their norms, group index tensors): per task
 
     def on_task_start(self, model: ProtoModel, data: TaskData) -> None:
         old = data.old_prototypes()
@@ -82,20 +83,22 @@ class PRD(ContinualPlugin):
         self.groups = []
         if old is not None:
             row = {int(c): i for i, c in enumerate(old.classes)}
-            tasks = data.old_tasks or [list(data.old_classes)]
-            self.groups = [[row[c] for c in t if c in row] for t in tasks]
+            self.groups = [[row[c] for c in t if c in row] for t in data.old_tasks]
             self.groups = [g for g in self.groups if g]
+        self._fixed = None
 
     def relation_loss(self, features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor | None:
         """``sum_t KL(softmax(s_old^t / T) || softmax(s_new^t / T))`` over the old tasks."""
         if self.old_protos is None or not self.groups:
             return None
-        p = self.old_protos.to(features.device)
-        norms = p.norm(dim=1).clamp_min(1e-12)
-        s_new, s_old = features @ p.T / norms, old_features @ p.T / norms
+        if self._fixed is None or self._fixed[0] != features.device:  # the same for every batch of a task
+            p = self.old_protos.to(features.device)
+            scaled = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self._fixed = (features.device, scaled, [torch.as_tensor(g, device=features.device) for g in self.groups])
+        _, scaled, groups = self._fixed
+        s_new, s_old = features @ scaled.T, old_features @ scaled.T
         total = features.new_zeros(())
-        for g in self.groups:
-            idx = torch.as_tensor(g, device=features.device)
+        for idx in groups:
             total = total + kl_distillation(s_old[:, idx], s_new[:, idx], self.distill_temperature)
         return total
 
@@ -115,3 +118,4 @@ class PRD(ContinualPlugin):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.old_protos = state.get("old_protos")
         self.groups = list(state.get("groups", []))
+        self._fixed = None

@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..prototypes import PrototypeSet
+from ..second_order import l2_normalize
 from .base import ContinualPlugin
 
 
@@ -42,14 +43,12 @@ def calibrate_prototypes(new: np.ndarray, base: np.ndarray, alpha: float, tau: f
     n = np.asarray(new, dtype=np.float64)
     b = np.asarray(base, dtype=np.float64)
     norms = np.linalg.norm(n, axis=1, keepdims=True)
-    nn_ = n / np.maximum(norms, 1e-12)
-    bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    nn_, bn = l2_normalize(n), l2_normalize(b)
     logits = tau * nn_ @ bn.T
     logits -= logits.max(1, keepdims=True)
     w = np.exp(logits)
     w /= w.sum(1, keepdims=True)
-    delta = w @ bn
-    delta /= np.maximum(np.linalg.norm(delta, axis=1, keepdims=True), 1e-12)
+    delta = l2_normalize(w @ bn)
     return (norms * ((1.0 - alpha) * nn_ + alpha * delta)).astype(np.float32)
 
 
