@@ -140,3 +140,21 @@ def test_a_round_in_which_nothing_trains_has_no_loss_not_zero(tmp_path):
     assert m["train_loss"].isna().all(), m["train_loss"].tolist()
     trained = run_tiny(tmp_path, "trained", clients__num_clients=2, training__rounds_per_task=1)
     assert pd.read_csv(trained.run_dir / "metrics.csv")["train_loss"].notna().all()
+
+
+def test_fedproto_is_proto_avg_on_a_frozen_backbone(tmp_path):
+    """The README's privacy table shows fedproto identical to proto_avg on the frozen public
+    backbone. Why, in closed form: both merge a class as the count-weighted mean of the client
+    prototypes (fedproto's paper weighting), both predict by the nearest global prototype, and
+    with the backbone frozen fedproto's training moves only a head that inference never uses."""
+    frozen = {"memory_per_class": 0, "backbone": "frozen"}
+    a = run_tiny_frozen(tmp_path, "proto_avg", frozen)
+    b = run_tiny_frozen(tmp_path, "fedproto", frozen)
+    assert (a / "accuracy_matrix.csv").read_text() == (b / "accuracy_matrix.csv").read_text()
+
+
+def run_tiny_frozen(tmp_path, strategy: str, continual: dict):
+    from helpers import run_tiny
+
+    return run_tiny(tmp_path, strategy, strategy={"name": strategy, "params": {}}, continual=continual,
+                    clients__num_clients=3, training__rounds_per_task=1).run_dir
