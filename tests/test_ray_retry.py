@@ -15,7 +15,7 @@ import psutil
 import pytest
 import yaml
 
-from simulator.engine import server_app
+from simulator.engine import ray_engine, server_app
 from simulator.engine.runner import run_scenario
 from simulator.errors import RunFailure
 from simulator.scenario import validate_scenario
@@ -65,7 +65,10 @@ def _ray_workers() -> list[psutil.Process]:
 def test_workers_killed_mid_task_cost_one_retry_and_the_same_matrix(tmp_path, monkeypatch, reference):
     """Every Ray worker is killed (-9) as the second round of task 2 is sent, and no message is
     sent twice (MAX_DELIVERIES 1), so the whole round is lost: the run is resumed from the end of
-    task 1 in a new Ray and ends with the reference's accuracy matrix, byte for byte."""
+    task 1 in a new Ray and ends with the reference's accuracy matrix, byte for byte. Ray does
+    not restart the killed actors here (ACTOR_MAX_RESTARTS 0): with restarts, whether a message
+    sent just after the kill is lost or waits for the restarted actor depends on how fast Ray
+    notices the death (CI saw both)."""
     original = server_app.Delivery.exchange
     killed = []
 
@@ -81,6 +84,7 @@ def test_workers_killed_mid_task_cost_one_retry_and_the_same_matrix(tmp_path, mo
 
     monkeypatch.setattr(server_app.Delivery, "exchange", exchange)
     monkeypatch.setattr(server_app, "MAX_DELIVERIES", 1)
+    monkeypatch.setattr(ray_engine, "ACTOR_MAX_RESTARTS", 0)
     out = run_scenario(validate_scenario(scenario()), run_dir=tmp_path / "run", plots=False)
     assert killed
     assert out.summary["completed"] is True and out.summary["retries"] == 1

@@ -115,6 +115,13 @@ def _shared_pool(share: int):
         ray_actor.pool_size_from_resources = original
 
 
+# Ray restarts a client actor whose process died this many times (-1: always). A test sets 0 to
+# make a killed worker lose every message routed to it: with restarts, a message submitted after
+# Ray has noticed the death waits for the restarted actor and succeeds, one submitted before
+# fails, and which of the two happens depends on timing (tests/test_ray_retry.py).
+ACTOR_MAX_RESTARTS = -1
+
+
 def run_ray(
     server_app: ServerApp,
     client_app: ClientApp,
@@ -131,7 +138,7 @@ def run_ray(
     backend_config = {
         # max_restarts: Ray restarts an actor whose process died, so one crashed client costs
         # one failed reply instead of every later message routed to the dead actor
-        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client, "max_restarts": -1},
+        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client, "max_restarts": ACTOR_MAX_RESTARTS},
         "init_args": {
             "logging_level": logging.INFO if verbose else logging.ERROR,
             "log_to_driver": verbose,
