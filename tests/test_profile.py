@@ -76,6 +76,9 @@ def test_client_phases_are_present_non_negative_and_within_compute_seconds(tmp_p
     assert profile["driver"]["ray_init"] == 0.0
     assert sum(profile["driver"].values()) <= profile["wall_seconds"]
     assert len(profile["rounds"]) == 3 * 2  # every global round, with its own phases
+    parts = profile["task_end_writes_parts"]  # where the end-of-task writes go, within their total
+    assert {"results", "tracking", "strategy_state", "checkpoint", "final_state"} <= set(parts)
+    assert sum(parts.values()) <= profile["driver"]["task_end_writes"] + 1e-6
 
 
 def test_profile_changes_no_existing_output(tmp_path, replies):

@@ -143,6 +143,7 @@ class RunProfile:
         self.vectorized = 0  # client updates trained vectorised (resources.vectorize)
         self.gpu_peak: dict[str, int] = {}  # worker process -> peak GPU memory torch allocated there
         self.determinism = {"deterministic": 0, "not_deterministic": 0}  # client calls (resources.deterministic)
+        self.task_end: dict[str, float] = {}  # the parts of task_end_writes (results, tracking, ...)
 
     def add(self, name: str, seconds: float) -> None:
         self.driver[name] = self.driver.get(name, 0.0) + float(seconds)
@@ -154,6 +155,15 @@ class RunProfile:
             yield
         finally:
             self.add(name, time.perf_counter() - t0)
+
+    @contextmanager
+    def task_end_part(self, name: str) -> Iterator[None]:
+        """Time one part of the end-of-task writes (inside ``task_end_writes``)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.task_end[name] = self.task_end.get(name, 0.0) + time.perf_counter() - t0
 
     def mark(self, name: str) -> None:
         self.marks[name] = time.perf_counter()
@@ -199,6 +209,7 @@ class RunProfile:
             "client_evaluate": dict(self.client["evaluate"]),
             "rounds": list(self.rounds),
             "client_determinism": dict(self.determinism),
+            "task_end_writes_parts": dict(self.task_end),
             **({"cohorts": dict(self.cohorts)} if self.cohorts else {}),
             **({"gpu_peak_bytes_per_worker": dict(self.gpu_peak)} if self.gpu_peak else {}),
             **({"client_updates_vectorized": self.vectorized} if self.vectorized else {}),

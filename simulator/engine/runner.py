@@ -343,18 +343,22 @@ def run_scenario(
     def on_task_end(task: int, strategy) -> None:
         # everything finished so far is on disk at each task's end (summary with
         # completed: false), so even a process killed outright leaves its finished tasks
-        write_results(completed=False)
-        _track(lambda: trackers.log_rows(rec.rows))
+        with profile.task_end_part("results"):
+            write_results(completed=False)
+        with profile.task_end_part("tracking"):
+            _track(lambda: trackers.log_rows(rec.rows))
         if task == stream.num_tasks - 1:  # output.save: the final global state (and clients')
             from .final_state import save_final
 
             try:
-                save_final(run_dir, strategy, setup, scenario.output.save)
+                with profile.task_end_part("final_state"):
+                    save_final(run_dir, strategy, setup, scenario.output.save)
             except Exception as exc:  # saving the models must never lose a finished run
                 rec.say(f"warning: could not save the final state: {type(exc).__name__}: {exc}")
-        save_checkpoint(
-            run_dir, task, strategy.state_dict(), rec.state_dict(), clients_dir, wall_before + time.time() - started
-        )
+        with profile.task_end_part("strategy_state"):
+            state = strategy.state_dict()
+        with profile.task_end_part("checkpoint"):
+            save_checkpoint(run_dir, task, state, rec.state_dict(), clients_dir, wall_before + time.time() - started)
 
     small = small_batch_client_tasks(stream, scenario.training.batch_size)
     what = f"resuming at task {start_task + 1}" if start_task else f"engine {engine}"
