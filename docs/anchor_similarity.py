@@ -8,7 +8,7 @@ nearest-anchor distance (FedSA's "anchor gap", the contrastive margin when it ex
 gap) relative to the anchors' norm, and the same for the raw 384-d name embeddings. Needs the
 ``text`` extra. ``--names`` is ``digits`` ("zero".."nine") or a comma-separated list of names.
 
-``--npz`` writes the README's control instead: the same data as the ``digits`` source (or the
+``--npz`` writes the control in docs/privacy.md instead: the same data as the ``digits`` source (or the
 ``mnist1d`` source of ``scenarios/split_mnist1d.yaml``: 10,000 samples, data seed 42, test
 fraction 0.2, its own split) as an npz file with ``class_names`` "zero".."nine", and with
 ``--shuffle`` those names in a fixed random order that leaves no name on its own class. Run the

@@ -1,4 +1,4 @@
-"""Privacy measurements for the README (run from the repository root):
+"""Privacy measurements for docs/privacy.md (run from the repository root):
 
     OMP_NUM_THREADS=1 python docs/privacy_experiments.py attack SCENARIO --out DIR \
         [--strategies proto_avg,fedproto] [--epsilon 8] [--clip 10] [--set KEY=VALUE ...]

@@ -241,7 +241,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if bad:
         raise UserError.single("--format", "--format", f"unknown format {bad[0]!r}; allowed: {', '.join(PLOT_FORMATS)}")
     if formats and "png" not in formats:
-        formats.insert(0, "png")  # the PNGs are what the README and the run directory show
+        formats.insert(0, "png")  # the PNGs are what the docs and the run directory show
     with with_formats(formats or None):
         return _plot(args)
 

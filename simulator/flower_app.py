@@ -29,7 +29,7 @@ message covers the rest. Only a ServerApp killed from outside leaves a folder be
 folder can never be read by another run (its run id is unique).
 
 Start-up cost: with Flower's default isolation each message starts a fresh ``flwr-clientapp``
-process; the README's recipe instead runs each SuperNode with ``--isolation process`` beside one
+process; the recipe in docs/engines.md instead runs each SuperNode with ``--isolation process`` beside one
 long-lived ClientApp process (:mod:`simulator.deploy`), where the caches below (``_SETUPS`` and
 the engine's runtimes) last from one message of a run to the next. Either way this module
 imports nothing heavy at import time; ``query`` messages (partition discovery, cleanup) never

@@ -463,7 +463,7 @@ def _explain(err: dict[str, Any]) -> str:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if kind == "extra_forbidden":
-        return "unknown key (check the spelling; see `protofed validate --help` and the README's scenario reference)"
+        return "unknown key (check the spelling; see `protofed schema` or docs/scenario-reference.md)"
     if kind == "missing":
         return "required key is missing"
     if kind == "union_tag_invalid":

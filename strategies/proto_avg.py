@@ -14,7 +14,7 @@ is uploaded again:
   prototype by 20 / N_c only instead of replacing a mean over thousands of samples.
 
 A class that nobody uploads keeps its prototype: knowledge of earlier tasks stays on the server.
-The README gives the measured comparison of the two rules on the standard benchmark.
+docs/strategies.md gives the measured comparison of the two rules on the standard benchmark.
 
 Differs from the paper: the paper meta-trains one backbone centrally and then only moves
 prototypes; here clients keep training their backbones (``continual.backbone`` can freeze them),

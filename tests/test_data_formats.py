@@ -360,7 +360,7 @@ def test_download_network_failure_is_a_clear_error(tmp_path, monkeypatch):
     msg = e.value.message
     assert msg.startswith(f"could not download {CLOSED_PORT}cifar-10-python.tar.gz")
     assert "refused" in msg.lower()
-    assert str(root / "cifar-10-batches-py") in msg and "see README" in msg and "check the network" in msg
+    assert str(root / "cifar-10-batches-py") in msg and "see docs/data.md" in msg and "check the network" in msg
     assert files_under(root) == []  # no partial or temporary file left behind
 
     patch_idx(monkeypatch, "mnist", mirrors=(CLOSED_PORT, CLOSED_PORT + "second/"))

@@ -143,7 +143,7 @@ def test_a_round_in_which_nothing_trains_has_no_loss_not_zero(tmp_path):
 
 
 def test_fedproto_is_proto_avg_on_a_frozen_backbone(tmp_path):
-    """The README's privacy table shows fedproto identical to proto_avg on the frozen public
+    """The privacy table (docs/privacy.md) shows fedproto identical to proto_avg on the frozen public
     backbone. Why, in closed form: both merge a class as the count-weighted mean of the client
     prototypes (fedproto's paper weighting), both predict by the nearest global prototype, and
     with the backbone frozen fedproto's training moves only a head that inference never uses."""

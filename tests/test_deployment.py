@@ -34,7 +34,7 @@ from simulator.engine.runner import run_scenario
 from simulator.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+README = REPO / "docs" / "engines.md"  # the deployment recipe
 START, END = "<!-- deployment-recipe:start -->", "<!-- deployment-recipe:end -->"
 SCENARIO = "tests/scenarios/deployment_tiny.yaml"  # relative: resolved against the app directory
 NODES = 2
@@ -54,7 +54,7 @@ pytestmark = pytest.mark.skipif(
 
 def recipe_lines() -> list[str]:
     text = README.read_text()
-    assert START in text and END in text, "the README lost its deployment recipe markers"
+    assert START in text and END in text, "docs/engines.md lost its deployment recipe markers"
     block = text.split(START, 1)[1].split(END, 1)[0]
     body = block.split("```bash", 1)[1].split("```", 1)[0]
     return textwrap.dedent(body).strip("\n").splitlines()

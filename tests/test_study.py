@@ -214,7 +214,7 @@ def test_unknown_keys_get_a_suggestion_and_schema_prints_the_reference(capsys):
 
 
 def test_readme_lists_the_metrics_columns_of_a_real_run(tmp_path):
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "run-directory.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `metrics.csv` |"))
     listed = [c.strip() for c in re.search(r"\): `([^`]*)`", row).group(1).split(",")]
     protofed.run(tiny(training={"rounds_per_task": 1}, output={"save": "none"}), run_dir=tmp_path / "r", progress=False)

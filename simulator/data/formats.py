@@ -342,7 +342,7 @@ def _cifar_ensure(root: Path, name: str, download: bool) -> None:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            fetch(spec.url, tmp, spec.md5, f"put the files at {where} (see README) or check the network")
+            fetch(spec.url, tmp, spec.md5, f"put the files at {where} (see docs/data.md) or check the network")
             _say(f"extracting {spec.archive_name}")
             safe_extract(tmp, root, spec.folder)
         finally:
@@ -503,7 +503,7 @@ def _idx_ensure(root: Path, name: str, download: bool) -> dict[str, Path]:
             f"{_listing(expected)} not found (nor directly in {root}); set dataset.download: true to fetch them, "
             f"or place the files there (plain or .gz, as served at {spec.mirrors[0]})",
         )
-    hint = f"put the files at {where} (see README) or check the network"
+    hint = f"put the files at {where} (see docs/data.md) or check the network"
     for f in missing:
         dest = target / f"{f}.gz"
         last: FieldError | None = None

@@ -2,7 +2,7 @@
 
 Why: with one SuperNode per simulated client, Flower's simulation runtime pays its per-node and
 per-message costs (its dispatcher polls every node's queue; Ray schedules every message) once per
-client, which dominated ``scale_1000_clients`` (README "Where the time goes"). With cohorts the
+client, which dominated ``scale_1000_clients`` (docs/performance.md "Where the time goes"). With cohorts the
 engine starts ``ceil(num_clients / K)`` SuperNodes; each exchange of the server loop packs the
 messages of up to ``K`` sampled clients into ONE Flower message, and the SuperNode that receives
 it runs the members one after the other through the same ClientApp, then answers once.

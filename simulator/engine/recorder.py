@@ -32,7 +32,7 @@ def score_evaluation(
     learned: dict[int, set[int]] | None = None,
 ) -> EvalScores:
     """Turn per-client, per-class counts into the two protocols' accuracies (DESIGN §5 and the
-    README): global = each client on the global test set of every seen task, averaged over
+    docs/metrics.md): global = each client on the global test set of every seen task, averaged over
     clients; local = each client on the test samples of the classes in its own training data so
     far, weighted by its own class frequencies, averaged over the clients that hold the task.
 

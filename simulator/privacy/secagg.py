@@ -27,7 +27,7 @@ strategy API):
   loss). The client's ``num_examples`` and ``train_loss x num_examples`` travel inside the
   masked vector, so the server gets the plain run's num_examples-weighted mean loss and total
   count, never one client's.
-* bytes, defined as in a plain run (README, Metrics): ``bytes_down`` is the payload of the
+* bytes, defined as in a plain run (docs/metrics.md): ``bytes_down`` is the payload of the
   global state sent to the sampled clients, ``bytes_up`` the values of the masked vectors the
   survivors send (``K x (D + 1) + 3`` numbers and Flower's weight factor, int64 each, for K
   classes of dimension D: dense over every class, where a plain upload holds the client's
@@ -300,7 +300,7 @@ class _Counting:
 @dataclass
 class RoundStats:
     """One secure round. ``bytes_up``/``bytes_down``: the payload as a plain run defines it
-    (README, Metrics): the masked vectors up, the global state down; ``protocol_bytes_*``: the
+    (docs/metrics.md): the masked vectors up, the global state down; ``protocol_bytes_*``: the
     SecAgg+ protocol's own traffic (:func:`_split_bytes`), reported apart."""
 
     clients_ok: int = 0

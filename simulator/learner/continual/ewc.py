@@ -11,7 +11,7 @@ While old classes exist, the head's cross-entropy ranges over the current task's
 known)`` and as our LwF (:func:`.base.narrowed_ce_classes`): the old classes' logits are kept by
 the penalty alone. With a cross-entropy over every seen class, the new data push every old logit
 down, which a penalty on the weights cannot stop (fcil_baselines_mnist1d: forgetting 0.865 with it,
-see README "FCIL baselines").
+see docs/strategies.md "FCIL baselines").
 
 Compared line by line with PyCIL ``models/ewc.py`` (``getFisherDiagonal``, ``compute_ewc``,
 ``_update_representation``). The same: the Fisher is the mean over the task's batches of the

@@ -7,7 +7,7 @@ mean(1 - cos(h.detach(), p_y))`` learns the current task's prototypes and
 (``relation_distillation_loss``: one softmax and one ``KLDivLoss(batchmean)`` per old task, summed),
 ``s_c = <h, p_c> / ||p_c||`` (features not normalised) over the prototypes of task ``t``; no
 replay. Official parser defaults (utils/parser.py): supcon_temperature 0.2, distill_temp 2,
-distill_coef 1, prototypes_coef 1, prototypes_lr 0.01. The README's command for the paper's
+distill_coef 1, prototypes_coef 1, prototypes_lr 0.01. The command in docs/strategies.md for the paper's
 Figure 2 uses supcon_temperature 0.1, distill_coef 4, prototypes_coef 2, distill_temp 1.
 
 protofed's version, on the one training loop of every strategy:

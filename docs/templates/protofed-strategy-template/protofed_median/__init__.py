@@ -1,0 +1,1 @@
+"""protofed_median: a strategy plugin for protofed (see strategy.py)."""
