@@ -38,6 +38,12 @@ DPI = 120
 FORGETTING_SIZE = (9.0, 5.0)
 MATRIX_SIZE = (6.0, 5.0)
 _MISSING_COLOR = "#e6e6e6"
+# Figures stay readable from 2 to 1,000 classes and 2 to 50 tasks: class lists longer than this
+# are summarised ("24 classes"); beyond this many lines/classes a colour bar replaces the legend;
+# matrix cells carry their value only up to this many tasks (the text would not fit).
+MAX_LISTED_CLASSES = 6
+MAX_LEGEND_ENTRIES = 12
+MAX_ANNOTATED_TASKS = 12
 
 
 # vector figures keep their text as text (TrueType fonts embedded), so a paper's PDF stays
@@ -86,8 +92,30 @@ def _task_label(j: int, task_labels: Mapping[int, Any] | None) -> str:
     if lab is None:
         return f"task {j}"
     if isinstance(lab, (list, tuple, np.ndarray)):
-        lab = "classes " + ", ".join(str(c) for c in lab)
+        lab = list(lab)
+        if len(lab) > MAX_LISTED_CLASSES:
+            lab = f"{len(lab)} classes"
+        else:
+            lab = ("class " if len(lab) == 1 else "classes ") + ", ".join(str(c) for c in lab)
     return f"task {j} ({lab})"
+
+
+def _index_colorbar(fig: plt.Figure, ax: plt.Axes, n: int, label: str, cmap: str = "turbo") -> list:
+    """Colours for ``n`` ordered items from ``cmap`` and a colour bar naming them, in place of a
+    legend too long to read; returns the colours (item i gets colours[i])."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    colors = [plt.get_cmap(cmap)(x) for x in np.linspace(0.05, 0.95, n)]
+    norm = BoundaryNorm(np.arange(-0.5, n + 0.5), n)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=ListedColormap(colors)), ax=ax, label=label, shrink=0.9)
+    bar.ax.yaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    return colors
+
+
+def _thinned(ticks: Sequence[Any], most: int = MAX_LEGEND_ENTRIES) -> slice:
+    """Every k-th tick so that at most about ``most`` are labelled."""
+    return slice(None, None, max(1, int(math.ceil(len(ticks) / most))))
 
 
 def _with_global_round(df: pd.DataFrame) -> pd.DataFrame:
@@ -148,34 +176,46 @@ def plot_forgetting(
     if ev.empty:
         ax.text(0.5, 0.5, "no evaluation rows in the metrics", ha="center", va="center", transform=ax.transAxes)
     else:
-        # task boundaries and "task k" labels on a top axis
-        spans = df.groupby("task")["_x"].agg(["min", "max"]).sort_index()
-        lo, hi = spans["min"].to_numpy(float), spans["max"].to_numpy(float)
-        for k in range(1, len(spans)):
-            ax.axvline((hi[k - 1] + lo[k]) / 2, color="0.45", linestyle="--", linewidth=1, zorder=1)
-        top = ax.secondary_xaxis("top")
-        top.set_xticks((lo + hi) / 2, [f"task {int(k)}" for k in spans.index])
-        top.tick_params(length=0, labelsize=9 if len(spans) <= 12 else 7)
-        pad = 0.5 if (hi - lo).max() == 0 else 0.6
-        ax.set_xlim(lo.min() - pad, hi.max() + pad)
-
+        _task_axis(ax, df)
         curves = ev.groupby(["eval_task", "_x"])["accuracy"].mean()
         tasks = sorted(ev["eval_task"].unique())
         n_points = curves.groupby(level=0).size().max()
-        marker = "o" if n_points <= 40 else None
-        for color, j in zip(_colors(len(tasks)), tasks):
+        marker = "o" if n_points <= 40 and len(tasks) <= MAX_LEGEND_ENTRIES else None
+        many = len(tasks) > MAX_LEGEND_ENTRIES
+        colors = _index_colorbar(fig, ax, len(tasks), "accuracy on task (colour)") if many else _colors(len(tasks))
+        for color, j in zip(colors, tasks):
             c = curves.loc[j]
-            ax.plot(c.index, c.to_numpy(), color=color, marker=marker, markersize=4, linewidth=1.6,
+            ax.plot(c.index, c.to_numpy(), color=color, marker=marker, markersize=4, linewidth=1.2 if many else 1.6,
                     label=_task_label(int(j), task_labels), zorder=3)
         avg = curves.groupby(level=1).mean()
-        ax.plot(avg.index, avg.to_numpy(), color="black", linewidth=3.0, marker=marker, markersize=5,
-                label="average over seen tasks", zorder=2, alpha=0.85)
-        ncol = 1 if len(tasks) < 18 else 2
-        fig.legend(loc="outside right upper", title="accuracy on", fontsize=8, title_fontsize=9, ncol=ncol,
-                   frameon=False)
+        line = ax.plot(avg.index, avg.to_numpy(), color="black", linewidth=3.0, marker=marker, markersize=5,
+                       label="average over seen tasks", zorder=2, alpha=0.85)
+        if many:
+            ax.legend(handles=line, loc="upper right", fontsize=8, framealpha=0.8)
+        else:
+            fig.legend(loc="outside right upper", title="accuracy on", fontsize=8, title_fontsize=9, frameon=False)
     if title:
         ax.set_title(title)
     _save(fig, path)
+
+
+def _task_axis(ax: plt.Axes, df: pd.DataFrame) -> None:
+    """Dashed task boundaries and, on a top axis, which task each span of rounds trained
+    ("task k" up to a dozen tasks, else every k-th task number)."""
+    spans = df.groupby("task")["_x"].agg(["min", "max"]).sort_index()
+    lo, hi = spans["min"].to_numpy(float), spans["max"].to_numpy(float)
+    many = len(spans) > MAX_LEGEND_ENTRIES
+    for k in range(1, len(spans)):
+        ax.axvline((hi[k - 1] + lo[k]) / 2, color="0.45", linestyle="--", linewidth=0.6 if many else 1, zorder=1)
+    top = ax.secondary_xaxis("top")
+    names = [str(int(k)) if many else f"task {int(k)}" for k in spans.index]
+    shown = _thinned(names)
+    top.set_xticks(((lo + hi) / 2)[shown], names[shown])
+    top.tick_params(length=0, labelsize=9 if len(spans) <= 8 else 8)
+    if many:
+        top.set_xlabel("task trained", fontsize=9)
+    pad = 0.5 if (hi - lo).max() == 0 else 0.6
+    ax.set_xlim(lo.min() - pad, hi.max() + pad)
 
 
 def plot_accuracy_matrix(matrix: np.ndarray, path: Path, title: str = "", definitions: str = STANDARD) -> None:
@@ -198,14 +238,14 @@ def plot_accuracy_matrix(matrix: np.ndarray, path: Path, title: str = "", defini
         if gaps:
             subtitle += f" · {gaps} missing cell{'s' if gaps > 1 else ''} (grey) left out"
 
-    scale = max(1.0, t / 8)
+    scale = min(max(1.0, t / 8), MAX_ANNOTATED_TASKS / 8)
     fig, ax = plt.subplots(figsize=(MATRIX_SIZE[0] * scale, MATRIX_SIZE[1] * scale), layout="constrained")
     upper = np.triu(np.ones_like(a, dtype=bool), k=1)
     shown = np.ma.masked_array(np.clip(np.nan_to_num(a, nan=0.0), 0, 1), mask=upper | np.isnan(a))
     cmap = plt.get_cmap("viridis").with_extremes(bad=_MISSING_COLOR)
     im = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, aspect="equal")
-    fontsize = max(5.0, min(10.0, 100.0 / t))
-    for k in range(t):
+    fontsize = max(7.0, min(10.0, 100.0 / t))
+    for k in range(t if t <= MAX_ANNOTATED_TASKS else 0):  # beyond that, the colour alone
         for j in range(k + 1):
             v = a[k, j]
             if np.isnan(v):
@@ -221,7 +261,7 @@ def plot_accuracy_matrix(matrix: np.ndarray, path: Path, title: str = "", defini
     ax.set_ylabel("after training task k")
     ax.set_xticks(np.arange(-0.5, t, 1), minor=True)
     ax.set_yticks(np.arange(-0.5, t, 1), minor=True)
-    ax.grid(which="minor", color="white", linewidth=1)
+    ax.grid(which="minor", color="white", linewidth=1 if t <= MAX_ANNOTATED_TASKS else 0.3)
     ax.tick_params(which="minor", length=0)
     cbar = fig.colorbar(im, ax=ax, label="accuracy", shrink=0.9)
     cbar.set_ticks(np.linspace(0, 1, 6))
@@ -331,19 +371,26 @@ def plot_clients(client_metrics: pd.DataFrame, path: Path, title: str = "", task
     last = df[df["global_round"] == df["global_round"].max()]
     tasks = sorted(int(t) for t in last["eval_task"].dropna().unique())
     data = [pd.to_numeric(last[last["eval_task"] == t]["accuracy"], errors="coerce").dropna().to_numpy() for t in tasks]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(tasks) + 3), 4.6))
+    many = len(tasks) > MAX_LEGEND_ENTRIES
+    fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, (0.4 if many else 1.0) * len(tasks) + 3)), 4.6),
+                           layout="constrained")
     ax.boxplot(data, positions=range(len(tasks)), widths=0.5, showfliers=False)
     jitter = np.random.default_rng(0)
     for i, values in enumerate(data):
-        ax.scatter(i + jitter.uniform(-0.15, 0.15, len(values)), values, s=14, alpha=0.6, color="tab:blue", zorder=3)
-    ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels([_task_label(t, task_labels) for t in tasks], rotation=20, ha="right", fontsize=8)
+        ax.scatter(i + jitter.uniform(-0.15, 0.15, len(values)), values, s=14 if len(values) <= 100 else 4, alpha=0.6,
+                   color="tab:blue", zorder=3)
+    if many:  # task numbers, every k-th: the class lists would overrun each other
+        shown = _thinned(tasks, 25)
+        ax.set_xticks(range(len(tasks))[shown], [str(t) for t in tasks][shown])
+        ax.set_xlabel("task")
+    else:
+        ax.set_xticks(range(len(tasks)))
+        ax.set_xticklabels([_task_label(t, task_labels) for t in tasks], rotation=20, ha="right", fontsize=8)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("client's accuracy on the task's test set")
     n_clients = last["client"].nunique() if "client" in last else 0
     ax.set_title((title + "\n" if title else "") + f"final accuracy per task across {n_clients} clients (one dot per client)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     _save(fig, path)
 
 

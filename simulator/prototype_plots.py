@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.collections import LineCollection
 
-from .plots import _colors, _save, plt
+from .plots import MAX_LEGEND_ENTRIES, _colors, _index_colorbar, _save, plt
 
 
 MAX_CLIENTS_SHOWN = 200
@@ -55,8 +55,10 @@ def plot_prototypes(run_dir: Path, path: Path, title: str = "") -> Path | None:
         return z if z.shape[1] == 2 else np.hstack([z, np.zeros((len(z), 2 - z.shape[1]))])
 
     classes = sorted(set(int(x) for x in c["classes"]) | (set(int(x) for x in g["proto.classes"]) if has_global else set()))
-    colors = dict(zip(classes, _colors(len(classes))))
     fig, ax = plt.subplots(figsize=(7.0, 5.6), layout="constrained")
+    many = len(classes) > MAX_LEGEND_ENTRIES  # a colour bar over the classes instead of a legend entry each
+    palette = _index_colorbar(fig, ax, len(classes), f"class, in order of id ({len(classes)} classes)") if many else _colors(len(classes))
+    colors = dict(zip(classes, palette))
     zc = project(c["vectors"]) if len(c["classes"]) else np.zeros((0, 2))
     zg = project(g["proto.vectors"]) if has_global else np.zeros((0, 2))
     gpos = {int(k): zg[i] for i, k in enumerate(g["proto.classes"])} if has_global else {}
@@ -74,11 +76,14 @@ def plot_prototypes(run_dir: Path, path: Path, title: str = "") -> Path | None:
         ax.scatter(zs[sel, 0], zs[sel, 1], s=18, color=colors[k], alpha=0.75, zorder=2)
     for k, z in gpos.items():
         ax.scatter(z[0], z[1], s=220, marker="*", color=colors[k], edgecolor="black", linewidth=0.8, zorder=3)
-    for k in classes:
+    for k in classes if not many else ():
         ax.scatter([], [], color=colors[k], label=f"class {k}")
     ax.scatter([], [], marker="*", s=120, color="white", edgecolor="black", label="global prototype / anchor")
     ax.scatter([], [], s=18, color="0.5", label="a client's local prototype")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    if many:
+        ax.legend(loc="best", fontsize=8, framealpha=0.8)
+    else:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ratio = pca.explained_variance_ratio_
     ax.set_xlabel(f"PC 1 ({ratio[0]:.0%} of variance)" if len(ratio) > 0 else "PC 1")
     ax.set_ylabel(f"PC 2 ({ratio[1]:.0%} of variance)" if len(ratio) > 1 else "PC 2")

@@ -16,6 +16,7 @@ More than two keys: no figure (the table holds everything); a note says so.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +31,45 @@ METRICS = (
     ("avg_forgetting", "average forgetting", (-1.0, 1.0)),
     ("bytes_per_round", "bytes per round (up + down)", None),
 )
+HINTS = {"final_avg_accuracy": "higher is better", "avg_incremental_accuracy": "higher is better",
+         "avg_forgetting": "lower is better; below 0: old tasks improved", "bytes_per_round": "lower is cheaper"}
+
+# readable axis names for the keys people sweep most; any other key is named by its last part
+AXIS_NAMES = {
+    "clients.partition.alpha": "Dirichlet α (label skew; small = skewed)",
+    "clients.partition.shards_per_client": "shards per client",
+    "clients.num_clients": "number of clients",
+    "clients.participation": "share of clients per round",
+    "clients.dropout": "client dropout probability",
+    "privacy.epsilon": "privacy budget ε",
+    "privacy.delta": "privacy δ",
+    "training.lr": "learning rate",
+    "training.local_epochs": "local epochs",
+    "training.rounds_per_task": "rounds per task",
+    "training.batch_size": "batch size",
+    "tasks.classes_per_task": "classes per task",
+    "tasks.initial_classes": "classes in the first task",
+    "continual.memory_per_class": "exemplars kept per class",
+    "model.embedding_dim": "embedding dimension",
+    "model.backbone": "backbone",
+    "seed": "seed",
+}
+
+
+def axis_name(key: str) -> str:
+    """The axis label of a swept key: a readable name, with the dotted key it came from."""
+    name = AXIS_NAMES.get(key) or key.rsplit(".", 1)[-1].replace("_", " ")
+    return name if name == key else f"{name}\n({key})"
+
+
+def spread_note(ns: Sequence[int]) -> str:
+    """What the bands show, honestly: nothing with one seed per point."""
+    most = max(ns) if ns else 0
+    if most <= 1:
+        return "one seed per point: no spread shown"
+    fewest = min(n for n in ns if n) if any(ns) else 0
+    seeds = f"{most}" if fewest == most else f"{fewest}-{most}"
+    return f"line: mean over {seeds} seeds; band: ± one standard deviation across seeds"
 
 
 def _numeric(values: pd.Series) -> np.ndarray | None:
@@ -66,14 +106,17 @@ def _subtitle(df: pd.DataFrame) -> str:
     return f"{scenario} · {protocol or 'global'} protocol · {len(seeds)} seed{'s' if len(seeds) != 1 else ''} {seeds}"
 
 
-def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out_dir: Path, formats: Sequence[str] | None = None) -> list[Path]:
+def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out_dir: Path, formats: Sequence[str] | None = None,
+               columns: int | None = None) -> list[Path]:
+    """The sweep's figure in ``out_dir``: ``sweep.png`` for one key (``columns``: see
+    :func:`plot_sweep_1d`), ``sweep_heatmap.png`` for two, none for more."""
     from .compare import OK_STATUSES
 
     ok = df[df["status"].isin(OK_STATUSES)]  # not failed, incomplete or pending runs
     if ok.empty:
         return []
     if len(keys) == 1:
-        return [plot_sweep_1d(ok, keys[0], Path(out_dir) / "sweep.png", formats)]
+        return [plot_sweep_1d(ok, keys[0], Path(out_dir) / "sweep.png", formats, columns)]
     if len(keys) == 2:
         return [plot_sweep_2d(ok, keys[0], keys[1], Path(out_dir) / "sweep_heatmap.png", formats)]
     return []
@@ -120,37 +163,55 @@ def sweep_order(column: pd.Series) -> tuple[pd.Series, list, np.ndarray | None]:
     return column, order, x_num
 
 
-def plot_sweep_1d(df: pd.DataFrame, key: str, path: Path, formats: Sequence[str] | None = None) -> Path:
+def plot_sweep_1d(df: pd.DataFrame, key: str, path: Path, formats: Sequence[str] | None = None,
+                  columns: int | None = None) -> Path:
+    """One panel per metric against the swept value; ``columns=1`` stacks the panels at the width
+    of one column of a two-column paper (default: all panels side by side)."""
     labels = list(dict.fromkeys(df["label"]))
     column, order, x_num = sweep_order(df[key])
     df = df.assign(**{key: column})
     xpos = x_num if x_num is not None else np.arange(len(order), dtype=float)
-    logx = x_num is not None and _spans_decades(x_num)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.0), layout="constrained")
-    for ax, (col, title, clip) in zip(axes, METRICS):
+    ncols = len(METRICS) if not columns else max(1, min(columns, len(METRICS)))
+    nrows = -(-len(METRICS) // ncols)
+    size = (3.4 * ncols, 2.6 * nrows) if columns else (4.2 * ncols, 4.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, layout="constrained", squeeze=False)
+    all_ns: list[int] = []
+    for ax, (col, title, clip) in zip(axes.flat, METRICS):
         for color, lab in zip(_colors(len(labels)), labels):
             means_a, lo_a, hi_a, ns = band(df[df["label"] == lab], key, order, col, clip)
-            n = max(ns) if ns else 0
-            ax.plot(xpos, means_a, marker="o", color=color, label=f"{lab} (n={n})")
+            all_ns += ns
+            ax.plot(xpos, means_a, marker="o", color=color, label=f"{lab} (n={max(ns) if ns else 0})")
             ax.fill_between(xpos, lo_a, hi_a, color=color, alpha=0.18, linewidth=0)
-        if logx:
-            ax.set_xscale("log")
-            ax.minorticks_off()
-        # ticks at the swept values, written as in the grid (0.05, not 5x10^-2)
-        ax.set_xticks(xpos, [_tick(v) for v in order], rotation=20 if x_num is None and len(order) > 6 else 0)
-        if clip == (0.0, 1.0):
-            ax.set_ylim(-0.02, 1.02)
-        if col == "bytes_per_round":
-            pos = pd.to_numeric(df[col], errors="coerce").dropna()
-            if len(pos) and (pos > 0).all() and pos.max() / pos.min() >= 10:
-                ax.set_yscale("log")
-        ax.set_xlabel(key)
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, title="strategy (seeds)", title_fontsize=8)
-    fig.suptitle(f"sweep over {key} · {_subtitle(df)} · mean ± std across seeds", fontsize=11)
+        _sweep_axes(ax, df, key, col, clip, order, xpos, x_num)
+        ax.set_ylabel(title, fontsize=9)
+        ax.set_title(HINTS.get(col, ""), fontsize=8, color="0.35")
+    axes.flat[0].legend(fontsize=7 if columns else 8, title="strategy (seeds)", title_fontsize=8)
+    parts = [f"sweep over {axis_name(key).splitlines()[0]} · {_subtitle(df)}", spread_note(all_ns)]
+    if columns:  # a narrow figure: wrap the title rather than let it run off the page
+        parts = [textwrap.fill(part, width=24 + 22 * ncols) for part in parts]
+    fig.suptitle("\n".join(parts), fontsize=9 if columns else 11)
     _save(fig, path, formats)
     return path
+
+
+def _sweep_axes(ax, df: pd.DataFrame, key: str, col: str, clip, order: list, xpos: np.ndarray,
+                x_num: np.ndarray | None) -> None:
+    """Scales, ticks at the swept values (as written in the grid: 0.05, not 5x10^-2), a zero line
+    under forgetting, and the x axis's readable name."""
+    if x_num is not None and _spans_decades(x_num):
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(xpos, [_tick(v) for v in order], rotation=20 if x_num is None and len(order) > 6 else 0)
+    if clip == (0.0, 1.0):
+        ax.set_ylim(-0.02, 1.02)
+    if col == "avg_forgetting":
+        ax.axhline(0.0, color="0.3", linewidth=0.8, zorder=1)
+    if col == "bytes_per_round":
+        pos = pd.to_numeric(df[col], errors="coerce").dropna()
+        if len(pos) and (pos > 0).all() and pos.max() / pos.min() >= 10:
+            ax.set_yscale("log")
+    ax.set_xlabel(axis_name(key), fontsize=9)
+    ax.grid(alpha=0.3)
 
 
 def plot_sweep_2d(df: pd.DataFrame, key_r: str, key_c: str, path: Path, formats: Sequence[str] | None = None) -> Path:
@@ -183,11 +244,11 @@ def plot_sweep_2d(df: pd.DataFrame, key_r: str, key_c: str, path: Path, formats:
                             color="white" if grid[i, j] < 0.6 else "black")
         ax.set_xticks(range(len(cols)), [str(v) for v in cols])
         ax.set_yticks(range(len(rows)), [str(v) for v in rows])
-        ax.set_xlabel(key_c)
-        ax.set_ylabel(key_r)
+        ax.set_xlabel(axis_name(key_c), fontsize=9)
+        ax.set_ylabel(axis_name(key_r), fontsize=9)
         ax.set_title(lab, fontsize=10)
     if im is not None:
         fig.colorbar(im, ax=list(axes[0]), label="final average accuracy (mean over seeds)", shrink=0.9)
-    fig.suptitle(f"final average accuracy · {_subtitle(df)}", fontsize=11)
+    fig.suptitle(f"final average accuracy (mean over the seeds n in each cell) · {_subtitle(df)}", fontsize=11)
     _save(fig, path, formats)
     return path
