@@ -11,6 +11,14 @@ server round) the average accuracy over the evaluated tasks under both protocols
 on each task, the training loss and the bytes sent each way, and at the end the summary's numbers.
 Rows are handed over at the end of every task (and when the run stops), from the recorder's
 rows; the training loop itself knows nothing of either library.
+
+MLflow also gets the run's files as artifacts when the run ends, after its plots are drawn:
+every file under ``<run dir>/plots/`` (artifact path ``plots``, skipped when the run draws no
+plots) and ``summary.json``, ``accuracy_matrix.csv`` and ``config.yaml`` (artifact root). They go
+to the experiment's artifact location: with a ``sqlite:///`` store, MLflow's default is
+``./mlruns`` of the working directory the experiment was created in. Each process of a run
+(``--resume`` included) logs one MLflow run, so files are never logged twice into one; logging a
+file again would replace it.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ FINAL_KEYS = (
     "global_final_avg_accuracy", "global_avg_incremental_accuracy", "global_avg_forgetting", "global_bwt",
     "bytes_up", "bytes_down", "bytes_per_round", "wall_seconds",
 )
+ROOT_ARTIFACTS = ("summary.json", "accuracy_matrix.csv", "config.yaml")  # MLflow artifacts besides plots/
 
 
 def check_available(scenario: Any, source: str) -> None:
@@ -90,6 +99,7 @@ class Trackers:
 
     def __init__(self, scenario: Any, resolved: dict[str, Any], run_dir: Path) -> None:
         self.sent = 0  # global rounds already logged
+        self.run_dir = Path(run_dir)
         self.tb = None
         self.ml = None
         out = scenario.output
@@ -137,7 +147,21 @@ class Trackers:
                 self.ml.log_batch(self.ml_run, metrics=metrics[i : i + 1000])
         self.sent = max(s for s, _ in new)
 
-    def finish(self, summary: dict[str, Any], completed: bool) -> None:
+    def artifacts(self, plots: bool = True) -> list[tuple[Path, str | None]]:
+        """(file, MLflow artifact path) for the run directory's files that MLflow gets: every
+        file under ``plots/`` (with ``plots``) and the root files that exist."""
+        out: list[tuple[Path, str | None]] = []
+        folder = self.run_dir / "plots"
+        if plots and folder.is_dir():
+            for f in sorted(folder.rglob("*")):
+                if f.is_file():
+                    out.append((f, Path("plots", f.relative_to(folder)).parent.as_posix()))
+        out += [(self.run_dir / name, None) for name in ROOT_ARTIFACTS if (self.run_dir / name).is_file()]
+        return out
+
+    def finish(self, summary: dict[str, Any], completed: bool, plots: bool = True) -> None:
+        """The summary's numbers; MLflow also the run's files (the plots only with ``plots``: call
+        this after they are drawn), then the MLflow run ends."""
         final = {}
         for k in FINAL_KEYS:
             v = summary.get(k)
@@ -151,5 +175,9 @@ class Trackers:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.ml.log_batch(self.ml_run, metrics=[Metric(f"summary.{k}", v, now, 0) for k, v in final.items()])
-            self.ml.set_terminated(self.ml_run, status="FINISHED" if completed else "FAILED")
+            try:
+                self.ml.log_batch(self.ml_run, metrics=[Metric(f"summary.{k}", v, now, 0) for k, v in final.items()])
+                for path, artifact_path in self.artifacts(plots):
+                    self.ml.log_artifact(self.ml_run, str(path), artifact_path)
+            finally:  # a failed upload still ends the MLflow run (the caller reports the error)
+                self.ml.set_terminated(self.ml_run, status="FINISHED" if completed else "FAILED")

@@ -407,7 +407,6 @@ def run_scenario(
     finally:
         profile.mark("finish")
         summary = write_results(completed)
-        _track(lambda: (trackers.log_rows(rec.rows), trackers.finish(summary, completed)))
         if completed:
             remove_checkpoint(run_dir)
         if plots and rec.tasks_done > 0:
@@ -415,6 +414,8 @@ def run_scenario(
                 plot_run(run_dir)
             except Exception as exc:  # plotting must never lose a finished run
                 rec.say(f"warning: plotting failed: {exc}")
+        # after the plots: MLflow logs them as artifacts
+        _track(lambda: (trackers.log_rows(rec.rows), trackers.finish(summary, completed, plots and rec.tasks_done > 0)))
         release_runtime(setup)
         shutil.rmtree(state_dir, ignore_errors=True)
         profile.add("finish", profile.since("finish"))
