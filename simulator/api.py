@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from .errors import Problem, UserError
-from .scenario import Scenario, apply_overrides, read_yaml, validate_scenario
+from .scenario import Scenario, apply_overrides, blame_overrides, read_yaml, validate_scenario
 
 __all__ = ["RunResult", "run", "compare", "sweep", "load", "scenario_from"]
 
@@ -177,14 +177,21 @@ def scenario_from(
     raw, source = _raw(scenario)
     texts = _override_texts(overrides)
     if texts:
-        raw = apply_overrides(raw, texts)
+        with _api_words():  # a malformed override is named overrides=, not --set
+            raw = apply_overrides(raw, texts)
     if strategy is not None:  # as the CLI: the scenario's params when it names the same strategy
         current = raw.get("strategy") if isinstance(raw.get("strategy"), dict) else {}
         params = current.get("params", {}) if current.get("name", "proto_avg") == strategy else {}
         raw["strategy"] = {"name": strategy, "params": params}
     if seed is not None:
         raw["seed"] = seed
-    return validate_scenario(raw, source), source
+    try:
+        return validate_scenario(raw, source), source
+    except UserError as exc:  # a bad override, strategy= or seed= is named as such, not as a mistake in the scenario
+        after = {"strategy.name": f"strategy={strategy!r}"} if strategy is not None else {}
+        if seed is not None:
+            after["seed"] = f"seed={seed!r}"
+        raise blame_overrides(exc, source, texts, after=after, word="overrides=") from None
 
 
 # --------------------------------------------------------------------------- run / compare / sweep

@@ -40,8 +40,10 @@ def load_for_cli(path: str, strategy: str | None = None, seed: int | None = None
     raw = _raw_scenario(path, strategy, seed, sets)
     try:
         return validate_scenario(raw, path)
-    except UserError as exc:  # a bad --set value is named as such, not as a mistake in the file
-        raise blame_overrides(exc, path, list(sets)) from None
+    except UserError as exc:  # a bad --set, --strategy or --seed is named as such, not as a mistake in the file
+        before = {"strategy.name": f"--strategy {strategy}"} if strategy is not None else {}
+        after = {"seed": f"--seed {seed}"} if seed is not None else {}
+        raise blame_overrides(exc, path, list(sets), before, after) from None
 
 
 def set_overrides(path: str, scenario, strategy: str | None = None, seed: int | None = None, sets: Sequence[str] = ()) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -23,6 +24,18 @@ from .paths import PathText
 from .privacy.config import PrivacyConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+@dataclass(frozen=True)
+class Meaning:
+    """What the integers of a schema field stand for (``class id``, ``client id``): words for the
+    scenario reference (:mod:`simulator.schema_doc`); pydantic ignores it when validating."""
+
+    name: str
+
+
+ClassId = Annotated[int, Meaning("class id")]
+ClientId = Annotated[int, Meaning("client id")]
 
 
 class Strict(BaseModel):
@@ -57,7 +70,7 @@ class TasksConfig(Strict):
     initial_classes: int | None = Field(None, ge=1, description="size of a larger first (base) task; unset: same as the others")
     classes_per_task: int | None = Field(None, ge=1, description="classes per task after the first (default 2 when num_tasks is unset)")
     num_tasks: int | None = Field(None, ge=1, description="total number of tasks (instead of classes_per_task)")
-    class_order: Literal["seeded", "sorted"] | list[int] = Field("seeded", description="class order: seeded shuffle, sorted, or an explicit permutation of the class ids")
+    class_order: Literal["seeded", "sorted"] | list[ClassId] = Field("seeded", description="class order: seeded shuffle, sorted, or an explicit permutation of the class ids")
 
     @model_validator(mode="after")
     def _one_size(self) -> "TasksConfig":
@@ -160,7 +173,7 @@ class TrainingConfig(Strict):
 
 
 class ModelConfig(Strict):
-    backbone: str | list[str] | dict[str, list[int]] = Field(
+    backbone: str | list[str] | dict[str, list[ClientId]] = Field(
         "cnn1d",
         description="feature extractor (registry name; `protofed list`); a list is assigned to clients round-robin; "
         "a mapping gives each backbone its client ids (model heterogeneity: all share embedding_dim)",
@@ -528,10 +541,10 @@ def problems_from_validation(
         message = _explain(err)
         if err.get("type") == "extra_forbidden" and model is not None and err["loc"]:
             path = _loc_to_path(prefix + tuple(err["loc"]))
-            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            command = "protofed schema" + (" " + path.rsplit(".", 1)[0] if "." in path else "")
             hint = did_you_mean(str(err["loc"][-1]), _known_keys(model, tuple(err["loc"]), extra))
-            message = f"unknown key{hint} (`protofed schema {parent}` lists the keys)" if hint else (
-                f"unknown key (`protofed schema {parent}` lists the keys; check the spelling)"
+            message = f"unknown key{hint} (`{command}` lists the keys)" if hint else (
+                f"unknown key (`{command}` lists the keys; check the spelling)"
             )
         out.append(Problem(_loc_to_path(prefix + tuple(err["loc"])), message))
     return out
@@ -782,22 +795,36 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
         raise blame_overrides(exc, str(path), overrides or []) from None
 
 
-def blame_overrides(exc: UserError, path: str, overrides: list[str]) -> UserError:
-    """The same problems, naming the ``--set`` argument a problem comes from instead of the file
-    (``--set clients.num_clientz=3`` is not a mistake in quickstart.yaml)."""
-    items = {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
+def blame_overrides(
+    exc: UserError,
+    path: str,
+    overrides: list[str],
+    before: dict[str, str] | None = None,
+    after: dict[str, str] | None = None,
+    word: str = "--set",
+) -> UserError:
+    """The same problems, naming the override a problem comes from instead of the file
+    (``--set clients.num_clientz=3`` is not a mistake in quickstart.yaml).
+
+    ``overrides``: the ``KEY=VALUE`` texts, each named ``{word} KEY=VALUE`` (``word`` is
+    ``overrides=`` in the Python API). ``before`` / ``after``: overrides of one key each applied
+    before / after those texts, dotted key -> how to name it (``{"seed": "--seed -1"}``).
+    """
+    origins = dict(before or {})
+    origins.update({item.split("=", 1)[0].strip(): f"{word} {item}" for item in overrides if "=" in item})
+    origins.update(after or {})
 
     def origin(field: str) -> str | None:
-        for key, item in items.items():
+        for key, shown in origins.items():
             if field == key or field.startswith(key + ".") or key.startswith(field + "."):
-                return item
+                return shown
         return None
 
     blamed = [origin(p.field) for p in exc.problems]
     if not any(blamed):
         return exc
     if all(blamed):
-        shown = ", ".join(dict.fromkeys(f"--set {b}" for b in blamed if b))
-        return UserError(f"{shown} (applied to {path})", exc.problems)
-    problems = [Problem(p.field, f"{p.message} (from --set {b})" if b else p.message) for p, b in zip(exc.problems, blamed)]
-    return UserError(f"{path} (with --set)", problems)
+        return UserError(f"{', '.join(dict.fromkeys(b for b in blamed if b))} (applied to {path})", exc.problems)
+    problems = [Problem(p.field, f"{p.message} (from {b})" if b else p.message) for p, b in zip(exc.problems, blamed)]
+    flags = dict.fromkeys(b.split(" ", 1)[0] for b in blamed if b)
+    return UserError(f"{path} (with {', '.join(flags)})", problems)
