@@ -27,7 +27,7 @@ import pandas as pd
 
 from .errors import Problem, UserError
 from .results import SUMMARY_KEYS, RunWriter
-from .scenario import Scenario, apply_overrides, blame_overrides, read_yaml, validate_scenario
+from .scenario import Scenario, apply_overrides, blame_overrides, did_you_mean, read_yaml, validate_scenario
 
 TABLE_COLUMNS = ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt", "local_final_avg_accuracy", "bytes_per_round", "wall_seconds")
 
@@ -113,7 +113,8 @@ def plan(
             known = sorted(set(STRATEGIES) | set(base.compare))
             broken = STRATEGIES.problems.get(label)  # type: ignore[attr-defined]  # a plugin that failed to load
             problems.append(
-                Problem(label, broken.describe() if broken else f"unknown strategy or compare label; allowed: {', '.join(known)}")
+                Problem(label, broken.describe() if broken else
+                        f"unknown strategy or compare label{did_you_mean(label, known)}; allowed: {', '.join(known)}")
             )
     if problems:
         raise UserError("--strategies", problems)
@@ -416,6 +417,19 @@ def mean_std(values: pd.Series, expected: int | None = None) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}{n}"
 
 
+def shown_labels(df: pd.DataFrame) -> dict[str, str]:
+    """Each label of a study table as figures and tables show it: with the parameters its runs
+    set away from the strategy's defaults (``proto_avg (share_weights)``), from ``strategy_params``."""
+    from strategies import shown_label
+
+    out: dict[str, str] = {}
+    for label, group in df.groupby("label", sort=False):
+        params = group["strategy_params"].dropna().astype(str) if "strategy_params" in group.columns else pd.Series([], dtype=str)
+        params = params[params.str.strip() != ""]
+        out[str(label)] = shown_label(str(label), params.iloc[0] if len(params) else None)
+    return out
+
+
 def _flags(ok: pd.DataFrame) -> str:
     """What a reader must know about a label's runs before trusting its row."""
     notes = []
@@ -433,9 +447,10 @@ def format_table(df: pd.DataFrame) -> str:
     failures or missing cells."""
     header = ["strategy", "runs", *TABLE_COLUMNS, "notes"]
     lines = []
+    shown = shown_labels(df)
     for label, group in df.groupby("label", sort=False):
         ok = group[group["status"].isin(OK_STATUSES)]
-        cells = [str(label), f"{len(ok)}/{len(group)}"]
+        cells = [shown[str(label)], f"{len(ok)}/{len(group)}"]
         for col in TABLE_COLUMNS:
             if col not in ok.columns:
                 cells.append("n/a")

@@ -298,7 +298,10 @@ def _run_title(run_dir: Path, summary: dict, config: dict) -> str:
     label = run_dir.parent.name if run_dir.name.startswith("seed-") else None
     shown = str(strategy if strategy is not None else "?")
     if label and strategy is not None and label != strategy:
-        shown = f"{label} ({strategy})"
+        shown = f"{label}: {strategy}"
+    from strategies import shown_label
+
+    shown = shown_label(shown, _strategy_params(summary, config))
     parts = [str(scenario if scenario is not None else "?"), shown]
     if seed is not None:
         parts.append(f"seed {seed}")
@@ -307,6 +310,16 @@ def _run_title(run_dir: Path, summary: dict, config: dict) -> str:
     if protocol:
         parts.append(f"{protocol} protocol")
     return " · ".join(parts)
+
+
+def _strategy_params(summary: dict, config: dict) -> str:
+    """The run's non-default strategy parameters (summary.json; older runs: from config.yaml)."""
+    if isinstance(summary.get("strategy_params"), str):
+        return summary["strategy_params"]
+    strategy = config.get("strategy") if isinstance(config.get("strategy"), dict) else {}
+    from strategies import nondefault_params
+
+    return nondefault_params(str(strategy.get("name")), strategy.get("params") or {})
 
 
 def _task_labels(summary: dict, config: dict) -> dict[int, Any] | None:
@@ -416,8 +429,11 @@ def plot_compare(df: pd.DataFrame, run_dirs: Sequence[Path], labels: Sequence[st
     std error bars across seeds) and ``forgetting_curves.png`` (average accuracy over the tasks
     seen so far after each task, one line per strategy, shaded mean ± std across seeds)."""
     out_dir = Path(out_dir)
+    from .compare import shown_labels
+
     ok = df[df["status"] != "failed"].copy()
     order = list(dict.fromkeys(ok["label"]))
+    shown = shown_labels(ok)
     paths = []
     fmts = _run_formats(run_dirs[0]) if run_dirs and _FORMATS == ("png",) else None
 
@@ -439,12 +455,13 @@ def plot_compare(df: pd.DataFrame, run_dirs: Sequence[Path], labels: Sequence[st
             if np.isfinite(m):
                 ax.text(i, max(m, 0) + (sd if np.isfinite(sd) else 0) + 0.02, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(order)))
-        ax.set_xticklabels(order, rotation=30, ha="right")
+        ax.set_xticklabels([shown[str(lab)] for lab in order], rotation=30, ha="right")
         ax.set_ylim(min(0.0, np.nanmin(means) - 0.1) if np.isfinite(np.nanmin(means)) else 0, 1.1)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     seeds = sorted(set(int(s) for s in ok["seed"]))
-    fig.suptitle(f"{_study(ok)} · strategies compared · mean ± std over {len(seeds)} seed{'s' if len(seeds) != 1 else ''} {seeds}", fontsize=11)
+    spread = f"mean ± std over {len(seeds)} seeds {seeds}" if len(seeds) > 1 else f"one seed ({seeds[0]}): no spread shown"
+    fig.suptitle(f"{_study(ok)} · strategies compared · {spread}", fontsize=11)
     fig.tight_layout()
     p = out_dir / "comparison.png"
     _save(fig, p, fmts)
@@ -467,14 +484,15 @@ def plot_compare(df: pd.DataFrame, run_dirs: Sequence[Path], labels: Sequence[st
         x = np.arange(arr.shape[1])
         mean = np.nanmean(arr, axis=0)
         std = np.nanstd(arr, axis=0, ddof=1) if len(arr) > 1 else np.zeros_like(mean)
-        ax.plot(x, mean, marker="o", color=color, label=f"{lab} (n={len(arr)})")
+        ax.plot(x, mean, marker="o", color=color, label=f"{shown[str(lab)]} (n={len(arr)})")
         ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=color, alpha=0.15)
     ax.set_xlabel("after training task k")
     ax.set_ylabel("average accuracy over tasks 0..k")
     ax.set_ylim(-0.02, 1.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.set_title(f"{_study(ok)}\naverage accuracy over seen tasks, per strategy (shaded: ± std across seeds)", fontsize=10)
+    band = "shaded: ± std across seeds" if len(seeds) > 1 else "one seed: no spread shown"
+    ax.set_title(f"{_study(ok)}\naverage accuracy over seen tasks, per strategy ({band})", fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     p = out_dir / "forgetting_curves.png"

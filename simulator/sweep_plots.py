@@ -167,7 +167,10 @@ def plot_sweep_1d(df: pd.DataFrame, key: str, path: Path, formats: Sequence[str]
                   columns: int | None = None) -> Path:
     """One panel per metric against the swept value; ``columns=1`` stacks the panels at the width
     of one column of a two-column paper (default: all panels side by side)."""
+    from .compare import shown_labels
+
     labels = list(dict.fromkeys(df["label"]))
+    shown = shown_labels(df)
     column, order, x_num = sweep_order(df[key])
     df = df.assign(**{key: column})
     xpos = x_num if x_num is not None else np.arange(len(order), dtype=float)
@@ -180,7 +183,7 @@ def plot_sweep_1d(df: pd.DataFrame, key: str, path: Path, formats: Sequence[str]
         for color, lab in zip(_colors(len(labels)), labels):
             means_a, lo_a, hi_a, ns = band(df[df["label"] == lab], key, order, col, clip)
             all_ns += ns
-            ax.plot(xpos, means_a, marker="o", color=color, label=f"{lab} (n={max(ns) if ns else 0})")
+            ax.plot(xpos, means_a, marker="o", color=color, label=f"{shown[str(lab)]} (n={max(ns) if ns else 0})")
             ax.fill_between(xpos, lo_a, hi_a, color=color, alpha=0.18, linewidth=0)
         _sweep_axes(ax, df, key, col, clip, order, xpos, x_num)
         ax.set_ylabel(title, fontsize=9)
@@ -215,7 +218,10 @@ def _sweep_axes(ax, df: pd.DataFrame, key: str, col: str, clip, order: list, xpo
 
 
 def plot_sweep_2d(df: pd.DataFrame, key_r: str, key_c: str, path: Path, formats: Sequence[str] | None = None) -> Path:
+    from .compare import shown_labels
+
     labels = list(dict.fromkeys(df["label"]))
+    shown = shown_labels(df)
 
     def ordered(key: str) -> list:
         vals = list(dict.fromkeys(df[key]))
@@ -246,7 +252,7 @@ def plot_sweep_2d(df: pd.DataFrame, key_r: str, key_c: str, path: Path, formats:
         ax.set_yticks(range(len(rows)), [str(v) for v in rows])
         ax.set_xlabel(axis_name(key_c), fontsize=9)
         ax.set_ylabel(axis_name(key_r), fontsize=9)
-        ax.set_title(lab, fontsize=10)
+        ax.set_title(shown[str(lab)], fontsize=10)
     if im is not None:
         fig.colorbar(im, ax=list(axes[0]), label="final average accuracy (mean over seeds)", shrink=0.9)
     fig.suptitle(f"final average accuracy (mean over the seeds n in each cell) · {_subtitle(df)}", fontsize=11)

@@ -52,4 +52,34 @@ def strategy_registry() -> dict[str, type[FederatedStrategy]]:
     return STRATEGIES.load_plugins()  # type: ignore[attr-defined]
 
 
-__all__ = ["STRATEGIES", "BUILTIN_STRATEGIES", "FederatedStrategy", "RunInfo", "StrategyParams", "strategy_registry"]
+def nondefault_params(name: str, params: dict | None) -> str:
+    """The parameters of a run that differ from its strategy's defaults, as a label reads them:
+    ``share_weights`` (a flag turned on), ``no share_weights`` (turned off), ``lambda=0.5``;
+    keys in order, ``""`` when every parameter is the default or the strategy is unknown."""
+    cls = STRATEGIES.get(name)
+    if cls is None or not params:
+        return ""
+    try:
+        given = cls.Params(**params).model_dump(by_alias=True)
+        defaults = cls.Params().model_dump(by_alias=True)
+    except Exception:  # noqa: BLE001 - a label must never fail a run or a table; validation reports it elsewhere
+        return ""
+    parts = []
+    for key in sorted(params):
+        value, default = given.get(key), defaults.get(key)
+        if value == default:
+            continue
+        if isinstance(value, bool):
+            parts.append(key if value else f"no {key}")
+        else:
+            parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(parts)
+
+
+def shown_label(label: str, params: object) -> str:
+    """A run's label with its non-default parameters: ``proto_avg (share_weights)``."""
+    text = "" if params is None or (isinstance(params, float) and params != params) else str(params).strip()
+    return f"{label} ({text})" if text else str(label)
+
+
+__all__ = ["nondefault_params", "shown_label", "STRATEGIES", "BUILTIN_STRATEGIES", "FederatedStrategy", "RunInfo", "StrategyParams", "strategy_registry"]

@@ -76,9 +76,18 @@ def check_writable(run_dir: Path, source: str = "--out") -> None:
         raise UserError.single(source, "output.dir", f"cannot create {run_dir}: {exc.strerror or exc}") from None
 
 
+def _strategy_shown(scenario: Scenario) -> str:
+    """``proto_avg (share_weights)``: the strategy with the parameters it runs away from its defaults."""
+    from strategies import nondefault_params, shown_label
+
+    return shown_label(scenario.strategy.name, nondefault_params(scenario.strategy.name, scenario.strategy.params))
+
+
 def _summary(
     scenario: Scenario, rec: RunRecorder, engine: str, wall: float, completed: bool, tasks: list[list[int]]
 ) -> dict[str, Any]:
+    from strategies import nondefault_params
+
     from ..metrics import metric_definitions, missing_cells, summarize_partial
 
     done = rec.tasks_done
@@ -86,6 +95,7 @@ def _summary(
     summ: dict[str, Any] = {
         "scenario": scenario.name,
         "strategy": scenario.strategy.name,
+        "strategy_params": nondefault_params(scenario.strategy.name, scenario.strategy.params),  # for labels
         "seed": scenario.seed,
         "engine": engine,
         "num_tasks": rec.num_tasks,
@@ -363,7 +373,7 @@ def run_scenario(
     small = small_batch_client_tasks(stream, scenario.training.batch_size)
     what = f"resuming at task {start_task + 1}" if start_task else f"engine {engine}"
     rec.say(
-        f"protofed · {scenario.name} · strategy {scenario.strategy.name} · seed {scenario.seed} · "
+        f"protofed · {scenario.name} · strategy {_strategy_shown(scenario)} · seed {scenario.seed} · "
         f"{stream.num_tasks} tasks x {scenario.training.rounds_per_task} rounds · "
         f"{scenario.clients.num_clients} clients · {what}"
     )
