@@ -56,6 +56,18 @@ class RunResult:
         p = self.run_dir / "client_metrics.csv"
         return pd.read_csv(p) if p.is_file() else None
 
+    def plot_forgetting(self, protocol: str | None = None):
+        """The forgetting curves as a matplotlib figure (see :func:`simulator.plot_api.plot_forgetting`)."""
+        from .plot_api import plot_forgetting
+
+        return plot_forgetting(self, protocol)
+
+    def plot_accuracy_matrix(self, protocol: str = "global"):
+        """The accuracy matrix heatmap as a matplotlib figure (see :func:`simulator.plot_api.plot_accuracy_matrix`)."""
+        from .plot_api import plot_accuracy_matrix
+
+        return plot_accuracy_matrix(self, protocol)
+
     def global_state(self) -> dict[str, np.ndarray]:
         """``final/global.npz``: the strategy's final global arrays (``proto.classes``,
         ``proto.vectors``, ``proto.counts``; model weights for weight-sharing methods)."""

@@ -280,7 +280,7 @@ def _plot(args: argparse.Namespace) -> int:
         from .sweep_plots import plot_sweep
 
         df, keys = read_sweep(target)
-        for p in plot_sweep(df, keys, target):
+        for p in plot_sweep(df, keys, target, columns=args.columns):
             print(p)
     return 0
 
@@ -415,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("dir")
     pl.add_argument("--format", action="append", metavar="FMT[,FMT]",
                     help="also write the plots as pdf and/or svg (vector graphics, text kept as text); default: output.plot_formats")
+    pl.add_argument("--columns", type=int, choices=(1, 2, 4), default=None,
+                    help="a sweep's figure: panels per row (1: stacked at the width of one column of a paper; default: all in one row)")
     pl.set_defaults(func=cmd_plot)
 
     sc = sub.add_parser("schema", help="the scenario reference: every key (or the keys under KEY) with default and allowed values")

@@ -55,9 +55,30 @@ PLOT_FORMATS = ("png", "pdf", "svg")
 _FORMATS: tuple[str, ...] = ("png",)  # what _save writes when not told: set by plot_run / with_formats
 
 
+_CAPTURED: list[plt.Figure] | None = None  # inside capture_figures(): figures go here, not to files
+
+
+class capture_figures:
+    """``with capture_figures() as figs:`` every plot drawn inside is appended to ``figs``, open,
+    instead of being written (the Python API returns figures this way: ``protofed.plot_*``)."""
+
+    def __enter__(self) -> list[plt.Figure]:
+        global _CAPTURED
+        self._before, _CAPTURED = _CAPTURED, []
+        return _CAPTURED
+
+    def __exit__(self, *exc: object) -> None:
+        global _CAPTURED
+        _CAPTURED = self._before
+
+
 def _save(fig: plt.Figure, path: Path, formats: Sequence[str] | None = None) -> None:
     """Render ``fig`` as PNG at ``path`` (and, per ``formats``, as PDF/SVG next to it, same
-    stem), each written atomically; always closes the figure."""
+    stem), each written atomically; always closes the figure (inside :class:`capture_figures`:
+    hands it over instead, open and unwritten)."""
+    if _CAPTURED is not None:
+        _CAPTURED.append(fig)
+        return
     fmts = list(dict.fromkeys(formats or _FORMATS))
     try:
         for fmt in fmts:
