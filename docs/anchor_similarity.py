@@ -22,7 +22,7 @@ import argparse
 import numpy as np
 
 from simulator.data.sources import DIGIT_NAMES
-from simulator.text_encoder import embed_names
+from simulator.learner.text_encoder import embed_names
 from strategies.fedsa import all_class_anchors, mean_cosine, mean_nearest_gap, text_anchors
 
 

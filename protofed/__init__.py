@@ -17,7 +17,7 @@ users never need to import.
 from simulator import __version__
 from simulator.api import RunResult, compare, load, run, scenario_from, sweep
 from simulator.errors import UserError
-from simulator.plot_api import plot_accuracy_matrix, plot_comparison, plot_forgetting, plot_sweep
+from simulator.report.plot_api import plot_accuracy_matrix, plot_comparison, plot_forgetting, plot_sweep
 from simulator.scenario import Scenario
 
 __all__ = ["__version__", "RunResult", "Scenario", "UserError", "run", "compare", "sweep", "load", "scenario_from",

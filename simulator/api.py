@@ -57,14 +57,14 @@ class RunResult:
         return pd.read_csv(p) if p.is_file() else None
 
     def plot_forgetting(self, protocol: str | None = None):
-        """The forgetting curves as a matplotlib figure (see :func:`simulator.plot_api.plot_forgetting`)."""
-        from .plot_api import plot_forgetting
+        """The forgetting curves as a matplotlib figure (see :func:`simulator.report.plot_api.plot_forgetting`)."""
+        from .report.plot_api import plot_forgetting
 
         return plot_forgetting(self, protocol)
 
     def plot_accuracy_matrix(self, protocol: str = "global"):
-        """The accuracy matrix heatmap as a matplotlib figure (see :func:`simulator.plot_api.plot_accuracy_matrix`)."""
-        from .plot_api import plot_accuracy_matrix
+        """The accuracy matrix heatmap as a matplotlib figure (see :func:`simulator.report.plot_api.plot_accuracy_matrix`)."""
+        from .report.plot_api import plot_accuracy_matrix
 
         return plot_accuracy_matrix(self, protocol)
 
@@ -225,7 +225,7 @@ def run(
     that holds another run is refused unless ``overwrite``. ``progress=False`` prints nothing.
     """
     from .engine.runner import run_scenario
-    from .run_dirs import overrides_of
+    from .study.run_dirs import overrides_of
 
     sc, source = scenario_from(scenario, strategy, seed, overrides)
     changed: dict[str, Any] = {}
@@ -253,8 +253,8 @@ def _as_file(scenario: Any, out_dir: str | Path | None, overrides: Any, sub: str
     if out_dir is not None:
         root = Path(out_dir)
     else:
-        from .compare import study_overrides
-        from .run_dirs import scenario_folder
+        from .study.compare import study_overrides
+        from .study.run_dirs import scenario_folder
 
         _, tag = study_overrides(raw, sc, "<scenario mapping>", _override_texts(overrides))
         root = Path(sc.output.dir) / scenario_folder(sc.name, tag) / sub
@@ -270,7 +270,7 @@ def _names(items: str | Sequence[Any]) -> list[str]:
 
 
 def _seeds(items: int | str | Sequence[int]) -> list[int]:
-    from .compare import seeds_arg
+    from .study.compare import seeds_arg
 
     if isinstance(items, int):
         return [items]
@@ -295,8 +295,8 @@ def compare(
     row says ``failed`` with the reason in ``error``. ``overwrite``: replace runs of another
     scenario in the run directories (as ``--overwrite``). ``parallel``: runs executed at once,
     each in its own process (as ``--parallel``; the numbers are those of a serial study)."""
-    from .compare import labels_arg, run_compare
-    from .study_exec import parallel_arg
+    from .study.compare import labels_arg, run_compare
+    from .study.executor import parallel_arg
 
     with _api_words():
         n = parallel_arg(parallel, "parallel=")
@@ -326,8 +326,8 @@ def sweep(
     ``grid`` maps dotted keys to lists of values (a single value, not a list, is a one-value
     list; a text with a comma is refused: give a list); unset, the scenario's ``sweep:`` section
     gives grid, strategies and seeds. ``overwrite`` and ``parallel`` as in :func:`compare`."""
-    from .study_exec import parallel_arg
-    from .sweep import run_sweep
+    from .study.executor import parallel_arg
+    from .study.sweep import run_sweep
 
     with _api_words():
         n = parallel_arg(parallel, "parallel=")

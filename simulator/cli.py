@@ -50,7 +50,7 @@ def set_overrides(path: str, scenario, strategy: str | None = None, seed: int | 
     """What ``--set`` changed in the resolved scenario (dotted key -> value): recorded in
     config.yaml and hashed into the default results path."""
     from .errors import UserError as _UserError
-    from .run_dirs import overrides_of
+    from .study.run_dirs import overrides_of
     from .scenario import validate_scenario
 
     if not sets:
@@ -95,7 +95,7 @@ def _resume_target(args: argparse.Namespace):
         raise UserError.single(
             "--resume", "--resume", "resumes with the scenario recorded in the run directory; give no SCENARIO, --strategy, --seed, --set or --out"
         )
-    from .run_dirs import read_recorded
+    from .study.run_dirs import read_recorded
 
     raw = read_recorded(config)
     summary = run_dir / "summary.json"
@@ -104,7 +104,7 @@ def _resume_target(args: argparse.Namespace):
 
         if json.loads(summary.read_text()).get("completed"):
             return None, run_dir
-    from .supervisor import earlier_retries
+    from .study.supervisor import earlier_retries
 
     if not has_checkpoint(run_dir) and not earlier_retries(run_dir):  # a retry has said so already
         print(f"no checkpoint in {run_dir} (no task finished yet): starting the run again", file=sys.stderr)
@@ -145,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import labels_arg, run_compare, seeds_arg, this_call_failed
+    from .study.compare import labels_arg, run_compare, seeds_arg, this_call_failed
 
     parallel = _parallel(args)
     df, _ = run_compare(
@@ -164,8 +164,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .compare import labels_arg, seeds_arg, this_call_failed
-    from .sweep import grid_arg, run_sweep
+    from .study.compare import labels_arg, seeds_arg, this_call_failed
+    from .study.sweep import grid_arg, run_sweep
 
     parallel = _parallel(args)
     df, _ = run_sweep(
@@ -189,7 +189,7 @@ def _parallel(args: argparse.Namespace) -> int:
     (result-neutral: the study folder stays the same)."""
     import json
 
-    from .study_exec import parallel_arg
+    from .study.executor import parallel_arg
 
     if args.ray_address:
         args.set = [*args.set, f"resources.ray_address={json.dumps(args.ray_address)}"]
@@ -197,7 +197,7 @@ def _parallel(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .study.bench import run_bench
 
     scenario = load_for_cli(args.scenario, None, None, args.set)
     if args.ray_address:
@@ -236,7 +236,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import PLOT_FORMATS, with_formats
+    from .report.figure_style import PLOT_FORMATS, with_formats
 
     formats = [f.strip() for item in (args.format or []) for f in item.split(",") if f.strip()]
     bad = [f for f in formats if f not in PLOT_FORMATS]
@@ -249,7 +249,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plots import plot_run
+    from .report.plots import plot_run
     from .results import is_run_dir
 
     target = Path(args.dir)
@@ -268,16 +268,16 @@ def _plot(args: argparse.Namespace) -> int:
     if table.exists():  # a compare directory: redraw its two comparison plots as well
         import pandas as pd
 
-        from .compare import OK_STATUSES
-        from .plots import plot_compare
+        from .study.compare import OK_STATUSES
+        from .report.plots import plot_compare
 
         df = pd.read_csv(table)
         ok = df[df["status"].isin(OK_STATUSES)]
         for p in plot_compare(ok, [Path(x) for x in ok["run_dir"]], list(ok["label"]), target):
             print(p)
     if (target / "sweep.csv").exists():  # a sweep directory: redraw its figure
-        from .sweep import read_sweep
-        from .sweep_plots import plot_sweep
+        from .study.sweep import read_sweep
+        from .report.sweep_plots import plot_sweep
 
         df, keys = read_sweep(target)
         for p in plot_sweep(df, keys, target, columns=args.columns):
@@ -286,7 +286,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .schema_doc import reference_rows, terminal_reference
+    from .report.schema_doc import reference_rows, terminal_reference
 
     key = args.key.strip().strip(".") if args.key else None
     text = terminal_reference(key)
@@ -453,7 +453,7 @@ def _stop_ray() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .supervisor import report_status
+    from .study.supervisor import report_status
 
     try:
         code = _main(argv)
@@ -483,7 +483,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         code = 143 if isinstance(exc, Terminated) else 130
         from .engine import runner
-        from .supervisor import report_status
+        from .study.supervisor import report_status
 
         if runner.ACTIVE_RUN_DIR is not None:
             hint = f"continue with `protofed run --resume {runner.ACTIVE_RUN_DIR}`"
@@ -522,8 +522,8 @@ def _crash_report() -> str:
 
 def entry() -> None:
     """Console-script entry point: commands that may start Ray run under a supervisor
-    (:mod:`simulator.supervisor`), so that Ray's own death ends with a protofed message."""
-    from .supervisor import supervise, wants_supervision
+    (:mod:`simulator.study.supervisor`), so that Ray's own death ends with a protofed message."""
+    from .study.supervisor import supervise, wants_supervision
 
     argv = sys.argv[1:]
     sys.exit(supervise(argv) if wants_supervision(argv) else main(argv))

@@ -29,7 +29,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 @dataclass(frozen=True)
 class Meaning:
     """What the integers of a schema field stand for (``class id``, ``client id``): words for the
-    scenario reference (:mod:`simulator.schema_doc`); pydantic ignores it when validating."""
+    scenario reference (:mod:`simulator.report.schema_doc`); pydantic ignores it when validating."""
 
     name: str
 

@@ -204,7 +204,7 @@ def text_anchors(seed: int, names: list[str], dim: int, model_path: str | None =
     """Anchors from the class names, ``[len(names), dim]`` float32 (row c from ``names[c]``).
 
     1. ``e_c``: the sentence embedding of name c (384-d for MiniLM, L2-normalised), see
-       :mod:`simulator.text_encoder`;
+       :mod:`simulator.learner.text_encoder`;
     2. ``e_c P``: a fixed Gaussian projection ``P`` of shape ``[384, dim]``, entries ``N(0, 1/dim)``,
        drawn from a seed derived from the run seed (``"fedsa_text_anchors"``). A Gaussian random
        projection keeps the cosines between the names' embeddings approximately
@@ -218,7 +218,7 @@ def text_anchors(seed: int, names: list[str], dim: int, model_path: str | None =
 
     Row c depends on name c, the seed and the model only (each name is embedded on its own).
     """
-    from simulator.text_encoder import embed_names
+    from simulator.learner.text_encoder import embed_names
 
     emb = embed_names(list(names), model_path).astype(np.float64)
     gen = np.random.default_rng(derive_seed(seed, TEXT_PURPOSE))
@@ -341,7 +341,7 @@ class FedSA(FederatedStrategy):
         """``anchors: text`` needs the text extra (or a model folder) and a source with class names."""
         if params.anchors != "text":
             return []
-        from simulator.text_encoder import TextModelError, check_available
+        from simulator.learner.text_encoder import TextModelError, check_available
 
         problems = []
         if not run.text_names:

@@ -36,13 +36,13 @@ def test_a_misspelt_strategy_gets_a_did_you_mean(capsys):
 
 def _allowed(key: str) -> str:
     """The allowed column of one key in the generated scenario reference."""
-    from simulator.schema_doc import reference_rows
+    from simulator.report.schema_doc import reference_rows
 
     return next(row[3] for row in reference_rows() if row[0] == key)
 
 
 def test_the_reference_says_what_each_list_holds():
-    from simulator.schema_doc import render_section
+    from simulator.report.schema_doc import render_section
 
     table = render_section()
     assert [line for line in table.splitlines() if "list of class ids" in line] == [

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from simulator.compare import plan
+from simulator.study.compare import plan
 from simulator.engine.runner import run_scenario
 from simulator.errors import UserError
 from simulator.scenario import apply_overrides, load_scenario, read_yaml, validate_scenario

@@ -10,8 +10,8 @@ import pandas as pd
 
 import protofed
 from helpers import tiny
-from simulator.compare import format_table, shown_labels
-from simulator.plots import _run_title
+from simulator.study.compare import format_table, shown_labels
+from simulator.report.plots import _run_title
 from strategies import nondefault_params, shown_label
 
 

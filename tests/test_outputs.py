@@ -95,7 +95,7 @@ def test_save_none_keeps_nothing(tmp_path):
 def test_prototype_plot_draws_a_seeded_sample_of_many_clients(tmp_path):
     """With thousands of clients the plot draws a fixed sample of them (and says so), drawn as
     collections: per-point artists took minutes for 1000 clients."""
-    from simulator.prototype_plots import MAX_CLIENTS_SHOWN, _shown_rows, plot_prototypes
+    from simulator.report.prototype_plots import MAX_CLIENTS_SHOWN, _shown_rows, plot_prototypes
 
     rng = np.random.default_rng(1)
     n, classes = 600, 4

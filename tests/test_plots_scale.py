@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from helpers import tiny
-from simulator import plots
+from simulator.report import plots
 from simulator.engine.runner import run_scenario
 from simulator.scenario import validate_scenario
 

@@ -97,7 +97,7 @@ def test_profile_changes_no_existing_output(tmp_path, replies):
 
 
 def test_bench_writes_the_profile_of_both_engines(tmp_path):
-    from simulator.bench import run_bench
+    from simulator.study.bench import run_bench
     from simulator.scenario import validate_scenario
 
     raw = tiny(tasks__initial_classes=3, tasks__classes_per_task=3, training__rounds_per_task=1)

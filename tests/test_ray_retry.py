@@ -1,5 +1,5 @@
 """Runs survive Ray's infrastructure dying under them (simulator/engine/retry.py,
-simulator/supervisor.py): resumed from the last finished task, the same numbers as an
+simulator/study/supervisor.py): resumed from the last finished task, the same numbers as an
 uninterrupted run, each retry recorded; Ray's own logging stays off the terminal."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from simulator.engine import ray_engine, server_app
 from simulator.engine.runner import run_scenario
 from simulator.errors import RunFailure
 from simulator.scenario import validate_scenario
-from simulator.supervisor import RAY_LOG_LINE, is_ray_noise
+from simulator.study.supervisor import RAY_LOG_LINE, is_ray_noise
 
 REPO = Path(__file__).resolve().parents[1]
 

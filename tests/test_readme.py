@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from simulator.schema_doc import END, START, render_section
+from simulator.report.schema_doc import END, START, render_section
 
 README = Path(__file__).resolve().parents[1] / "docs" / "scenario-reference.md"
 
@@ -11,7 +11,7 @@ def test_readme_scenario_reference_is_up_to_date():
     text = README.read_text()
     assert START in text and END in text
     current = START + text.split(START, 1)[1].split(END, 1)[0] + END
-    assert current == render_section(), "run: python -m simulator.schema_doc --write docs/scenario-reference.md"
+    assert current == render_section(), "run: python -m simulator.report.schema_doc --write docs/scenario-reference.md"
 
 
 def test_reference_lists_every_top_level_section():

@@ -184,7 +184,7 @@ def test_ray_worker_death_is_survived(tmp_path):
 
 
 def test_compare_is_resumable(tmp_path):
-    from simulator.compare import run_compare
+    from simulator.study.compare import run_compare
 
     scen = tmp_path / "c.yaml"
     raw = tiny()

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 import simulator
-from simulator import plots, results
+from simulator import results
+from simulator.report import plots
 from simulator.metrics import summarize
 from simulator.results import (
     RUN_FILES,

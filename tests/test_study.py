@@ -224,7 +224,7 @@ def test_readme_lists_the_metrics_columns_of_a_real_run(tmp_path):
 def test_sweep_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
     import io
 
-    from simulator.sweep import run_sweep
+    from simulator.study.sweep import run_sweep
 
     raw = tiny(training={"rounds_per_task": 1}, output={"save": "none"})
     scen = _write(tmp_path / "s.yaml", raw)
@@ -242,7 +242,7 @@ def test_sweep_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
 
 
 def test_sweep_bands_are_clipped_and_alpha_gets_a_log_axis():
-    from simulator.sweep_plots import _spans_decades, band
+    from simulator.report.sweep_plots import _spans_decades, band
 
     df = pd.DataFrame({"a": [0.1, 0.1, 0.1, 10, 10], "final_avg_accuracy": [0.99, 0.97, 0.6, 0.02, 0.3]})
     means, lo, hi, n = band(df, "a", [0.1, 10], "final_avg_accuracy", (0.0, 1.0))
@@ -272,7 +272,7 @@ def test_run_progress_lines_carry_elapsed_time_and_an_eta(tmp_path):
 def test_a_value_swept_as_null_is_the_last_category(tmp_path):
     """``--grid privacy.epsilon=2,16,null``: the run without DP is a point of its own
     ("unset", last), read back from sweep.csv (where it is an empty cell) as well."""
-    from simulator.sweep_plots import UNSET, band, plot_sweep_1d, sweep_order
+    from simulator.report.sweep_plots import UNSET, band, plot_sweep_1d, sweep_order
 
     df = pd.DataFrame({"privacy.epsilon": [16.0, None, 2.0, None, 2.0], "label": ["a"] * 5, "seed": [0, 0, 0, 1, 1],
                        "status": ["ok"] * 5, "scenario": ["s"] * 5, "final_avg_accuracy": [0.5, 0.8, 0.2, 0.6, 0.3],

@@ -19,7 +19,7 @@ import yaml
 import protofed
 from helpers import tiny
 from simulator.cli import main
-from simulator.run_dirs import overrides_tag
+from simulator.study.run_dirs import overrides_tag
 from strategies import STRATEGIES
 from strategies.proto_avg import ProtoAvg
 
@@ -204,7 +204,7 @@ class Stop(ProtoAvg):
 
 
 def test_an_interrupted_sweep_table_lists_every_planned_run(tmp_path, monkeypatch):
-    from simulator.sweep import run_sweep
+    from simulator.study.sweep import run_sweep
 
     monkeypatch.setitem(STRATEGIES, "stop", Stop)
     scen = _scenario(tmp_path)

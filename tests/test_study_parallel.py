@@ -87,7 +87,7 @@ def test_parallel_must_be_a_positive_number(tmp_path, capsys):
 def test_one_ray_per_study_gives_the_numbers_of_a_ray_per_run(tmp_path, monkeypatch):
     import ray
 
-    from simulator.compare import run_compare
+    from simulator.study.compare import run_compare
 
     scen = _scenario(tmp_path, "ray")
     starts: list[str | None] = []

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from simulator.sweep_plots import axis_name, plot_sweep, spread_note
+from simulator.report.sweep_plots import axis_name, plot_sweep, spread_note
 
 KEY = "clients.partition.alpha"
 

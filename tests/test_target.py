@@ -176,7 +176,7 @@ def test_seeded_runs_reproduce_with_batchnorm_teacher(tmp_path):
 def test_the_baseline_scenario_has_a_target_label(tmp_path):
     from pathlib import Path
 
-    from simulator.compare import plan
+    from simulator.study.compare import plan
 
     scenario = Path(__file__).resolve().parents[1] / "scenarios" / "fcil_baselines_mnist1d.yaml"
     runs, _ = plan(str(scenario), ["target", "fedavg"], [0], str(tmp_path / "cmp"))

@@ -24,7 +24,7 @@ from simulator.data.sources import DIGIT_NAMES, load_dataset
 from simulator.engine.runner import run_scenario
 from simulator.scenario import DatasetConfig, validate_scenario
 from simulator.seeding import derive_seed
-from simulator.text_encoder import embed_names, packaged_model_dir
+from simulator.learner.text_encoder import embed_names, packaged_model_dir
 from strategies import RunInfo
 from strategies.fedsa import FedSA, Params, all_class_anchors, mean_cosine, text_anchors
 

@@ -15,7 +15,7 @@ from helpers import run_tiny, tiny
 
 import simulator.engine.client_app as client_app
 from simulator.cli import main
-from simulator.compare import format_table, run_compare
+from simulator.study.compare import format_table, run_compare
 from simulator.data.stream import build_stream
 from simulator.engine.recorder import score_evaluation
 from simulator.engine.runner import run_scenario

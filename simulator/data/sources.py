@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import Any, Callable, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,8 +22,16 @@ from ..paths import PathText
 from ..plugins import SOURCE_GROUP, PluginError, Registry
 from . import formats
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..scenario import DatasetConfig
+
+class DatasetSettings(Protocol):
+    """What :func:`load_dataset` reads of a scenario's ``dataset`` section (the scenario's
+    ``DatasetConfig`` is one; data code does not import the scenario module)."""
+
+    source: str
+    test_fraction: float
+
+    def params(self) -> dict[str, Any]: ...
+
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm"})
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -602,7 +610,7 @@ def source_registry() -> dict[str, SourceSpec]:
     return SOURCES.load_plugins()  # type: ignore[attr-defined]
 
 
-def load_dataset(cfg: "DatasetConfig", seed: int) -> ArrayDataset:
+def load_dataset(cfg: DatasetSettings, seed: int) -> ArrayDataset:
     """Load the dataset a scenario's ``dataset`` section describes (split seeded by ``seed``)."""
     spec = SOURCES.get(cfg.source)
     if spec is None:

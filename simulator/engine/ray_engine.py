@@ -1,7 +1,7 @@
 """The Ray engine: Flower's simulation runtime runs each client on a pool of Ray actors.
 
 A single run starts Ray and shuts it down at its end; the runs of a study share one Ray
-(:func:`study_ray`) or, with ``--parallel``, one cluster (:mod:`simulator.study_exec`). Two of
+(:func:`study_ray`) or, with ``--parallel``, one cluster (:mod:`simulator.study.executor`). Two of
 Flower's internals are adjusted for that, only while a study needs it: its Ray backend's
 ``terminate`` (which would shut Ray down) and its actor pool's size (a share of the cluster).
 """
@@ -202,7 +202,7 @@ def start_ray(verbose: bool, address: str | None = None) -> None:
     if threading.current_thread() is threading.main_thread() and callable(handler):
         signal.signal(signal.SIGTERM, handler)
     global _LAST_LOG_DIR
-    from ..supervisor import report_ray_logs
+    from ..study.supervisor import report_ray_logs
 
     _LAST_LOG_DIR = ray_log_dir()
     report_ray_logs(_LAST_LOG_DIR)

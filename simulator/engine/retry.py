@@ -9,8 +9,8 @@ error of the method's code, which is never retried) costs at most the task it ha
   Ray down, restores the last checkpoint (or the state the process started from) and the
   runner launches the engine again;
 * when Ray ended the process itself (a dead raylet or GCS): the supervisor starts a new
-  process that resumes the run (:mod:`simulator.supervisor`), which tells it which retries came
-  before (:func:`~simulator.supervisor.earlier_retries`).
+  process that resumes the run (:mod:`simulator.study.supervisor`), which tells it which retries came
+  before (:func:`~simulator.study.supervisor.earlier_retries`).
 
 Both count against ``resources.retries``; each retry is a row of ``failures.csv`` (kind
 ``infrastructure``, ``attempts`` = the retry's number) and ``summary.json`` counts them

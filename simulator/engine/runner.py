@@ -36,8 +36,8 @@ ACTIVE_RUN_DIR: Path | None = None
 
 def default_run_dir(scenario: Scenario, overrides_tag: str = "") -> Path:
     """``<output.dir>/<name>/<strategy>/seed-<seed>``; ``<name>-set-<tag>`` when ``--set``
-    changed what the run computes (see :mod:`simulator.run_dirs`)."""
-    from ..run_dirs import scenario_folder
+    changed what the run computes (see :mod:`simulator.study.run_dirs`)."""
+    from ..study.run_dirs import scenario_folder
 
     return Path(scenario.output.dir) / scenario_folder(scenario.name, overrides_tag) / scenario.strategy.name / f"seed-{scenario.seed}"
 
@@ -243,91 +243,124 @@ def run_scenario(
     """Run ``scenario`` and write its run directory. Bad input raises :class:`UserError`
     before anything is written. With ``resume``, continue from the checkpoint in ``run_dir``
     (written at the end of every task) instead of starting over. A directory that holds
-    another run is refused unless ``overwrite`` (see :mod:`simulator.run_dirs`);
+    another run is refused unless ``overwrite`` (see :mod:`simulator.study.run_dirs`);
     ``overrides`` (what ``--set`` changed) is recorded in ``config.yaml`` and, without an
-    explicit ``run_dir``, names the default one."""
+    explicit ``run_dir``, names the default one.
+
+    The phases, each a method of :class:`_Run`: check the input (nothing written yet), open the
+    run (client state folder, recorder, trackers), restore a checkpoint or write the config,
+    announce, execute every task (retrying from the last finished task when the infrastructure
+    fails), and finish (results, plots, tracking, profile) whatever happened."""
     global ACTIVE_RUN_DIR
-    from .profile import RunProfile
-
-    profile = RunProfile()  # where the time goes (profile.json, read by protofed bench)
-    from ..run_dirs import check_run_dir, overrides_tag, resolved_paths
-    from ..plots import plot_run
-    from ..results import RunWriter
-    from .checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
-    engine = "flower" if grid is not None else (engine or scenario.resources.engine)
-    scenario = scenario.model_copy(deep=True)
-    if grid is None:
-        scenario.resources.engine = engine  # type: ignore[assignment]
-    out_source = "--out" if run_dir is not None else source  # where the run directory came from
-    tag = overrides_tag(overrides or {})
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario, tag)
-    stream = build_stream_checked(scenario, source)
-    check_pretrained(scenario, stream, source)
-    check_strategy_setup(scenario, stream, source)
-    _check_privacy(scenario, stream.num_tasks, source)
-    check_writable(run_dir, out_source)
-    if not resume:
-        check_run_dir(run_dir, scenario.resolved(), overwrite=overwrite, source=out_source)
-    from ..tracking import Trackers, check_available
-
-    check_available(scenario, source)
-
-    started = time.time()
+    run = _Run.checked(scenario, source, run_dir, engine, grid, resume, overwrite, overrides or {})
+    run.open(verbose, out)
+    run.restore_or_start(resume)
+    run.announce()
+    ACTIVE_RUN_DIR = run.run_dir
+    completed = False
     try:
-        if scenario.resources.state_dir:
-            Path(scenario.resources.state_dir).mkdir(parents=True, exist_ok=True)
-        state_dir = Path(tempfile.mkdtemp(prefix="protofed-state-", dir=scenario.resources.state_dir))
-    except OSError as exc:
-        raise UserError.single(source, "resources.state_dir", f"cannot create the client state folder: {exc}") from None
-    resolved = scenario.resolved()
-    setup = RunSetup(scenario=resolved, state_dir=str(state_dir), verbose=verbose)
-    clients_dir = state_dir / "clients"
-    writer = RunWriter(run_dir)
-    from .progress import TimedRecorder
+        run.execute(verbose)
+        completed = True
+    finally:
+        summary = run.finish(completed, plots)
+    return RunOutcome(run.run_dir, summary, run.rec.matrix)
 
-    rec = TimedRecorder(
-        num_tasks=stream.num_tasks,
-        rounds_per_task=scenario.training.rounds_per_task,
-        num_clients=scenario.clients.num_clients,
-        out=out,
-    )
-    try:
-        trackers = Trackers(scenario, resolved, run_dir)
-    except Exception as exc:  # e.g. an MLflow store that cannot be opened
-        shutil.rmtree(state_dir, ignore_errors=True)
-        raise UserError.single(source, "output.mlflow" if scenario.output.mlflow else "output.tensorboard",
-                               f"cannot start experiment tracking: {type(exc).__name__}: {str(exc)[:300]}") from None
-    from ..privacy.audit import UploadLog
 
-    rec.upload_log = UploadLog() if scenario.privacy.keep_uploads else None  # not kept across --resume
-    rec.profile = profile
-    start_task, strategy_state, wall_before = 0, None, 0.0
-    if resume and has_checkpoint(run_dir):
-        ckpt = load_checkpoint(run_dir, clients_dir)
-        rec.load_state_dict(ckpt["recorder"])
-        start_task, strategy_state = int(ckpt["task"]) + 1, ckpt["strategy"]
-        wall_before = float(ckpt.get("wall_seconds", 0.0))
-    else:
-        writer.write_config(
-            {
-                **resolved,
-                "derived_seeds": seed_table(scenario.seed),
-                "overrides": dict(overrides or {}),
-                "overrides_tag": tag,
-                "resolved_paths": resolved_paths(resolved),
-            }
-        )
+class _Run:
+    """One run of a scenario, phase by phase (see :func:`run_scenario`)."""
+
+    @classmethod
+    def checked(cls, scenario: Scenario, source: str, run_dir: Path | None, engine: str | None, grid,
+                resume: bool, overwrite: bool, overrides: dict[str, Any]) -> "_Run":
+        """Everything that can be wrong with the input, checked before anything is written."""
+        from ..report.tracking import check_available
+        from ..study.run_dirs import check_run_dir, overrides_tag
+        from .profile import RunProfile
+
+        self = cls()
+        self.profile = RunProfile()  # where the time goes (profile.json, read by protofed bench)
+        self.engine = "flower" if grid is not None else (engine or scenario.resources.engine)
+        self.grid, self.source, self.overrides = grid, source, overrides
+        self.scenario = scenario = scenario.model_copy(deep=True)
+        if grid is None:
+            scenario.resources.engine = self.engine  # type: ignore[assignment]
+        out_source = "--out" if run_dir is not None else source  # where the run directory came from
+        self.tag = overrides_tag(overrides)
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario, self.tag)
+        self.stream = build_stream_checked(scenario, source)
+        check_pretrained(scenario, self.stream, source)
+        check_strategy_setup(scenario, self.stream, source)
+        _check_privacy(scenario, self.stream.num_tasks, source)
+        check_writable(self.run_dir, out_source)
+        if not resume:
+            check_run_dir(self.run_dir, scenario.resolved(), overwrite=overwrite, source=out_source)
+        check_available(scenario, source)
+        return self
+
+    def open(self, verbose: bool, out: TextIO | None) -> None:
+        """The client state folder, the run's recorder, writer and experiment trackers."""
+        from ..privacy.audit import UploadLog
+        from ..report.tracking import Trackers
+        from ..results import RunWriter
+        from .progress import TimedRecorder
+
+        scenario, source = self.scenario, self.source
+        self.started = time.time()
+        try:
+            if scenario.resources.state_dir:
+                Path(scenario.resources.state_dir).mkdir(parents=True, exist_ok=True)
+            self.state_dir = Path(tempfile.mkdtemp(prefix="protofed-state-", dir=scenario.resources.state_dir))
+        except OSError as exc:
+            raise UserError.single(source, "resources.state_dir", f"cannot create the client state folder: {exc}") from None
+        self.resolved = scenario.resolved()
+        self.setup = RunSetup(scenario=self.resolved, state_dir=str(self.state_dir), verbose=verbose)
+        self.clients_dir = self.state_dir / "clients"
+        self.writer = RunWriter(self.run_dir)
+        self.rec = TimedRecorder(num_tasks=self.stream.num_tasks, rounds_per_task=scenario.training.rounds_per_task,
+                                 num_clients=scenario.clients.num_clients, out=out)
+        try:
+            self.trackers = Trackers(scenario, self.resolved, self.run_dir)
+        except Exception as exc:  # e.g. an MLflow store that cannot be opened
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            raise UserError.single(source, "output.mlflow" if scenario.output.mlflow else "output.tensorboard",
+                                   f"cannot start experiment tracking: {type(exc).__name__}: {str(exc)[:300]}") from None
+        self.rec.upload_log = UploadLog() if scenario.privacy.keep_uploads else None  # not kept across --resume
+        self.rec.profile = self.profile
+        self.small = small_batch_client_tasks(self.stream, scenario.training.batch_size)
+
+    def restore_or_start(self, resume: bool) -> None:
+        """With ``resume`` and a checkpoint: the recorder, task and strategy state it holds;
+        otherwise ``config.yaml`` and ``clients.csv`` of a new run."""
+        from ..study.run_dirs import resolved_paths
+        from .checkpoint import has_checkpoint, load_checkpoint
+
+        self.start_task, self.strategy_state, self.wall_before = 0, None, 0.0
+        if resume and has_checkpoint(self.run_dir):
+            ckpt = load_checkpoint(self.run_dir, self.clients_dir)
+            self.rec.load_state_dict(ckpt["recorder"])
+            self.start_task, self.strategy_state = int(ckpt["task"]) + 1, ckpt["strategy"]
+            self.wall_before = float(ckpt.get("wall_seconds", 0.0))
+            return
         import pandas as pd
 
-        writer.write_table("clients", pd.DataFrame(stream.summary_rows()))
+        self.writer.write_config({
+            **self.resolved, "derived_seeds": seed_table(self.scenario.seed), "overrides": dict(self.overrides),
+            "overrides_tag": self.tag, "resolved_paths": resolved_paths(self.resolved),
+        })
+        self.writer.write_table("clients", pd.DataFrame(self.stream.summary_rows()))
 
-    def write_results(completed: bool) -> dict[str, Any]:
+    def wall(self) -> float:
+        return self.wall_before + time.time() - self.started
+
+    def write_results(self, completed: bool) -> dict[str, Any]:
+        """Every result file from what is recorded so far; returns the summary."""
         import pandas as pd
 
         from .failures import FAILURE_COLUMNS, INFRASTRUCTURE
 
-        summary = _summary(scenario, rec, engine, wall_before + time.time() - started, completed, stream.tasks)
-        summary["small_batch_client_tasks"] = small
+        rec, writer = self.rec, self.writer
+        summary = _summary(self.scenario, rec, self.engine, self.wall(), completed, self.stream.tasks)
+        summary["small_batch_client_tasks"] = self.small
         summary["retries"] = sum(1 for f in rec.failures if f.kind == INFRASTRUCTURE)  # simulator/engine/retry.py
         if rec.rows:
             writer.write_metrics(rec.rows)
@@ -341,96 +374,104 @@ def run_scenario(
         if rec.upload_log is not None:
             from ..privacy.audit import write_uploads
 
-            write_uploads(run_dir / "uploads.npz", rec.upload_log, state_dir)
+            write_uploads(self.run_dir / "uploads.npz", rec.upload_log, self.state_dir)
         return summary
 
-    def _track(call) -> None:
+    def track(self, call) -> None:
         try:
             call()
         except Exception as exc:  # tracking must never lose a run
-            rec.say(f"warning: experiment tracking failed: {type(exc).__name__}: {str(exc)[:300]}")
+            self.rec.say(f"warning: experiment tracking failed: {type(exc).__name__}: {str(exc)[:300]}")
 
-    def on_task_end(task: int, strategy) -> None:
-        # everything finished so far is on disk at each task's end (summary with
-        # completed: false), so even a process killed outright leaves its finished tasks
+    def on_task_end(self, task: int, strategy) -> None:
+        """Everything finished so far goes to disk at each task's end (summary with
+        ``completed: false``), so even a process killed outright leaves its finished tasks."""
+        from .checkpoint import save_checkpoint
+
+        profile = self.profile
         with profile.task_end_part("results"):
-            write_results(completed=False)
+            self.write_results(completed=False)
         with profile.task_end_part("tracking"):
-            _track(lambda: trackers.log_rows(rec.rows))
-        if task == stream.num_tasks - 1:  # output.save: the final global state (and clients')
+            self.track(lambda: self.trackers.log_rows(self.rec.rows))
+        if task == self.stream.num_tasks - 1:  # output.save: the final global state (and clients')
             from .final_state import save_final
 
             try:
                 with profile.task_end_part("final_state"):
-                    save_final(run_dir, strategy, setup, scenario.output.save)
+                    save_final(self.run_dir, strategy, self.setup, self.scenario.output.save)
             except Exception as exc:  # saving the models must never lose a finished run
-                rec.say(f"warning: could not save the final state: {type(exc).__name__}: {exc}")
+                self.rec.say(f"warning: could not save the final state: {type(exc).__name__}: {exc}")
         with profile.task_end_part("strategy_state"):
             state = strategy.state_dict()
         with profile.task_end_part("checkpoint"):
-            save_checkpoint(run_dir, task, state, rec.state_dict(), clients_dir, wall_before + time.time() - started)
+            save_checkpoint(self.run_dir, task, state, self.rec.state_dict(), self.clients_dir, self.wall())
 
-    small = small_batch_client_tasks(stream, scenario.training.batch_size)
-    what = f"resuming at task {start_task + 1}" if start_task else f"engine {engine}"
-    rec.say(
-        f"protofed · {scenario.name} · strategy {_strategy_shown(scenario)} · seed {scenario.seed} · "
-        f"{stream.num_tasks} tasks x {scenario.training.rounds_per_task} rounds · "
-        f"{scenario.clients.num_clients} clients · {what}"
-    )
-    if small:
-        total = sum(1 for per_client in stream.train_indices for idx in per_client if len(idx))
-        rec.say(
-            f"warning: {small} of {total} client-tasks have fewer training samples than one batch "
-            f"(training.batch_size {scenario.training.batch_size}); see clients.csv "
-            "(counted as small_batch_client_tasks in summary.json)"
-        )
-    if engine == "flower" and scenario.resources.clients_per_call not in ("auto", 1):
-        rec.say("warning: resources.clients_per_call applies to the simulation engines; a Flower deployment runs "
+    def announce(self) -> None:
+        """The header line and the warnings a reader needs before the first round."""
+        scenario, stream, say = self.scenario, self.stream, self.rec.say
+        what = f"resuming at task {self.start_task + 1}" if self.start_task else f"engine {self.engine}"
+        say(f"protofed · {scenario.name} · strategy {_strategy_shown(scenario)} · seed {scenario.seed} · "
+            f"{stream.num_tasks} tasks x {scenario.training.rounds_per_task} rounds · "
+            f"{scenario.clients.num_clients} clients · {what}")
+        if self.small:
+            total = sum(1 for per_client in stream.train_indices for idx in per_client if len(idx))
+            say(f"warning: {self.small} of {total} client-tasks have fewer training samples than one batch "
+                f"(training.batch_size {scenario.training.batch_size}); see clients.csv "
+                "(counted as small_batch_client_tasks in summary.json)")
+        if self.engine == "flower" and scenario.resources.clients_per_call not in ("auto", 1):
+            say("warning: resources.clients_per_call applies to the simulation engines; a Flower deployment runs "
                 "one client per SuperNode")
-    if scenario.resources.vectorize and (why := why_not_vectorized(scenario, stream, engine)):
-        rec.say(f"warning: resources.vectorize is on, but the clients train one by one: {why}")
-    completed = False
-    ACTIVE_RUN_DIR = run_dir
-    from ..supervisor import earlier_retries, report_run_dir, retries_spent
-    from .retry import Retries
+        if scenario.resources.vectorize and (why := why_not_vectorized(scenario, stream, self.engine)):
+            say(f"warning: resources.vectorize is on, but the clients train one by one: {why}")
 
-    report_run_dir(run_dir, scenario.resources.retries)
-    retries = Retries(rec, run_dir, clients_dir, scenario.resources.retries, start_task, strategy_state)
-    for number, task, what in earlier_retries(run_dir):  # Ray ended an earlier process of this run
-        retries.add(task, what, number)
-    try:
+    def execute(self, verbose: bool) -> None:
+        """Every task from the first unfinished one; an infrastructure failure retries the run
+        from its last finished task (bounded by ``resources.retries``), then fails it."""
+        from ..study.supervisor import earlier_retries, report_run_dir, retries_spent
+        from .retry import Retries
+
+        scenario, rec, run_dir = self.scenario, self.rec, self.run_dir
+        report_run_dir(run_dir, scenario.resources.retries)
+        retries = Retries(rec, run_dir, self.clients_dir, scenario.resources.retries, self.start_task, self.strategy_state)
+        for number, task, what in earlier_retries(run_dir):  # Ray ended an earlier process of this run
+            retries.add(task, what, number)
         if why := retries_spent(run_dir):
             raise RunFailure(why)
-        write_stream(stream, state_dir)
-        write_results(completed=False)  # summary.json says what there is, even if Ray dies in task 1
-        profile.add("prepare", time.perf_counter() - profile.started)
-        while start_task < stream.num_tasks:
+        write_stream(self.stream, self.state_dir)
+        self.write_results(completed=False)  # summary.json says what there is, even if Ray dies in task 1
+        self.profile.add("prepare", time.perf_counter() - self.profile.started)
+        start_task, strategy_state = self.start_task, self.strategy_state
+        while start_task < self.stream.num_tasks:
             try:
-                _launch(
-                    setup, rec, engine, scenario, verbose, grid=grid,
-                    start_task=start_task, strategy_state=strategy_state, on_task_end=on_task_end,
-                )
-                break
+                _launch(self.setup, rec, self.engine, scenario, verbose, grid=self.grid,
+                        start_task=start_task, strategy_state=strategy_state, on_task_end=self.on_task_end)
+                return
             except RunFailure as exc:
-                start_task, strategy_state = _retry_or_fail(exc, retries, rec, setup, run_dir, engine, grid)
-        completed = True
-    finally:
-        profile.mark("finish")
-        summary = write_results(completed)
+                start_task, strategy_state = _retry_or_fail(exc, retries, rec, self.setup, run_dir, self.engine, self.grid)
+
+    def finish(self, completed: bool, plots: bool) -> dict[str, Any]:
+        """Results, plots and tracking (MLflow after the plots: it logs them), whatever happened;
+        then the client state folder goes and profile.json is written last."""
+        from ..report.plots import plot_run
+        from .checkpoint import remove_checkpoint
+
+        rec, run_dir = self.rec, self.run_dir
+        self.profile.mark("finish")
+        summary = self.write_results(completed)
         if completed:
             remove_checkpoint(run_dir)
-        if plots and rec.tasks_done > 0:
+        drew = plots and rec.tasks_done > 0
+        if drew:
             try:
                 plot_run(run_dir)
             except Exception as exc:  # plotting must never lose a finished run
                 rec.say(f"warning: plotting failed: {exc}")
-        # after the plots: MLflow logs them as artifacts
-        _track(lambda: (trackers.log_rows(rec.rows), trackers.finish(summary, completed, plots and rec.tasks_done > 0)))
-        release_runtime(setup)
-        shutil.rmtree(state_dir, ignore_errors=True)
-        profile.add("finish", profile.since("finish"))
-        _write_profile(run_dir, profile, engine, rec)
-    return RunOutcome(run_dir, summary, rec.matrix)
+        self.track(lambda: (self.trackers.log_rows(rec.rows), self.trackers.finish(summary, completed, drew)))
+        release_runtime(self.setup)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        self.profile.add("finish", self.profile.since("finish"))
+        _write_profile(run_dir, self.profile, self.engine, rec)
+        return summary
 
 
 def _retry_or_fail(exc: RunFailure, retries, rec: RunRecorder, setup: RunSetup, run_dir: Path, engine: str, grid) -> tuple[int, Any]:

@@ -162,155 +162,163 @@ def server_loop(
     of a round) and messages travel packed by cohort (:class:`~simulator.engine.cohorts.CohortGrid`); nothing below sees it."""
     prof: RunProfile = getattr(recorder, "profile", None) or RunProfile()  # simulator/engine/profile.py
     prof.add("engine_start", prof.since("launch"))  # engine start-up until this loop runs
-    t_phase = time.perf_counter()
-    rt = runtime_for(setup)
-    s = rt.scenario
-    stream = rt.stream
-    from strategies import RunInfo
-
-    if clients_per_call > 1:
-        grid = CohortGrid(grid, s.clients.num_clients, clients_per_call, cohort_nodes)
-    prof.add("strategy_setup", time.perf_counter() - t_phase)
-    with prof.timed("discover_nodes"):
-        partitions = discover_partitions(grid, s.clients.num_clients)
-    t_phase = time.perf_counter()
-    strategy = rt.strategy_cls(
-        rt.params,
-        RunInfo(
-            seed=s.seed,
-            participation=s.clients.participation,
-            num_classes=stream.dataset.num_classes,
-            embedding_dim=s.model.embedding_dim,
-            partitions=partitions,
-            eval_subset=evaluation_subset(s, stream),
-            new_model=rt.new_model,
-            input_shape=tuple(stream.dataset.input_shape),
-            text_names=stream.dataset.text_names,
-        ),
-    )
-    delivery = Delivery(grid, s, recorder, partitions)
-    secure = SecureSum(s, stream.dataset.num_classes, None) if s.privacy.secure_aggregation else None
-    learned_by = learned_tasks_of(s, stream, rt.strategy_cls.Objective.data_scope)
-    init_model = rt.new_model()
-    arrays = strategy.initial_arrays(weights_to_arrays(init_model, include_head=rt.strategy_cls.Objective.inference == "head"))
-    if strategy_state is not None:
-        strategy.load_state_dict(strategy_state)
-        arrays = strategy.global_arrays()
-    server_round = start_task * s.training.rounds_per_task
-    prof.add("strategy_setup", time.perf_counter() - t_phase)
+    loop = _ServerLoop(setup, recorder, grid, prof, clients_per_call, cohort_nodes, start_task, strategy_state)
     # ``task`` is the step of the federation: with a shared task order every client learns
     # global task ``task`` during it; otherwise the stream's schedule says which one each learns.
-    for task in range(start_task, stream.num_tasks):
-        seen = stream.seen_classes_at(task)
-        eval_tasks = stream.seen_tasks(task)
-        strategy.available = stream.present(task)
-        new = sorted(set(seen) - set(stream.seen_classes_at(task - 1))) if task else sorted(seen)
-        # the console counts positions from 1, the files and plots use ids from 0: say which is which
-        recorder.say(f"-- task {task + 1}/{stream.num_tasks} is task {task} in metrics.csv, the matrices and the plots "
-                     f"(rounds likewise: round 1 is round 0) · new classes {new}")
-        for rnd in range(s.training.rounds_per_task):
-            server_round += 1
-            t0 = time.time()
-            t_round = time.perf_counter()
-            config = ConfigRecord(
-                {
-                    "task": task,
-                    "round": rnd,
-                    "server_round": server_round,
-                    "seen_classes": [int(c) for c in seen],
-                    "eval_tasks": [int(t) for t in eval_tasks],
-                }
-            )
-            msgs = list(strategy.configure_train(server_round, arrays, config, grid))
-            t_send = time.perf_counter()
-            phases = {"configure": t_send - t_round}
-            if secure is not None:  # SecAgg+: the strategy receives only the sum (simulator/privacy/secagg.py)
-                replies, failed = exchange_securely(secure, grid, msgs, delivery, task, rnd, server_round, recorder.privacy_releases)
-                up, down = secure.last.bytes_up, secure.last.bytes_down
-            else:
-                down = sum(payload_bytes(m.content) for m in msgs)
-                replies, failed = delivery.exchange(msgs, "train", task, rnd, server_round)
-                up = sum(payload_bytes(r.content) for r in replies if r.has_content())
-            train_seconds = time.perf_counter() - t_send
-            phases["train_exchange"] = train_seconds
-            prof.add_replies("train", replies)
-            t_phase = time.perf_counter()
-            compute = [
-                float(r.content[METRICS]["compute_seconds"])
-                for r in replies
-                if r.has_content() and METRICS in r.content and "compute_seconds" in r.content[METRICS]
-            ]
-            if secure is not None:
-                compute = secure.last.compute
-            reason = _fatal_failure(replies)
-            if reason is not None:
-                raise RunFailure(reason)
-            if msgs and failed[WORKER_DIED] == len(msgs):
-                raise infrastructure_hint(recorder, server_round)
-            count_releases(recorder.privacy_releases, replies, recorder.privacy_sgd_steps)
-            if getattr(recorder, "upload_log", None) is not None:  # privacy.keep_uploads
-                recorder.upload_log.observe(server_round, task, rnd, replies)
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-            if new_arrays is not None:
-                arrays = new_arrays
-            phases["merge"] = time.perf_counter() - t_phase
-            train = dict(train_metrics or MetricRecord())
-            if secure is not None:
-                train["clients_ok"] = secure.last.clients_ok
-            train.update(
-                bytes_up=up,
-                bytes_down=down,
-                clients_sampled=len(msgs),
-                clients_failed=sum(failed.values()),
-                clients_failed_injected=failed[INJECTED],
-                clients_failed_unexpected=failed[ERROR] + failed[WORKER_DIED],
-                train_seconds=train_seconds,
-                client_seconds=sum(compute),
-                max_client_seconds=slowest_client_seconds(compute, replies),  # NaN in a vectorised round
-                context_state_bytes=max(
-                    (int(r.content[METRICS].get("context_state_bytes", 0)) for r in replies if r.has_content() and METRICS in r.content),
-                    default=0,
-                ),
-            )
-            recorder.bytes_up += up
-            recorder.bytes_down += down
-            last = rnd == s.training.rounds_per_task - 1
-            scores = None
-            if last or s.evaluation.every == "round":
-                t_eval = time.perf_counter()
-                eval_msgs = list(strategy.configure_evaluate(server_round, arrays, config, grid))
-                t_eval_send = time.perf_counter()
-                phases["configure"] += t_eval_send - t_eval
-                eval_replies, eval_failed = delivery.exchange(eval_msgs, "evaluate", task, rnd, server_round)
-                train["eval_seconds"] = time.perf_counter() - t_eval
-                phases["evaluate_exchange"] = time.perf_counter() - t_eval_send
-                prof.add_replies("evaluate", eval_replies)
-                recorder.eval_bytes += sum(payload_bytes(m.content) for m in eval_msgs)
-                good = [r.content[METRICS] for r in eval_replies if r.has_content() and not r.has_error()]
-                train["clients_evaluated"] = len(good)
-                train["clients_eval_failed"] = sum(eval_failed.values())
-                strategy.aggregate_evaluate(server_round, eval_replies)
-                if not good:
-                    raise RunFailure(
-                        f"every client failed to evaluate after task {task + 1}, round {rnd + 1}: "
-                        + (split_reason(eval_replies[0].error.reason)[0] if eval_replies else "no client to evaluate")
-                    )
-                scores = score_evaluation(
-                    good, stream.tasks, eval_tasks,
-                    learned=None if s.evaluation.population == "all" else {p: learned_by(p, task) for p in range(s.clients.num_clients)},
-                )
-            recorder.record_round(task, rnd, server_round, train, scores, time.time() - t0)
-            # scoring: everything else of the round (byte counts, the strategy's evaluation
-            # merge, the accuracies, the recorder's row and progress line)
-            phases["scoring"] = time.perf_counter() - t_round - sum(phases.values())
-            for name, value in phases.items():
-                prof.add(name, value)
-            prof.rounds.append({"global_round": server_round, **phases})
+    for task in range(start_task, loop.stream.num_tasks):
+        loop.begin_task(task)
+        for rnd in range(loop.s.training.rounds_per_task):
+            loop.play_round(task, rnd)
         if on_task_end is not None:
             with prof.timed("task_end_writes"):
-                on_task_end(task, strategy)
-    prof.cohorts = cohort_stats(grid)
+                on_task_end(task, loop.strategy)
+    prof.cohorts = cohort_stats(loop.grid)
     prof.mark("loop_end")
+
+
+class _ServerLoop:
+    """The server's side of one run: the strategy, the global arrays and the round counter, and
+    one method per phase of a round (train exchange, merge, evaluation, record)."""
+
+    def __init__(self, setup: RunSetup, recorder: RunRecorder, grid: Grid, prof: RunProfile, clients_per_call: int,
+                 cohort_nodes: int | None, start_task: int, strategy_state: dict[str, Any] | None) -> None:
+        from strategies import RunInfo
+
+        t_phase = time.perf_counter()
+        self.recorder, self.prof = recorder, prof
+        rt = runtime_for(setup)
+        self.s = s = rt.scenario
+        self.stream = stream = rt.stream
+        if clients_per_call > 1:
+            grid = CohortGrid(grid, s.clients.num_clients, clients_per_call, cohort_nodes)
+        self.grid = grid
+        prof.add("strategy_setup", time.perf_counter() - t_phase)
+        with prof.timed("discover_nodes"):
+            partitions = discover_partitions(grid, s.clients.num_clients)
+        t_phase = time.perf_counter()
+        self.strategy = strategy = rt.strategy_cls(rt.params, RunInfo(
+            seed=s.seed, participation=s.clients.participation, num_classes=stream.dataset.num_classes,
+            embedding_dim=s.model.embedding_dim, partitions=partitions, eval_subset=evaluation_subset(s, stream),
+            new_model=rt.new_model, input_shape=tuple(stream.dataset.input_shape), text_names=stream.dataset.text_names,
+        ))
+        self.delivery = Delivery(grid, s, recorder, partitions)
+        self.secure = SecureSum(s, stream.dataset.num_classes, None) if s.privacy.secure_aggregation else None
+        self.learned_by = learned_tasks_of(s, stream, rt.strategy_cls.Objective.data_scope)
+        init_model = rt.new_model()
+        with_head = rt.strategy_cls.Objective.inference == "head"
+        self.arrays = strategy.initial_arrays(weights_to_arrays(init_model, include_head=with_head))
+        if strategy_state is not None:
+            strategy.load_state_dict(strategy_state)
+            self.arrays = strategy.global_arrays()
+        self.server_round = start_task * s.training.rounds_per_task
+        prof.add("strategy_setup", time.perf_counter() - t_phase)
+
+    def begin_task(self, task: int) -> None:
+        stream = self.stream
+        self.seen = stream.seen_classes_at(task)
+        self.eval_tasks = stream.seen_tasks(task)
+        self.strategy.available = stream.present(task)
+        new = sorted(set(self.seen) - set(stream.seen_classes_at(task - 1))) if task else sorted(self.seen)
+        # the console counts positions from 1, the files and plots use ids from 0: say which is which
+        self.recorder.say(f"-- task {task + 1}/{stream.num_tasks} is task {task} in metrics.csv, the matrices and the plots "
+                          f"(rounds likewise: round 1 is round 0) · new classes {new}")
+
+    def play_round(self, task: int, rnd: int) -> None:
+        self.server_round += 1
+        t0, t_round = time.time(), time.perf_counter()
+        config = ConfigRecord({
+            "task": task, "round": rnd, "server_round": self.server_round,
+            "seen_classes": [int(c) for c in self.seen], "eval_tasks": [int(t) for t in self.eval_tasks],
+        })
+        msgs = list(self.strategy.configure_train(self.server_round, self.arrays, config, self.grid))
+        phases = {"configure": time.perf_counter() - t_round}
+        train = self._train(msgs, task, rnd, phases)
+        scores = None
+        if rnd == self.s.training.rounds_per_task - 1 or self.s.evaluation.every == "round":
+            scores = self._evaluate(task, rnd, config, train, phases)
+        self.recorder.record_round(task, rnd, self.server_round, train, scores, time.time() - t0)
+        # scoring: everything else of the round (byte counts, the strategy's evaluation
+        # merge, the accuracies, the recorder's row and progress line)
+        phases["scoring"] = time.perf_counter() - t_round - sum(phases.values())
+        for name, value in phases.items():
+            self.prof.add(name, value)
+        self.prof.rounds.append({"global_round": self.server_round, **phases})
+
+    def _exchange_train(self, msgs: list, task: int, rnd: int):
+        """The training messages out and the replies in (through SecAgg+ when it is on: the
+        strategy then receives only the sum, simulator/privacy/secagg.py); with the bytes."""
+        secure = self.secure
+        if secure is not None:
+            replies, failed = exchange_securely(secure, self.grid, msgs, self.delivery, task, rnd, self.server_round,
+                                                self.recorder.privacy_releases)
+            return replies, failed, secure.last.bytes_up, secure.last.bytes_down
+        down = sum(payload_bytes(m.content) for m in msgs)
+        replies, failed = self.delivery.exchange(msgs, "train", task, rnd, self.server_round)
+        return replies, failed, sum(payload_bytes(r.content) for r in replies if r.has_content()), down
+
+    def _train(self, msgs: list, task: int, rnd: int, phases: dict[str, float]) -> dict[str, Any]:
+        """Train exchange and merge; returns the round's training metrics."""
+        recorder, secure = self.recorder, self.secure
+        t_send = time.perf_counter()
+        replies, failed, up, down = self._exchange_train(msgs, task, rnd)
+        train_seconds = phases["train_exchange"] = time.perf_counter() - t_send
+        self.prof.add_replies("train", replies)
+        t_phase = time.perf_counter()
+        compute = [float(r.content[METRICS]["compute_seconds"]) for r in replies
+                   if r.has_content() and METRICS in r.content and "compute_seconds" in r.content[METRICS]]
+        if secure is not None:
+            compute = secure.last.compute
+        reason = _fatal_failure(replies)
+        if reason is not None:
+            raise RunFailure(reason)
+        if msgs and failed[WORKER_DIED] == len(msgs):
+            raise infrastructure_hint(recorder, self.server_round)
+        count_releases(recorder.privacy_releases, replies, recorder.privacy_sgd_steps)
+        if getattr(recorder, "upload_log", None) is not None:  # privacy.keep_uploads
+            recorder.upload_log.observe(self.server_round, task, rnd, replies)
+        new_arrays, train_metrics = self.strategy.aggregate_train(self.server_round, replies)
+        if new_arrays is not None:
+            self.arrays = new_arrays
+        phases["merge"] = time.perf_counter() - t_phase
+        train = dict(train_metrics or MetricRecord())
+        if secure is not None:
+            train["clients_ok"] = secure.last.clients_ok
+        train.update(
+            bytes_up=up, bytes_down=down, clients_sampled=len(msgs), clients_failed=sum(failed.values()),
+            clients_failed_injected=failed[INJECTED], clients_failed_unexpected=failed[ERROR] + failed[WORKER_DIED],
+            train_seconds=train_seconds, client_seconds=sum(compute),
+            max_client_seconds=slowest_client_seconds(compute, replies),  # NaN in a vectorised round
+            context_state_bytes=max((int(r.content[METRICS].get("context_state_bytes", 0))
+                                     for r in replies if r.has_content() and METRICS in r.content), default=0),
+        )
+        recorder.bytes_up += up
+        recorder.bytes_down += down
+        return train
+
+    def _evaluate(self, task: int, rnd: int, config: ConfigRecord, train: dict[str, Any], phases: dict[str, float]):
+        """Evaluation exchange and scoring; adds its counts to ``train``; returns the scores."""
+        s, recorder = self.s, self.recorder
+        t_eval = time.perf_counter()
+        eval_msgs = list(self.strategy.configure_evaluate(self.server_round, self.arrays, config, self.grid))
+        t_eval_send = time.perf_counter()
+        phases["configure"] += t_eval_send - t_eval
+        eval_replies, eval_failed = self.delivery.exchange(eval_msgs, "evaluate", task, rnd, self.server_round)
+        train["eval_seconds"] = time.perf_counter() - t_eval
+        phases["evaluate_exchange"] = time.perf_counter() - t_eval_send
+        self.prof.add_replies("evaluate", eval_replies)
+        recorder.eval_bytes += sum(payload_bytes(m.content) for m in eval_msgs)
+        good = [r.content[METRICS] for r in eval_replies if r.has_content() and not r.has_error()]
+        train["clients_evaluated"] = len(good)
+        train["clients_eval_failed"] = sum(eval_failed.values())
+        self.strategy.aggregate_evaluate(self.server_round, eval_replies)
+        if not good:
+            raise RunFailure(
+                f"every client failed to evaluate after task {task + 1}, round {rnd + 1}: "
+                + (split_reason(eval_replies[0].error.reason)[0] if eval_replies else "no client to evaluate")
+            )
+        learned = None if s.evaluation.population == "all" else {
+            p: self.learned_by(p, task) for p in range(s.clients.num_clients)}
+        return score_evaluation(good, self.stream.tasks, self.eval_tasks, learned=learned)
 
 
 def learned_tasks_of(scenario, stream, data_scope: str) -> Callable[[int, int], set[int]]:

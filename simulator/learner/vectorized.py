@@ -43,6 +43,7 @@ Nothing here knows Flower or Ray.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -217,21 +218,49 @@ def train_cohort(
 
     The caller checks :func:`why_not_vectorizable` first. Raises :class:`CohortNonFiniteLoss`
     (a :class:`NonFiniteLoss` with ``member``) without changing any model when a member's loss
-    becomes non-finite."""
+    becomes non-finite. Phases: which members train and which parameters move, their batch plan
+    (members with the most steps first, so the members still training are a prefix), the data
+    and class tables packed for all members, the steps, then the losses checked and the weights
+    copied back."""
     k_all = len(models)
     if not (len(xs) == len(ys) == len(seen_classes) == len(knowns) == len(seeds) == k_all):
         raise ValueError("models, xs, ys, seen_classes, knowns and seeds must have one entry per member")
-    stats: list[TrainStats | None] = [None] * k_all
-    members = []
-    for i in range(k_all):
-        if len(ys[i]) == 0:
-            stats[i] = TrainStats(0.0, 0, 0)
-        else:
-            members.append(i)
+    stats: list[TrainStats | None] = [TrainStats(0.0, 0, 0) if len(ys[i]) == 0 else None for i in range(k_all)]
+    members = [i for i in range(k_all) if len(ys[i])]
     if not members:
         return [s for s in stats if s is not None]
     device = torch.device(device)
-    # Flags and modes as train_local leaves them (requires_grad of a frozen backbone, eval mode).
+    updated = _updated_parameters(models, members, cfg)
+    if updated is None:  # frozen backbone and no head: train_local returns before any step
+        for i in members:
+            stats[i] = TrainStats(0.0, 0, len(ys[i]))
+        return [s for s in stats if s is not None]
+    members, plans = _plan_members(members, ys, cfg, seeds)
+    steps = [len(p) for p in plans]
+    batches = _pack_batches(members, plans, xs, ys, num_classes, device)
+    tables = _class_tables(members, seen_classes, knowns, num_classes, device)
+    params, buffers = stack_module_state([models[i] for i in members])
+    params = {n: p.detach().to(device) for n, p in params.items()}
+    buffers = {n: b.detach().to(device) for n, b in buffers.items()}
+    train_p = {n: params[n] for n in updated}
+    fixed_p = {n: p for n, p in params.items() if n not in train_p}
+    losses = _run_steps(models[members[0]], cfg, batches, tables, train_p, fixed_p, buffers, bool(updated))
+    _check_losses(losses, members)
+    totals = losses.sum(0).cpu().numpy()
+    for m, i in enumerate(members):
+        stats[i] = TrainStats(float(totals[m]) / max(steps[m], 1), steps[m], len(ys[i]))
+    with torch.no_grad():
+        for m, i in enumerate(members):
+            own = dict(models[i].named_parameters())
+            for n in updated:
+                own[n].copy_(train_p[n][m].to(own[n].device))
+    return [s for s in stats if s is not None]
+
+
+def _updated_parameters(models: Sequence[ProtoModel], members: list[int], cfg: TrainConfig) -> list[str] | None:
+    """The parameter names that get a gradient in train_local (the head only under the head
+    classifier), with every member's flags and modes as train_local leaves them (requires_grad of
+    a frozen backbone, eval mode); None when nothing trains at all."""
     trainable_names: set[str] = set()
     for i in members:
         ids = {id(p) for p in _trainable(models[i], cfg)}
@@ -240,36 +269,46 @@ def train_cohort(
         models[i].train()
         if cfg.freeze_backbone:
             models[i].backbone.eval()
-    if not trainable_names:  # frozen backbone and no head: train_local returns before any step
-        for i in members:
-            stats[i] = TrainStats(0.0, 0, len(ys[i]))
-        return [s for s in stats if s is not None]
+    if not trainable_names:
+        return None
     if cfg.classifier == "head" and models[members[0]].head is None:
         raise ValueError("the head classifier needs a model with a head")
-    # Parameters that get a gradient in train_local: the head only under the head classifier.
-    updated = sorted(n for n in trainable_names if cfg.classifier == "head" or not n.startswith("head."))
+    return sorted(n for n in trainable_names if cfg.classifier == "head" or not n.startswith("head."))
 
-    ns = [len(ys[i]) for i in members]
-    plans = _schedule(ns, cfg, [int(seeds[i]) for i in members])
-    steps = [len(p) for p in plans]
-    order = sorted(range(len(members)), key=lambda j: -steps[j])  # most steps first: a prefix trains
-    members = [members[j] for j in order]
-    plans = [plans[j] for j in order]
-    steps = [steps[j] for j in order]
-    k = len(members)
-    n_steps = steps[0]
 
-    # All members' data in one tensor; every step's batches as global indices, padded.
+def _plan_members(members: list[int], ys: Sequence[np.ndarray], cfg: TrainConfig,
+                  seeds: Sequence[int]) -> tuple[list[int], list[list[np.ndarray]]]:
+    """The members and their batch plans, most steps first (the members still training at any
+    step are then a prefix)."""
+    plans = _schedule([len(ys[i]) for i in members], cfg, [int(seeds[i]) for i in members])
+    order = sorted(range(len(members)), key=lambda j: -len(plans[j]))
+    return [members[j] for j in order], [plans[j] for j in order]
+
+
+@dataclass
+class _Batches:
+    """All members' data in one tensor and every step's batches as global indices, padded."""
+
+    x_all: torch.Tensor
+    y_all: torch.Tensor
+    idx: torch.Tensor  # [step, member, width] indices into x_all / y_all
+    valid: torch.Tensor  # [step, member, width] False on padding
+    active: np.ndarray  # members training at each step (a prefix)
+    batch_len: np.ndarray  # the longest batch at each step
+
+
+def _pack_batches(members: list[int], plans: list[list[np.ndarray]], xs: Sequence[np.ndarray], ys: Sequence[np.ndarray],
+                  num_classes: int, device: torch.device) -> _Batches:
     offsets = np.cumsum([0] + [len(ys[i]) for i in members])
     x_all = torch.as_tensor(np.concatenate([np.asarray(xs[i], dtype=np.float32) for i in members]), device=device)
     y_cat = np.concatenate([np.asarray(ys[i], dtype=np.int64) for i in members])
     if y_cat.min() < 0 or y_cat.max() >= num_classes:  # the dense loss has one column per class
         raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {int(y_cat.min())}..{int(y_cat.max())}")
-    y_all = torch.as_tensor(y_cat, device=device)
+    n_steps, k = len(plans[0]), len(members)
     width = max(len(b) for p in plans for b in p)
     idx = np.zeros((n_steps, k, width), dtype=np.int64)
     valid = np.zeros((n_steps, k, width), dtype=bool)
-    active = np.zeros(n_steps, dtype=np.int64)  # members training at each step (a prefix)
+    active = np.zeros(n_steps, dtype=np.int64)
     batch_len = np.zeros(n_steps, dtype=np.int64)
     for m, plan in enumerate(plans):
         for s, b in enumerate(plan):
@@ -278,9 +317,14 @@ def train_cohort(
             valid[s, m, : len(b)] = True
             active[s] = m + 1
             batch_len[s] = max(batch_len[s], len(b))
-    idx_t = torch.as_tensor(idx, device=device)
-    valid_t = torch.as_tensor(valid, device=device)
+    return _Batches(x_all, torch.as_tensor(y_cat, device=device), torch.as_tensor(idx, device=device),
+                    torch.as_tensor(valid, device=device), active, batch_len)
 
+
+def _class_tables(members: list[int], seen_classes: Sequence[Sequence[int]], knowns: Sequence[PrototypeSet | None],
+                  num_classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per member: the classes seen so far, and the known prototypes (vectors and a mask)."""
+    k = len(members)
     seen = torch.zeros(k, num_classes, dtype=torch.bool, device=device)
     dim = None
     for m, i in enumerate(members):
@@ -297,13 +341,15 @@ def train_cohort(
             c = torch.as_tensor(kn.classes, dtype=torch.int64, device=device)
             known_v[m, c] = torch.as_tensor(kn.vectors, dtype=torch.float32, device=device)
             known_m[m, c] = True
+    return seen, known_v, known_m
 
-    params, buffers = stack_module_state([models[i] for i in members])
-    params = {n: p.detach().to(device) for n, p in params.items()}
-    buffers = {n: b.detach().to(device) for n, b in buffers.items()}
-    train_p = {n: params[n] for n in updated}
-    fixed_p = {n: p for n, p in params.items() if n not in train_p}
-    base = copy.deepcopy(models[members[0]]).to("meta")
+
+def _run_steps(model: ProtoModel, cfg: TrainConfig, batches: _Batches, tables, train_p: dict[str, torch.Tensor],
+               fixed_p: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], trains: bool) -> torch.Tensor:
+    """Every step for the members still training, ``train_p`` updated in place by SGD; returns
+    the losses [step, member] (float64)."""
+    seen, known_v, known_m = tables
+    base = copy.deepcopy(model).to("meta")
     base.train()
     if cfg.freeze_backbone:
         base.backbone.eval()
@@ -317,48 +363,39 @@ def train_cohort(
             return _dense_head_loss(logits, yb, vb, seen_m)
         return dense_prototypical_loss(feats, yb, vb, kv, km)
 
-    step_fn = torch.vmap(grad_and_value(member_loss)) if updated else None
+    step_fn = torch.vmap(grad_and_value(member_loss)) if trains else None
     loss_fn = torch.vmap(member_loss)
     momentum_buf: dict[str, torch.Tensor] = {}
-    losses = torch.zeros(n_steps, k, dtype=torch.float64, device=device)
-
+    n_steps, k = batches.idx.shape[0], batches.idx.shape[1]
+    losses = torch.zeros(n_steps, k, dtype=torch.float64, device=batches.x_all.device)
     for s in range(n_steps):
-        a, w = int(active[s]), int(batch_len[s])
-        ib = idx_t[s, :a, :w]
-        xb = x_all[ib]
-        yb = y_all[ib]
-        vb = valid_t[s, :a, :w]
+        a, w = int(batches.active[s]), int(batches.batch_len[s])
+        ib = batches.idx[s, :a, :w]
         tp = {n: p[:a] for n, p in train_p.items()}
         fp = {n: p[:a] for n, p in fixed_p.items()}
         bf = {n: b[:a] for n, b in buffers.items()}
-        args = (tp, fp, bf, xb, yb, vb, seen[:a], known_v[:a], known_m[:a])
+        args = (tp, fp, bf, batches.x_all[ib], batches.y_all[ib], batches.valid[s, :a, :w], seen[:a], known_v[:a], known_m[:a])
         if step_fn is None:  # frozen backbone + prototype loss: nothing to train (as train_local)
             with torch.no_grad():
-                loss = loss_fn(*args)
-            losses[s, :a] = loss.detach().to(torch.float64)
+                losses[s, :a] = loss_fn(*args).detach().to(torch.float64)
             continue
         grads, loss = step_fn(*args)
         losses[s, :a] = loss.detach().to(torch.float64)
         with torch.no_grad():
             _sgd_step(train_p, grads, momentum_buf, a, cfg, first=s == 0)
+    return losses
 
-    # Losses: the first member (cohort order) with a non-finite loss is where train_local stops.
+
+def _check_losses(losses: torch.Tensor, members: list[int]) -> None:
+    """The first member (cohort order) with a non-finite loss is where train_local stops."""
     bad = ~torch.isfinite(losses)
-    if bool(bad.any()):
-        bad_cpu = bad.cpu().numpy()
-        culprits = sorted((members[m], int(np.argmax(bad_cpu[:, m]))) for m in range(k) if bad_cpu[:, m].any())
-        member, step = culprits[0]
-        value = float(losses[step, members.index(member)])
-        raise CohortNonFiniteLoss(f"member {member} of the cohort: loss became {value} at step {step + 1}", member, step + 1)
-    totals = losses.sum(0).cpu().numpy()
-    for m, i in enumerate(members):
-        stats[i] = TrainStats(float(totals[m]) / max(steps[m], 1), steps[m], len(ys[i]))
-    with torch.no_grad():
-        for m, i in enumerate(members):
-            own = dict(models[i].named_parameters())
-            for n in updated:
-                own[n].copy_(train_p[n][m].to(own[n].device))
-    return [s for s in stats if s is not None]
+    if not bool(bad.any()):
+        return
+    bad_cpu = bad.cpu().numpy()
+    culprits = sorted((members[m], int(np.argmax(bad_cpu[:, m]))) for m in range(len(members)) if bad_cpu[:, m].any())
+    member, step = culprits[0]
+    value = float(losses[step, members.index(member)])
+    raise CohortNonFiniteLoss(f"member {member} of the cohort: loss became {value} at step {step + 1}", member, step + 1)
 
 
 def _sgd_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], bufs: dict[str, torch.Tensor],

@@ -4,7 +4,7 @@ or ``parallel`` at once, each in a process of its own.
 * Serially, the runs share one Ray (:func:`simulator.engine.ray_engine.study_ray`): Ray starts
   once per study instead of once per run; each run still has its own actors, state and results.
 * With ``parallel`` N > 1, at most N runs execute at once, each in a fresh (spawned) process
-  that runs :func:`simulator.compare.execute` exactly as the serial study does, writes its
+  that runs :func:`simulator.study.compare.execute` exactly as the serial study does, writes its
   output to ``<study>/logs/<run>.log`` and hands its table row back through a JSON file. On the
   Ray engine the study starts one local Ray cluster (or uses ``resources.ray_address``, an
   existing cluster) and every run connects to it as a driver of its own; each run's actors book
@@ -33,7 +33,7 @@ Done = Callable[[int, dict[str, Any], float], None]
 
 def parallel_arg(value: Any, source: str = "--parallel") -> int:
     """``--parallel N`` / ``parallel=N``: a positive number of runs at once."""
-    from .errors import UserError
+    from ..errors import UserError
 
     try:
         n = int(value)
@@ -58,7 +58,7 @@ def execute_runs(
 ) -> None:
     """Execute ``todo`` (index in the study, run); ``on_start`` before each run starts,
     ``on_done(index, row, seconds)`` as each finishes (in the order they finish)."""
-    from .engine.ray_engine import study_ray
+    from ..engine.ray_engine import study_ray
 
     say = (lambda text: print(text, file=out, flush=True)) if out else (lambda text: None)
     with study_ray():
@@ -92,7 +92,7 @@ def _cluster_address(runs: Sequence[PlannedRun], verbose: bool) -> str | None:
         return None  # each run connects to its own resources.ray_address
     import ray
 
-    from .engine.ray_engine import quiet_logs, start_ray
+    from ..engine.ray_engine import quiet_logs, start_ray
 
     quiet_logs(verbose)
     start_ray(verbose, None)
@@ -103,7 +103,7 @@ def _execute_parallel(todo, scenario_path: str, parallel: int, verbose: bool, lo
                       on_start, on_done: Done) -> None:
     import multiprocessing
 
-    from .engine.ray_engine import SHARE_ENV, STUDY_ADDRESS_ENV
+    from ..engine.ray_engine import SHARE_ENV, STUDY_ADDRESS_ENV
 
     address = _cluster_address([r for _, r in todo], verbose)
     env = {SHARE_ENV: str(parallel), **({STUDY_ADDRESS_ENV: address} if address else {})}
@@ -175,7 +175,7 @@ def _child_main(run: PlannedRun, scenario_path: str, verbose: bool, log: str, re
     ``result`` (written last, atomically)."""
     import signal
 
-    from .cli import _on_sigterm
+    from ..cli import _on_sigterm
     from .supervisor import CHILD_ENV
 
     os.environ.pop(CHILD_ENV, None)  # the study's process reports to the supervisor, not its runs

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .plots import _colors, _save, plt
+from .figure_style import _colors, _save, plt
 
 METRICS = (
     ("final_avg_accuracy", "final average accuracy", (0.0, 1.0)),
@@ -110,7 +110,7 @@ def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out_dir: Path, formats: Se
                columns: int | None = None) -> list[Path]:
     """The sweep's figure in ``out_dir``: ``sweep.png`` for one key (``columns``: see
     :func:`plot_sweep_1d`), ``sweep_heatmap.png`` for two, none for more."""
-    from .compare import OK_STATUSES
+    from ..study.compare import OK_STATUSES
 
     ok = df[df["status"].isin(OK_STATUSES)]  # not failed, incomplete or pending runs
     if ok.empty:
@@ -167,7 +167,7 @@ def plot_sweep_1d(df: pd.DataFrame, key: str, path: Path, formats: Sequence[str]
                   columns: int | None = None) -> Path:
     """One panel per metric against the swept value; ``columns=1`` stacks the panels at the width
     of one column of a two-column paper (default: all panels side by side)."""
-    from .compare import shown_labels
+    from ..study.compare import shown_labels
 
     labels = list(dict.fromkeys(df["label"]))
     shown = shown_labels(df)
@@ -218,7 +218,7 @@ def _sweep_axes(ax, df: pd.DataFrame, key: str, col: str, clip, order: list, xpo
 
 
 def plot_sweep_2d(df: pd.DataFrame, key_r: str, key_c: str, path: Path, formats: Sequence[str] | None = None) -> Path:
-    from .compare import shown_labels
+    from ..study.compare import shown_labels
 
     labels = list(dict.fromkeys(df["label"]))
     shown = shown_labels(df)

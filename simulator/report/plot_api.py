@@ -14,24 +14,24 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .errors import UserError
+from ..errors import UserError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .api import RunResult
+    from ..api import RunResult
 
 _UNUSED = Path("unused.png")  # capture_figures() hands the figure back before any path is used
 
 
 def _run(run: Any) -> "RunResult":
-    from .api import RunResult, load
+    from ..api import RunResult, load
 
     return run if isinstance(run, RunResult) else load(run)
 
 
 def _one(draw) -> "Figure":
-    from .plots import capture_figures
+    from .figure_style import capture_figures
 
     with capture_figures() as figs:
         draw()
@@ -51,7 +51,7 @@ def plot_forgetting(run: Any, protocol: str | None = None) -> "Figure":
 def plot_accuracy_matrix(run: Any, protocol: str = "global") -> "Figure":
     """The accuracy matrix ``a[k][j]`` as an annotated heatmap (``plots/accuracy_matrix.png``);
     ``protocol="local"`` draws the local protocol's matrix."""
-    from .metrics import STANDARD
+    from ..metrics import STANDARD
     from .plots import _run_title, plot_accuracy_matrix as draw
 
     r = _run(run)
@@ -78,8 +78,9 @@ def plot_comparison(study: Any) -> tuple["Figure", "Figure"]:
     """The comparison's two figures: final/incremental accuracy and forgetting per strategy
     (``comparison.png``) and the average accuracy over seen tasks after each task
     (``forgetting_curves.png``)."""
-    from .compare import OK_STATUSES
-    from .plots import capture_figures, plot_compare
+    from ..study.compare import OK_STATUSES
+    from .figure_style import capture_figures
+    from .plots import plot_compare
 
     df, _ = _table(study, "comparison.csv")
     ok = df[df["status"].isin(OK_STATUSES)]
@@ -101,7 +102,7 @@ def plot_sweep(study: Any, columns: int | None = None) -> "Figure":
     keys = list(df.columns[: list(df.columns).index("cell")])
     if not 1 <= len(keys) <= 2:
         raise UserError.single("plot_sweep", "study=", f"{len(keys)} swept keys: a figure shows one or two (the table holds everything)")
-    from .plots import capture_figures
+    from .figure_style import capture_figures
 
     with capture_figures() as figs:
         draw(df, keys, _UNUSED.parent, columns=columns)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from ..errors import UserError
 
 #: sections of a scenario that do not change what a run computes (labels and grids for other
 #: runs, where results go, how they are executed)
@@ -51,8 +51,8 @@ def identity(resolved: dict[str, Any]) -> dict[str, Any]:
 def _current_form(recorded: dict[str, Any]) -> dict[str, Any]:
     """A recorded scenario resolved by today's schema, so keys added since (with their default
     values) do not make an earlier run look different; as recorded if it no longer validates."""
-    from .errors import UserError as _UserError
-    from .scenario import validate_scenario
+    from ..errors import UserError as _UserError
+    from ..scenario import validate_scenario
 
     raw = {k: v for k, v in recorded.items() if k not in RECORD_KEYS}
     try:
@@ -147,7 +147,7 @@ def check_run_dir(run_dir: Path, resolved: dict[str, Any], *, overwrite: bool, s
     before finishing a task) is started again."""
     if overwrite or not run_dir.is_dir():
         return
-    from .engine.checkpoint import has_checkpoint
+    from ..engine.checkpoint import has_checkpoint
 
     config, summary = recorded_state(run_dir)
     if config is None and summary is None:

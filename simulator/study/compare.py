@@ -25,9 +25,9 @@ from typing import Any, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from .errors import Problem, UserError
-from .results import SUMMARY_KEYS, RunWriter
-from .scenario import Scenario, apply_overrides, blame_overrides, did_you_mean, read_yaml, validate_scenario
+from ..errors import Problem, UserError
+from ..results import SUMMARY_KEYS, RunWriter
+from ..scenario import Scenario, apply_overrides, blame_overrides, did_you_mean, read_yaml, validate_scenario
 
 TABLE_COLUMNS = ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt", "local_final_avg_accuracy", "bytes_per_round", "wall_seconds")
 
@@ -65,7 +65,7 @@ def _resolve_label(raw: dict[str, Any], label: str) -> dict[str, Any] | None:
 
 def _label_overrides(raw: dict[str, Any], label: str) -> dict[str, Any]:
     """``raw`` with the scenario keys of a ``compare:`` label's ``set:`` applied."""
-    from .scenario import set_dotted
+    from ..scenario import set_dotted
 
     entries = raw.get("compare") if isinstance(raw.get("compare"), dict) else {}
     entry = entries.get(label) if isinstance(entries.get(label), dict) else {}
@@ -161,8 +161,8 @@ def execute(run: PlannedRun, scenario_path: str, *, verbose: bool, out: TextIO |
     """Run one planned run (resuming it when its directory holds an interrupted run of the same
     scenario); its table fields: the summary, ``status`` (ok | failed) and ``error``. A failed
     run never stops the others. Conflicting directories must have been refused before."""
-    from .engine.checkpoint import has_checkpoint
-    from .engine.runner import run_scenario
+    from ..engine.checkpoint import has_checkpoint
+    from ..engine.runner import run_scenario
 
     try:
         resume = has_checkpoint(run.run_dir) and _same_scenario(run)
@@ -315,10 +315,10 @@ def run_compare(
     overwrite: bool = False,
     parallel: int = 1,
 ) -> tuple[pd.DataFrame, Path]:
-    """``parallel``: runs executed at once (:mod:`simulator.study_exec`); the numbers are those
+    """``parallel``: runs executed at once (:mod:`simulator.study.executor`); the numbers are those
     of a serial study."""
-    from .engine.runner import build_stream_checked, check_strategy_setup, check_writable
-    from .plots import plot_compare
+    from ..engine.runner import build_stream_checked, check_strategy_setup, check_writable
+    from ..report.plots import plot_compare
 
     runs, root = plan(scenario_path, labels, seeds, out_dir, sets)
     for r in runs:
@@ -364,7 +364,7 @@ def _execute_study(runs: list[PlannedRun], scenario_path: str, *, parallel: int,
                    root: Path) -> list[dict[str, Any]]:
     """This call's rows, in the order of ``runs``: completed runs on disk kept, the others
     executed (``parallel`` at once), each announced with the elapsed time and an ETA."""
-    from .study_exec import execute_runs
+    from .executor import execute_runs
 
     say = (lambda text: print(text, file=out, flush=True)) if out else (lambda text: None)
     rows: list[dict[str, Any]] = [{"label": r.label, "seed": r.seed} for r in runs]

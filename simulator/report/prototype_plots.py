@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.collections import LineCollection
 
-from .plots import MAX_LEGEND_ENTRIES, _colors, _index_colorbar, _save, plt
+from .figure_style import MAX_LEGEND_ENTRIES, _colors, _index_colorbar, _save, plt
 
 
 MAX_CLIENTS_SHOWN = 200

@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from .results import atomic_write_text
-from .scenario import Scenario
+from ..results import atomic_write_text
+from ..scenario import Scenario
 
 BENCH_KEYS = (
     "inline_wall_seconds",
@@ -207,7 +207,7 @@ def engine_figures(run_dir: Path, wall: float, workers: int = 1) -> dict[str, An
 
 def engine_profile(run_dir: Path, wall: float, workers: int = 1) -> tuple[dict[str, float], dict[str, int]]:
     """The flat phase breakdown of one run (seconds) and its client call counts."""
-    from .engine.profile import DRIVER_PHASES, EVALUATE_PHASES, PROFILE_FILE, TRAIN_PHASES
+    from ..engine.profile import DRIVER_PHASES, EVALUATE_PHASES, PROFILE_FILE, TRAIN_PHASES
 
     p = json.loads((run_dir / PROFILE_FILE).read_text())
     flat: dict[str, float] = {"wall": wall}
@@ -235,7 +235,7 @@ def run_bench(
     verbose: bool = False,
     out: TextIO | None = sys.stdout,
 ) -> dict[str, Any]:
-    from .engine.runner import build_stream_checked, check_writable, run_scenario
+    from ..engine.runner import build_stream_checked, check_writable, run_scenario
 
     build_stream_checked(scenario, source)
     check_writable(out_dir)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 PER_ROUND = ("train_loss", "bytes_up", "bytes_down")
 FINAL_KEYS = (

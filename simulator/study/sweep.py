@@ -2,19 +2,19 @@
 
 Every combination of grid values is a *cell*; the cell's values are applied to the scenario
 like ``--set`` overrides, and each cell is then planned exactly as ``protofed compare`` plans a
-comparison (:func:`simulator.compare.plan`): labels, seeds, validation of every run before the
+comparison (:func:`simulator.study.compare.plan`): labels, seeds, validation of every run before the
 first starts. Run directories are ``DIR/<cell>/<label>/seed-<s>/`` where ``<cell>`` names the
 swept values (``clients.partition.alpha=0.1``; several keys joined by ``,``). A run whose
 directory already holds a completed run of the same resolved scenario is kept
-(:func:`simulator.compare._finished`), so repeating the command resumes an interrupted sweep.
+(:func:`simulator.study.compare._finished`), so repeating the command resumes an interrupted sweep.
 
 ``DIR/sweep.csv`` has one row per run: the swept keys as columns, then ``label, seed, status``
 and every summary key. It covers every run of the folder, as ``comparison.csv`` does
-(:mod:`simulator.compare`): cells, labels and seeds of earlier calls are rows too
+(:mod:`simulator.study.compare`): cells, labels and seeds of earlier calls are rows too
 (``this_call`` false), a run of another scenario or of other grid keys in the folder is an
 error naming it, and the table written after every run lists the runs still to come
 (``pending``) and the one Ctrl-C stopped (``interrupted``). With ``--set`` the default folder is
-``<name>-set-<hash>/sweep``, as for ``run`` and ``compare``. Plots: see :mod:`simulator.sweep_plots`.
+``<name>-set-<hash>/sweep``, as for ``run`` and ``compare``. Plots: see :mod:`simulator.report.sweep_plots`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 
 from .compare import OK_STATUSES, PlannedRun, _conflicts, _finished, format_table, plan, report_study
-from .errors import Problem, UserError
-from .results import SUMMARY_KEYS, RunWriter
-from .scenario import load_yaml_text, overridable_key_problem
+from ..errors import Problem, UserError
+from ..results import SUMMARY_KEYS, RunWriter
+from ..scenario import load_yaml_text, overridable_key_problem
 
 MAX_CELL_NAME = 200  # below the 255 bytes a file name may have
 
@@ -248,8 +248,8 @@ def run_sweep(
 ) -> tuple[pd.DataFrame, Path]:
     """``live``: a rich progress bar (default: when ``out`` is a terminal); otherwise plain
     lines, each run announced with the elapsed time and an ETA (logs, CI). ``parallel``: runs
-    executed at once (:mod:`simulator.study_exec`), with the numbers of a serial sweep."""
-    from .engine.runner import build_stream_checked, check_strategy_setup, check_writable
+    executed at once (:mod:`simulator.study.executor`), with the numbers of a serial sweep."""
+    from ..engine.runner import build_stream_checked, check_strategy_setup, check_writable
 
     sp = plan_sweep(scenario_path, grid, labels, seeds, out_dir, sets)
     for _, r in sp.runs:
@@ -305,7 +305,7 @@ def _execute(sp: SweepPlan, scenario_path: str, verbose: bool, out: Any, plots: 
     writer.write_table("sweep", df)  # also when every run was finished already (no run wrote it)
     ok = df[df["status"].isin(OK_STATUSES)]
     if plots and len(ok):
-        from .sweep_plots import plot_sweep
+        from ..report.sweep_plots import plot_sweep
 
         try:
             for p in plot_sweep(df, sp.keys, sp.root, sp.runs[0][1].scenario.output.plot_formats):
@@ -324,9 +324,9 @@ def _execute(sp: SweepPlan, scenario_path: str, verbose: bool, out: Any, plots: 
 def _run_all(sp: SweepPlan, scenario_path: str, finished: list, rows: list[dict[str, Any]], earlier: list[dict[str, Any]],
              eta: Eta, writer: RunWriter, say, options: dict[str, Any], advance) -> None:
     """Execute the runs not finished on disk (``options["parallel"]`` at once,
-    :mod:`simulator.study_exec`); the whole table is written after every finished run, and the
+    :mod:`simulator.study.executor`); the whole table is written after every finished run, and the
     runs a Ctrl-C stopped are ``interrupted`` in it."""
-    from .study_exec import execute_runs
+    from .executor import execute_runs
 
     for i, ((cell, r), done) in enumerate(zip(sp.runs, finished)):
         if done is not None:
