@@ -55,3 +55,8 @@ def check_path_arg(value: str | None, flag: str) -> None:
     problem = path_problem(value)
     if problem:
         raise UserError.single(flag, flag, f"the path {problem}")
+
+
+# names of weights that ship inside an installed package, accepted by ``model.pretrained`` in
+# place of a file (the backbone's registry entry says which it has: efficientnet_lite0's imagenet)
+PACKAGED_WEIGHTS = ("imagenet",)

@@ -191,7 +191,8 @@ class ModelConfig(Strict):
         "The statistics are sums, merged exactly by the server from each client's latest upload (head-based strategies ignore it)",
     )
     pretrained: PathText | None = Field(
-        None, description="a PyTorch state dict of the backbone (torch.save) loaded into every client's initial model; strict key and shape check; never downloaded"
+        None, description="a PyTorch state dict of the backbone (torch.save) loaded into every client's initial model; strict key and shape check; never downloaded; "
+        "or imagenet: the ImageNet weights a backbone ships in a package (efficientnet_lite0, extra protofed[pretrained])"
     )
 
     @field_validator("backbone")

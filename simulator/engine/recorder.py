@@ -212,7 +212,7 @@ class RunRecorder:
         if train.get("clients_failed_unexpected", 0):
             notes.append(f"{train['clients_failed_unexpected']} FAILED, see failures.csv")
         if train.get("clients_idle", 0):
-            notes.append(f"{train['clients_idle']} had no data")
+            notes.append(f"{train['clients_idle']} took no training step")
         if train.get("clients_eval_failed", 0):
             notes.append(f"{train['clients_eval_failed']} FAILED to evaluate")
         fail_s = f" ({', '.join(notes)})" if notes else ""

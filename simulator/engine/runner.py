@@ -161,9 +161,9 @@ def check_pretrained(scenario: Scenario, stream, source: str) -> None:
     from ..learner.backbones import PretrainedError, build_model, read_pretrained
 
     try:
-        state = read_pretrained(scenario.model.pretrained)
         names = sorted({scenario.model.backbone_of(c) for c in range(scenario.clients.num_clients)})
         for name in names:
+            state = read_pretrained(scenario.model.pretrained, name)
             try:
                 build_model(name, stream.dataset.input_shape, scenario.model.embedding_dim, 1, False, 0,
                             norm=scenario.model.norm, pretrained=state)

@@ -38,6 +38,7 @@ class RunSetup:
 
 class Runtime:
     def __init__(self, setup: RunSetup) -> None:
+        self._pretrained: dict[str, dict[str, torch.Tensor]] = {}  # model.pretrained per backbone
         from ..scenario import validate_scenario
 
         self.setup = setup
@@ -84,19 +85,20 @@ class Runtime:
             self.with_head,
             derive_seed(s.seed, "model_init"),
             norm=s.model.norm,
-            pretrained=self.pretrained,
+            pretrained=self.pretrained(s.model.backbone_of(partition_id)),
         )
 
-    @cached_property
-    def pretrained(self) -> dict[str, torch.Tensor] | None:
-        """The ``model.pretrained`` state dict, read once per process (checked by the driver
-        before the run starts, see :func:`simulator.engine.runner.check_pretrained`)."""
+    def pretrained(self, backbone: str) -> dict[str, torch.Tensor] | None:
+        """The ``model.pretrained`` state dict for ``backbone``, read once per process (checked by
+        the driver before the run starts, see :func:`simulator.engine.runner.check_pretrained`)."""
         path = self.scenario.model.pretrained
         if path is None:
             return None
-        from ..learner.backbones import read_pretrained
+        if backbone not in self._pretrained:
+            from ..learner.backbones import read_pretrained
 
-        return read_pretrained(path)
+            self._pretrained[backbone] = read_pretrained(path, backbone)
+        return self._pretrained[backbone]
 
     def set_threads(self) -> None:
         if torch.get_num_threads() != self.threads:

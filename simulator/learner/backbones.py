@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from ..paths import PACKAGED_WEIGHTS
 from ..plugins import BACKBONE_GROUP, PluginError, Registry
 from .resnet import BUILDERS as RESNETS
 from .resnet import NORMS, norm_layer
@@ -133,11 +134,26 @@ class BackboneSpec:
     description: str
     build: Callable[..., nn.Module]
     norms: tuple[str, ...] = ()
+    # named weights that ship with an installed package (``model.pretrained: imagenet``): name ->
+    # a function returning the backbone's state dict (it may raise ImportError naming the extra)
+    weights: Mapping[str, Callable[[], dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def make(self, input_shape: tuple[int, ...], embedding_dim: int, norm: str = "batch") -> nn.Module:
         if self.norms:
             return self.build(tuple(input_shape), embedding_dim, norm=norm)
         return self.build(tuple(input_shape), embedding_dim)
+
+
+def _efficientnet_lite0(input_shape: tuple[int, ...], embedding_dim: int) -> nn.Module:
+    from .efficientnet import EfficientNetLite0Backbone
+
+    return EfficientNetLite0Backbone(input_shape, embedding_dim)
+
+
+def _efficientnet_lite0_imagenet() -> dict[str, torch.Tensor]:
+    from .efficientnet import imagenet_weights
+
+    return imagenet_weights()
 
 
 BUILTIN_BACKBONES: dict[str, BackboneSpec] = {
@@ -150,6 +166,12 @@ BUILTIN_BACKBONES: dict[str, BackboneSpec] = {
     ),
     "resnet18": BackboneSpec(
         "resnet18", "CIFAR ResNet-18 (3x3 stem, no max-pool, ~11.2 M); images or 1-D signals", RESNETS["resnet18"], NORMS
+    ),
+    "efficientnet_lite0": BackboneSpec(
+        "efficientnet_lite0",
+        "EfficientNet-Lite0 (~4.7 M), images of 1 or 3 channels resized to 224; ImageNet weights with "
+        "model.pretrained: imagenet (extra protofed[pretrained]); pooled 1280-d feature",
+        _efficientnet_lite0, (), {"imagenet": _efficientnet_lite0_imagenet},
     ),
 }
 
@@ -223,10 +245,19 @@ class PretrainedError(ValueError):
     """A ``model.pretrained`` file that cannot be read or does not fit the backbone."""
 
 
-def read_pretrained(path: str | Path) -> dict[str, torch.Tensor]:
+def read_pretrained(path: str | Path, backbone: str | None = None) -> dict[str, torch.Tensor]:
     """Read a backbone state dict saved with ``torch.save`` (tensors only: ``weights_only``, so
     the file cannot run code). A whole protofed model's state dict (keys ``backbone.*`` and
-    ``head.*``) is accepted too: its ``backbone.`` part is used."""
+    ``head.*``) is accepted too: its ``backbone.`` part is used. A name of packaged weights
+    (``imagenet``, :data:`simulator.paths.PACKAGED_WEIGHTS`) gives ``backbone``'s own."""
+    if str(path) in PACKAGED_WEIGHTS:
+        spec = BACKBONES.get(backbone) if backbone is not None else None
+        if spec is None or str(path) not in spec.weights:
+            raise PretrainedError(f"backbone {backbone} ships no {str(path)!r} weights; give a state dict file")
+        try:
+            return dict(spec.weights[str(path)]())
+        except ImportError as exc:
+            raise PretrainedError(str(exc)) from None
     p = Path(path)
     if not p.is_file():
         raise PretrainedError(f"{path} is not a file")

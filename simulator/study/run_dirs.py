@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..paths import PACKAGED_WEIGHTS
 
 #: sections of a scenario that do not change what a run computes (labels and grids for other
 #: runs, where results go, how they are executed)
@@ -96,6 +97,8 @@ def resolved_paths(resolved: dict[str, Any]) -> dict[str, str]:
     out = {}
     for key in PATH_KEYS:
         value = flat.get(key)
+        if key == "model.pretrained" and value in PACKAGED_WEIGHTS:  # a name, not a path
+            continue
         if isinstance(value, str) and value and not os.path.isabs(value):
             out[key] = str(Path(value).resolve())
     return out
