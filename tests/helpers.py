@@ -71,11 +71,21 @@ def interrupted_then_resumed(raw: dict, tmp_path: Path, monkeypatch, stop_after_
     checkpoint of ``stop_after_task`` then resumed (``tmp_path/cut``); returns (full, resumed)."""
     import json
 
+    full = run_scenario(validate_scenario(raw), run_dir=tmp_path / "full", **run_kw)
+    interrupt_after_task(monkeypatch, lambda: run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut", **run_kw),
+                         stop_after_task)
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["tasks_completed"] == stop_after_task + 1
+    resumed = run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut", resume=True, **run_kw)
+    return full, resumed
+
+
+def interrupt_after_task(monkeypatch, start_run, stop_after_task: int = 0) -> None:
+    """Call ``start_run()`` and stop it (KeyboardInterrupt, as Ctrl-C) right after the checkpoint
+    of task ``stop_after_task`` is written; checkpoints work normally again afterwards."""
     import pytest
 
     import simulator.engine.checkpoint as checkpoint
 
-    full = run_scenario(validate_scenario(raw), run_dir=tmp_path / "full", **run_kw)
     original = checkpoint.save_checkpoint
 
     def save_then_stop(run_dir, task, *args, **kwargs):
@@ -85,8 +95,5 @@ def interrupted_then_resumed(raw: dict, tmp_path: Path, monkeypatch, stop_after_
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut", **run_kw)
+        start_run()
     monkeypatch.setattr(checkpoint, "save_checkpoint", original)
-    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["tasks_completed"] == stop_after_task + 1
-    resumed = run_scenario(validate_scenario(raw), run_dir=tmp_path / "cut", resume=True, **run_kw)
-    return full, resumed

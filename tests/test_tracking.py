@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import protofed
-from helpers import tiny
+from helpers import interrupt_after_task, tiny
 from simulator.engine.runner import run_scenario
 from simulator.scenario import validate_scenario
 
@@ -110,8 +110,6 @@ def test_mlflow_artifacts_without_plots_and_after_resume(tmp_path, monkeypatch):
     MLflow run with the files as they were when it ended, the resumed one the final plots."""
     from mlflow.tracking import MlflowClient
 
-    import simulator.engine.checkpoint as checkpoint
-
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -125,17 +123,7 @@ def test_mlflow_artifacts_without_plots_and_after_resume(tmp_path, monkeypatch):
     assert bare.info.status == "FINISHED"
     assert _artifacts(client, bare.info.run_id) == {"summary.json", "accuracy_matrix.csv", "config.yaml"}
 
-    original = checkpoint.save_checkpoint
-
-    def save_then_stop(run_dir, task, *args, **kwargs):
-        original(run_dir, task, *args, **kwargs)
-        if task == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_scenario(scenario("resumed"), run_dir=tmp_path / "cut", out=None)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
+    interrupt_after_task(monkeypatch, lambda: run_scenario(scenario("resumed"), run_dir=tmp_path / "cut", out=None))
     exp_id = client.get_experiment_by_name("resumed").experiment_id
     (first,) = client.search_runs([exp_id])
     assert first.info.status == "FAILED"
