@@ -50,3 +50,22 @@ def test_site_home_page_is_the_readme():
         "regenerate: python -c \"from pathlib import Path; Path('docs/index.md').write_text("
         "Path('README.md').read_text().replace('](docs/', ']('))\""
     )
+
+
+def test_the_quickstart_numbers_shown_in_the_readme_and_docs_come_from_a_run(tmp_path):
+    """The README's and the getting-started page's quickstart summary are what the quickstart
+    gives today (the inline engine: the same matrix as Ray's, byte for byte). Within 0.02, not
+    exactly: another machine's floating point may flip a few test predictions after 12 rounds
+    (one sample moves an accuracy by about 0.004); a stale number (0.7716 against 0.8326 before
+    this test) is far outside that."""
+    from simulator.engine.runner import run_scenario
+    from simulator.scenario import load_scenario
+
+    out = run_scenario(load_scenario(REPO / "scenarios" / "quickstart.yaml"), run_dir=tmp_path / "q", engine="inline",
+                       plots=False, out=None)
+    for page in (README, REPO / "docs" / "getting-started.md"):
+        text = page.read_text()
+        for key, label in (("final_avg_accuracy", "final average accuracy"), ("avg_forgetting", "average forgetting")):
+            shown = re.search(rf"{label}\s+([0-9.]+)", text)
+            assert shown, (page.name, label)
+            assert abs(float(shown.group(1)) - out.summary[key]) <= 0.02, (page.name, label, out.summary[key])
