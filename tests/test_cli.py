@@ -206,6 +206,9 @@ def test_check_writable_accepts_new_and_existing_dirs(tmp_path: Path):
     check_writable(tmp_path)
 
 
+# Skipped as root only: root may write into a directory whatever its mode bits, so no directory
+# can be made unwritable without a read-only mount, which a test cannot make. The same error path
+# (check_writable raising a UserError that names the folder) runs as root in the test above.
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores the mode bits")
 def test_check_writable_rejects_a_read_only_dir(tmp_path: Path):
     locked = tmp_path / "locked"

