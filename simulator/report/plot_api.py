@@ -30,12 +30,13 @@ def _run(run: Any) -> "RunResult":
     return run if isinstance(run, RunResult) else load(run)
 
 
-def _one(draw) -> "Figure":
+def _drawn(draw) -> list["Figure"]:
+    """The figures ``draw()`` makes, captured open instead of written."""
     from .figure_style import capture_figures
 
     with capture_figures() as figs:
         draw()
-    return figs[0]
+    return figs
 
 
 def plot_forgetting(run: Any, protocol: str | None = None) -> "Figure":
@@ -45,7 +46,7 @@ def plot_forgetting(run: Any, protocol: str | None = None) -> "Figure":
 
     r = _run(run)
     title = _run_title(r.run_dir, r.summary, r.config)
-    return _one(lambda: draw(r.metrics, _UNUSED, title=title, task_labels=_task_labels(r.summary, r.config), protocol=protocol))
+    return _drawn(lambda: draw(r.metrics, _UNUSED, title=title, task_labels=_task_labels(r.summary, r.config), protocol=protocol))[0]
 
 
 def plot_accuracy_matrix(run: Any, protocol: str = "global") -> "Figure":
@@ -62,16 +63,17 @@ def plot_accuracy_matrix(run: Any, protocol: str = "global") -> "Figure":
         raise UserError.single(str(r.run_dir), "protocol=", f"the run recorded no {protocol} matrix")
     title = _run_title(r.run_dir, r.summary, r.config)
     definitions = r.summary.get("metric_definitions", STANDARD)
-    return _one(lambda: draw(frame.to_numpy(dtype=float), _UNUSED, title=title, definitions=definitions))
+    return _drawn(lambda: draw(frame.to_numpy(dtype=float), _UNUSED, title=title, definitions=definitions))[0]
 
 
-def _table(study: Any, name: str) -> tuple[pd.DataFrame, Path | None]:
+def _table(study: Any, name: str) -> pd.DataFrame:
+    """The study's table: the one given, or ``name`` read from the folder given."""
     if isinstance(study, pd.DataFrame):
-        return study, None
+        return study
     path = Path(study) / name
     if not path.is_file():
         raise UserError.single(str(study), "study=", f"holds no {name}: give a {name.split('.')[0]} folder or its table")
-    return pd.read_csv(path), Path(study)
+    return pd.read_csv(path)
 
 
 def plot_comparison(study: Any) -> tuple["Figure", "Figure"]:
@@ -79,33 +81,29 @@ def plot_comparison(study: Any) -> tuple["Figure", "Figure"]:
     (``comparison.png``) and the average accuracy over seen tasks after each task
     (``forgetting_curves.png``)."""
     from ..study.compare import OK_STATUSES
-    from .figure_style import capture_figures
     from .plots import plot_compare
 
-    df, _ = _table(study, "comparison.csv")
+    df = _table(study, "comparison.csv")
     ok = df[df["status"].isin(OK_STATUSES)]
     if ok.empty:
         raise UserError.single("plot_comparison", "study=", "no finished run in the table")
-    with capture_figures() as figs:
-        plot_compare(ok, [Path(p) for p in ok["run_dir"]], list(ok["label"]), _UNUSED.parent)
-    return figs[0], figs[1]
+    bars, curves = _drawn(lambda: plot_compare(ok, [Path(p) for p in ok["run_dir"]], list(ok["label"]), _UNUSED.parent))
+    return bars, curves
 
 
 def plot_sweep(study: Any, columns: int | None = None) -> "Figure":
     """The sweep's figure: metrics against the swept value for one key, a heatmap for two
     (``sweep.png`` / ``sweep_heatmap.png``); ``columns=1`` stacks the panels at column width."""
+    from ..study.sweep import swept_keys
     from .sweep_plots import plot_sweep as draw
 
-    df, _ = _table(study, "sweep.csv")
+    df = _table(study, "sweep.csv")
     if "cell" not in df.columns:
         raise UserError.single("plot_sweep", "study=", "not a sweep table (no 'cell' column)")
-    keys = list(df.columns[: list(df.columns).index("cell")])
+    keys = swept_keys(df)
     if not 1 <= len(keys) <= 2:
         raise UserError.single("plot_sweep", "study=", f"{len(keys)} swept keys: a figure shows one or two (the table holds everything)")
-    from .figure_style import capture_figures
-
-    with capture_figures() as figs:
-        draw(df, keys, _UNUSED.parent, columns=columns)
+    figs = _drawn(lambda: draw(df, keys, _UNUSED.parent, columns=columns))
     if not figs:
         raise UserError.single("plot_sweep", "study=", "no finished run in the table")
     return figs[0]

@@ -436,5 +436,9 @@ def _table(rows: list[dict[str, Any]], keys: Sequence[str]) -> pd.DataFrame:
 def read_sweep(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """``sweep.csv`` of a sweep folder and its swept keys (the columns before ``cell``)."""
     df = pd.read_csv(Path(root) / "sweep.csv")
-    keys = list(df.columns[: list(df.columns).index("cell")])
-    return df, keys
+    return df, swept_keys(df)
+
+
+def swept_keys(df: pd.DataFrame) -> list[str]:
+    """The swept keys of a sweep table: its columns before ``cell``."""
+    return list(df.columns[: list(df.columns).index("cell")])
