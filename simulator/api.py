@@ -62,7 +62,7 @@ class RunResult:
 
         return plot_forgetting(self, protocol)
 
-    def plot_accuracy_matrix(self, protocol: str = "global"):
+    def plot_matrix(self, protocol: str = "global"):
         """The accuracy matrix heatmap as a matplotlib figure (see :func:`simulator.report.plot_api.plot_accuracy_matrix`)."""
         from .report.plot_api import plot_accuracy_matrix
 

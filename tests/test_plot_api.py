@@ -34,7 +34,7 @@ def test_run_and_comparison_figures(tmp_path):
     for f in (fig, matrix, bars, curves):
         plt.close(f)
     with pytest.raises(protofed.UserError, match="protocol="):
-        run.plot_accuracy_matrix(protocol="both")
+        run.plot_matrix(protocol="both")
     with pytest.raises(protofed.UserError, match="comparison.csv"):
         protofed.plot_comparison(tmp_path)
 

@@ -4,7 +4,8 @@
 ``run`` is a run directory or a :class:`~simulator.api.RunResult`; ``study`` is a compare or
 sweep folder, or the table ``protofed.compare`` / ``protofed.sweep`` returned. Nothing is
 written to disk. Exposed as ``protofed.plot_forgetting``, ``protofed.plot_accuracy_matrix``,
-``protofed.plot_comparison`` and ``protofed.plot_sweep`` (and as ``RunResult`` methods).
+``protofed.plot_comparison`` and ``protofed.plot_sweep`` (and as ``RunResult.plot_forgetting``
+and ``RunResult.plot_matrix``).
 """
 
 from __future__ import annotations
