@@ -14,7 +14,7 @@ here because it needs torchvision), and ``tests/test_efficientnet.py`` checks Im
 predictions on scikit-learn's two sample photographs (a palace, a daisy).
 
 Input handling (the weights expect RGB in [0, 1] at 224x224, normalised as (x - 0.5) / 0.5, the
-TensorFlow Lite convention): the data sources hand images standardised by a scalar mean and std,
+TensorFlow Lite convention, which timm's configuration of ``tf_efficientnet_lite0`` states too): the data sources hand images standardised by a scalar mean and std,
 so each image is first stretched back to [0, 1] by its own minimum and maximum (this undoes any
 scalar affine standardisation exactly, and stretches the contrast of an image that does not span
 the full range: a deviation from the weights' own preprocessing), a single channel is repeated to
