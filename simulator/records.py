@@ -70,7 +70,8 @@ def stats_to_arrays(stats: SecondOrderStats) -> dict[str, Array]:
     """Per-class counts, feature sums and sums of outer products (float64: they are summed).
     The outer-product sums are symmetric, so only their upper triangles travel (``squares_upper``,
     ``[C, D (D + 1) / 2]``): half the bytes, nothing lost. A first-order classifier (``nme``) sends
-    no outer products; ``fecam`` also sends the sums of the untransformed embeddings (``raw_sums``)."""
+    no outer products; ``fecam`` also sends the sums of the untransformed embeddings (``raw_sums``);
+    pooled statistics (``ranpac``'s global message) send one summed Gram matrix (``gram_upper``)."""
     rows, cols = np.triu_indices(stats.dim)
     out = {
         f"{SECOND_ORDER}.classes": Array(np.ascontiguousarray(stats.classes, dtype=np.int64)),
@@ -79,6 +80,8 @@ def stats_to_arrays(stats: SecondOrderStats) -> dict[str, Array]:
     }
     if stats.squares is not None:
         out[f"{SECOND_ORDER}.squares_upper"] = Array(np.ascontiguousarray(stats.squares[:, rows, cols], dtype=np.float64))
+    if stats.gram is not None:  # ranpac: the classes' outer products summed (SecondOrderStats.pooled)
+        out[f"{SECOND_ORDER}.gram_upper"] = Array(np.ascontiguousarray(stats.gram[rows, cols], dtype=np.float64))
     if stats.raw_sums is not None:
         out[f"{SECOND_ORDER}.raw_sums"] = Array(np.ascontiguousarray(stats.raw_sums, dtype=np.float64))
     return out
@@ -97,8 +100,14 @@ def stats_from_arrays(arrays: ArrayRecord) -> SecondOrderStats | None:
         upper = arrays[f"{SECOND_ORDER}.squares_upper"].numpy().reshape(c, len(rows))
         squares[:, rows, cols] = upper
         squares[:, cols, rows] = upper
+    gram = None
+    if f"{SECOND_ORDER}.gram_upper" in arrays:
+        rows, cols = np.triu_indices(d)
+        gram = np.zeros((d, d), dtype=np.float64)
+        gram[rows, cols] = arrays[f"{SECOND_ORDER}.gram_upper"].numpy().reshape(-1)
+        gram[cols, rows] = gram[rows, cols]
     raw = arrays[f"{SECOND_ORDER}.raw_sums"].numpy() if f"{SECOND_ORDER}.raw_sums" in arrays else None
-    return SecondOrderStats(classes, counts, sums, squares, raw)
+    return SecondOrderStats(classes, counts, sums, squares, raw, gram)
 
 
 # --------------------------------------------------------------------------- weights

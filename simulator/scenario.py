@@ -183,12 +183,17 @@ class ModelConfig(Strict):
         "batch",
         description="normalisation layers of cnn1d, cnn and the resnets; under weight sharing BatchNorm running mean/var are FedAvg-averaged with the weights; batch_local: BatchNorm kept local as in FedBN (its weights and statistics never travel); group/none keep no running statistics",
     )
-    classifier: Literal["ncm", "nme", "mahalanobis", "fecam", "lda"] = Field(
+    classifier: Literal["ncm", "nme", "mahalanobis", "fecam", "lda", "ranpac"] = Field(
         "ncm",
         description="prototype inference: nearest class mean (ncm); iCaRL's nearest mean of exemplars (nme: L2-normalised embeddings and class means); "
         "FeCAM's per-class Mahalanobis (fecam: Tukey-transformed features, shrinkage twice, correlation matrices, normalised means); "
-        "protofed's own per-class Mahalanobis on normalised features (mahalanobis, not FeCAM's estimator); or a shared shrunk covariance (lda). "
+        "protofed's own per-class Mahalanobis on normalised features (mahalanobis, not FeCAM's estimator); a shared shrunk covariance (lda); "
+        "or RanPAC's ridge regression on randomly projected, rectified embeddings (ranpac: ridge chosen by generalised cross-validation, width model.ranpac_dim). "
         "The statistics are sums, merged exactly by the server from each client's latest upload (head-based strategies ignore it)",
+    )
+    ranpac_dim: int = Field(
+        256, ge=1, le=4096,
+        description="classifier ranpac: width M of the random projection; each client uploads M (M + 1) / 2 float64 per class (264 KB at 256; the paper uses 10,000 on 768-d ViT features)",
     )
     pretrained: PathText | None = Field(
         None, description="a PyTorch state dict of the backbone (torch.save) loaded into every client's initial model; strict key and shape check; never downloaded; "

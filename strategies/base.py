@@ -83,6 +83,7 @@ class RunInfo:
     new_model: Callable[[], Any] | None = None
     input_shape: tuple[int, ...] = ()
     text_names: list[str] | None = None  # each class's name in words (index = class id); None: the source has none
+    classifier: str = "ncm"  # model.classifier (ranpac: the global statistics travel pooled)
 
 
 @dataclass
@@ -152,7 +153,9 @@ class FederatedStrategy(Strategy):
         if len(self.global_protos):
             content.update(protos_to_arrays(self.global_protos, with_counts=True))
         if len(self.global_stats):
-            content.update(stats_to_arrays(self.global_stats))
+            # RanPAC's clients need only the Gram matrix summed over the classes: one D x D instead of C
+            stats = self.global_stats.pooled() if self.run.classifier == "ranpac" else self.global_stats
+            content.update(stats_to_arrays(stats))
         content.update(self.global_weights)
         return ArrayRecord(content)
 

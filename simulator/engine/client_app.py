@@ -360,7 +360,7 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
     local_protos = private if feats is None else class_means(feats, y)
     upload = objective.upload(model, local_protos)
     if feats is not None and s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
-        upload.update(stats_to_arrays(client_statistics(feats, y, s.model.classifier)))
+        upload.update(stats_to_arrays(client_statistics(feats, y, s.model.classifier, rt.classifier_projection)))
     lap("upload")
     state["model"] = to_cpu(model.state_dict())
     state["objective"] = objective.state_dict()
@@ -457,6 +457,7 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
         device=rt.device,
         second_order=rt.scenario.model.classifier,
         stats=stats_from_arrays(msg.content[GLOBAL]),
+        projection=rt.classifier_projection,
     )
     lap("predict")
     correct, total = per_class_correct(pred, y, data.num_classes)

@@ -69,6 +69,17 @@ class Runtime:
         """Every training sample of every task (the centralised upper bound trains on them)."""
         return np.sort(np.concatenate([i for per_task in self.stream.train_indices for i in per_task]))
 
+    @cached_property
+    def classifier_projection(self) -> np.ndarray | None:
+        """``model.classifier: ranpac``: the random projection every process draws alike from the
+        run seed (``None`` for the other classifiers)."""
+        m = self.scenario.model
+        if m.classifier != "ranpac":
+            return None
+        from ..learner.second_order import ranpac_projection
+
+        return ranpac_projection(m.embedding_dim, m.ranpac_dim, derive_seed(self.scenario.seed, "ranpac_projection"))
+
     @property
     def with_head(self) -> bool:
         return self.strategy_cls.Objective.needs_head()

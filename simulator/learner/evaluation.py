@@ -27,10 +27,11 @@ def predict(
     device: str | torch.device = "cpu",
     second_order: str = "ncm",
     stats: SecondOrderStats | None = None,
+    projection: np.ndarray | None = None,
 ) -> np.ndarray:
     """Predicted class ids for ``x``: nearest prototype among the seen classes, or the argmax of
     the head restricted to the seen classes. With ``second_order`` other than ``ncm`` (``nme``,
-    ``fecam``, ``mahalanobis``, ``lda``) and ``stats`` that cover every seen class, prototype
+    ``fecam``, ``mahalanobis``, ``lda``, ``ranpac`` with its random ``projection``) and ``stats`` that cover every seen class, prototype
     inference uses that classifier fitted on the merged statistics
     instead of the nearest prototype (otherwise it falls back to the nearest prototype).
 
@@ -40,7 +41,7 @@ def predict(
     so no strategy's mean is computed over fewer clients than another's."""
     seen = np.asarray(list(seen_classes), dtype=np.int64)
     if classifier == "prototype" and second_order != "ncm" and stats is not None and set(seen.tolist()) <= set(stats.classes.tolist()):
-        return fit_classifier(stats.select(seen), second_order).predict(embed(model, x, device))
+        return fit_classifier(stats.select(seen), second_order, projection).predict(embed(model, x, device))
     if classifier != "head":
         usable = protos.select(seen) if protos is not None else None
         if usable is None or len(usable) == 0:
