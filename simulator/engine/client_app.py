@@ -178,7 +178,7 @@ def _remember(rt: Runtime, pid: int, state: dict[str, Any], task: int, model) ->
     state["memory"] = mechanisms.select_memory(
         cfg.memory_selection, state["memory"], idx, labels, cfg.memory_per_class,
         rng(rt.scenario.seed, "memory", pid, task),
-        lambda i: embed(model, rt.stream.dataset.x_train[i], rt.device).cpu().numpy(),
+        lambda i: embed(model, rt.stream.dataset.x_train[i], rt.device, cache=rt.frozen_features).cpu().numpy(),
     )
 
 
@@ -356,7 +356,7 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
     # a DP release is sent as released: no calibration or second-order statistics computed from
     # the private data are added to it (the privacy check refuses those combinations), and the
     # data is not embedded a second time
-    feats = None if private is not None else embed(model, x, rt.device)
+    feats = None if private is not None else embed(model, x, rt.device, cache=rt.frozen_features)
     local_protos = private if feats is None else class_means(feats, y)
     upload = objective.upload(model, local_protos)
     if feats is not None and s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
@@ -458,6 +458,7 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
         second_order=rt.scenario.model.classifier,
         stats=stats_from_arrays(msg.content[GLOBAL]),
         projection=rt.classifier_projection,
+        cache=rt.frozen_features,
     )
     lap("predict")
     correct, total = per_class_correct(pred, y, data.num_classes)

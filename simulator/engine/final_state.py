@@ -57,7 +57,8 @@ def save_final(run_dir: Path, strategy: Any, setup: RunSetup, mode: str) -> None
             continue
         # on the clients' device: the driver recomputing every client's prototypes on the CPU was
         # most of a GPU run's end-of-run writes (issue "On GPUs": task_end_writes 45% of the GPU check)
-        protos = compute_prototypes(model.to(rt.device), data.x_train[idx], data.y_train[idx], rt.device)
+        protos = compute_prototypes(model.to(rt.device), data.x_train[idx], data.y_train[idx], rt.device,
+                                    cache=rt.frozen_features)
         rows_client += [pid] * len(protos.classes)
         rows_class += list(protos.classes)
         rows_count += list(protos.counts)

@@ -440,6 +440,9 @@ class _Run:
         write_stream(self.stream, self.state_dir)
         self.write_results(completed=False)  # summary.json says what there is, even if Ray dies in task 1
         self.profile.add("prepare", time.perf_counter() - self.profile.started)
+        if scenario.continual.backbone == "frozen":  # one forward pass over the data, before any client
+            with self.profile.timed("frozen_features"):
+                runtime_for(self.setup).prepare_frozen_features()
         start_task, strategy_state = self.start_task, self.strategy_state
         while start_task < self.stream.num_tasks:
             try:

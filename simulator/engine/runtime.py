@@ -11,7 +11,7 @@ import pickle
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from ..seeding import derive_seed
 from . import determinism
 from .device import select_device
 from .state_store import ClientStateStore
+
+if TYPE_CHECKING:
+    from ..learner.frozen_features import FrozenFeatures
 
 STREAM_FILE = "stream.pkl"
 
@@ -79,6 +82,29 @@ class Runtime:
         from ..learner.second_order import ranpac_projection
 
         return ranpac_projection(m.embedding_dim, m.ranpac_dim, derive_seed(self.scenario.seed, "ranpac_projection"))
+
+    @cached_property
+    def frozen_features(self) -> "FrozenFeatures | None":
+        """``continual.backbone: frozen``: every sample embedded once per backbone, shared through
+        the run's state folder (:mod:`simulator.learner.frozen_features`); otherwise ``None``."""
+        if self.scenario.continual.backbone != "frozen":
+            return None
+        from ..learner.frozen_features import FrozenFeatures
+
+        data = self.stream.dataset
+        return FrozenFeatures(data.x_train, data.x_test, Path(self.setup.state_dir) / "features")
+
+    def prepare_frozen_features(self) -> int:
+        """The driver embeds the dataset once per distinct initial backbone before any client
+        runs, so clients read the tables instead of computing them at once; how many it computed."""
+        cache = self.frozen_features
+        if cache is None:
+            return 0
+        before = cache.passes
+        backbones = {self.scenario.model.backbone_of(p): p for p in range(self.scenario.clients.num_clients)}
+        for pid in sorted(backbones.values()):
+            cache.table(self.new_model(pid).to(self.device), self.device)
+        return cache.passes - before
 
     @property
     def with_head(self) -> bool:

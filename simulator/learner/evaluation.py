@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .backbones import ProtoModel
+from .frozen_features import FrozenFeatures
 from .prototypes import PrototypeSet, nearest_prototype
 from .second_order import SecondOrderStats, fit_classifier
 from .training import embed
@@ -28,6 +29,7 @@ def predict(
     second_order: str = "ncm",
     stats: SecondOrderStats | None = None,
     projection: np.ndarray | None = None,
+    cache: FrozenFeatures | None = None,
 ) -> np.ndarray:
     """Predicted class ids for ``x``: nearest prototype among the seen classes, or the argmax of
     the head restricted to the seen classes. With ``second_order`` other than ``ncm`` (``nme``,
@@ -41,12 +43,12 @@ def predict(
     so no strategy's mean is computed over fewer clients than another's."""
     seen = np.asarray(list(seen_classes), dtype=np.int64)
     if classifier == "prototype" and second_order != "ncm" and stats is not None and set(seen.tolist()) <= set(stats.classes.tolist()):
-        return fit_classifier(stats.select(seen), second_order, projection).predict(embed(model, x, device))
+        return fit_classifier(stats.select(seen), second_order, projection).predict(embed(model, x, device, cache=cache))
     if classifier != "head":
         usable = protos.select(seen) if protos is not None else None
         if usable is None or len(usable) == 0:
             return np.full(len(x), NO_PREDICTION, dtype=np.int64)
-    feats = embed(model, x, device)
+    feats = embed(model, x, device, cache=cache)
     if classifier == "head":
         assert model.head is not None
         logits = model.head(feats)[:, torch.as_tensor(seen, device=feats.device)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from torch import nn
 
 from .backbones import ProtoModel
 from .prototypes import PrototypeSet, class_means, squared_distances
+
+if TYPE_CHECKING:
+    from .frozen_features import FrozenFeatures
 
 
 class LossHook(Protocol):
@@ -243,8 +246,12 @@ def _train_steps(model, xt, yt, cfg: TrainConfig, opt, batches: Iterator[torch.T
 
 
 @torch.no_grad()
-def embed(model: nn.Module, x: np.ndarray, device: str | torch.device = "cpu", batch_size: int = 1024) -> torch.Tensor:
-    """Features of ``x`` with the model in eval mode, computed in batches."""
+def embed(model: nn.Module, x: np.ndarray, device: str | torch.device = "cpu", batch_size: int = 1024,
+          cache: FrozenFeatures | None = None) -> torch.Tensor:
+    """Features of ``x`` with the model in eval mode, computed in batches, or looked up in a
+    frozen backbone's ``cache`` (:mod:`simulator.learner.frozen_features`)."""
+    if cache is not None and (found := cache.lookup(model, x, device)) is not None:
+        return found
     model.eval()
     out = []
     for start in range(0, len(x), batch_size):
@@ -256,7 +263,8 @@ def embed(model: nn.Module, x: np.ndarray, device: str | torch.device = "cpu", b
 
 
 def compute_prototypes(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, device: str | torch.device = "cpu"
+    model: nn.Module, x: np.ndarray, y: np.ndarray, device: str | torch.device = "cpu",
+    cache: FrozenFeatures | None = None,
 ) -> PrototypeSet:
     """Class means of the features of ``x``, with the model frozen (eval mode, no grad)."""
-    return class_means(embed(model, x, device), y)
+    return class_means(embed(model, x, device, cache=cache), y)
