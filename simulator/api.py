@@ -50,6 +50,7 @@ class RunResult:
     local_matrix: pd.DataFrame | None
     metrics: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def client_metrics(self) -> pd.DataFrame | None:
@@ -89,20 +90,90 @@ class RunResult:
         """Rebuild one client's final model (``output.save: clients``) in eval mode on the CPU:
         ``model(x)`` gives embeddings; the returned object's ``prototypes`` attribute holds the
         client's local prototypes (``classes``, ``vectors``, ``counts``) for nearest-prototype use."""
-        import torch
+        from .engine.final_eval import model_from_saved, saved_client
 
-        from .learner.backbones import build_model
-
-        p = self.run_dir / "final" / "clients" / f"{int(client)}.pt"
-        if not p.is_file():
-            raise UserError.single(str(p), "output.save", "no saved client model (run with output.save: clients)")
-        saved = torch.load(p, map_location="cpu", weights_only=False)
-        with_head = any(k.startswith("head.") for k in saved["model"])
-        model = build_model(saved["backbone"], saved["input_shape"], saved["embedding_dim"], saved["num_classes"], with_head, 0)
-        model.load_state_dict(saved["model"])
-        model.eval()
+        saved = saved_client(self.run_dir, client)
+        model = model_from_saved(saved, (self.config.get("model") or {}).get("norm", "batch"))
         model.prototypes = saved["prototypes"]  # type: ignore[attr-defined]
         return model
+
+    # ------------------------------------------------------------------ after the fact
+    def _stream(self):
+        """The run's data stream, rebuilt from ``config.yaml`` by the code the run used (cached)."""
+        if self._cache.get("stream") is None:
+            from .data.stream import build_stream
+            from .engine.final_eval import recorded_scenario
+
+            self._cache["scenario"] = recorded_scenario(self.run_dir)
+            self._cache["stream"] = build_stream(self._cache["scenario"])
+        return self._cache["stream"]
+
+    def _tasks_arg(self, task: int | None) -> list[int]:
+        n = self._stream().num_tasks
+        if task is None:
+            return list(range(n))
+        if isinstance(task, (bool, np.bool_)) or not isinstance(task, (int, np.integer)) or not 0 <= int(task) < n:
+            raise UserError.single("task=", "task", f"{task!r} is not a task of this run: give 0..{n - 1}, or None for every task")
+        return [int(task)]
+
+    def test_split(self, task: int | None = None):
+        """The run's test samples of one task (``task``, 0-based) or of every task (None), as a
+        :class:`~simulator.engine.final_eval.TestSplit` with arrays ``x``, ``y``, ``task``
+        (the task that introduced each label) and ``index`` (row in the dataset's test set).
+        Rebuilt from ``config.yaml`` with the run's own data-stream code (deterministic from
+        the scenario and its seed); a task's test set holds every test sample of its classes."""
+        from .engine.final_eval import test_split_of
+
+        return test_split_of(self._stream(), self._tasks_arg(task))
+
+    def partitions(self, task: int | None = None) -> pd.DataFrame:
+        """Each client's training samples, one row per sample: ``task, client, index, label``
+        (``index``: row in the dataset's training set), for one task or every task (None).
+        A client that does not learn a task (late arrival, staleness) has no rows for it."""
+        from .engine.final_eval import partitions_frame
+
+        return partitions_frame(self._stream(), self._tasks_arg(task))
+
+    def evaluate(self, model: Any = None, *, device: str = "cpu") -> pd.DataFrame:
+        """Repeat the run's final evaluation (global protocol: every seen task's global test
+        set) from what it saved; one row per client and task: ``client, eval_task, correct,
+        total, accuracy, in_mean``.
+
+        ``model=None``: every client the run evaluated last and every saved client, each with its
+        saved model, the final global state (``final/global.npz``) and the run's inference rule
+        (the ClientApp's code: head or prototypes, second-order classifier, continual
+        calibration); needs ``output.save: clients``. ``in_mean`` marks the rows the run averaged
+        (``evaluation.clients``, ``evaluation.population``): :meth:`evaluation_means` of the
+        table equals the last row of :attr:`matrix` (up to float differences when the run
+        trained on another device than ``device``). ``model=<client id>``: that client only.
+        ``model=<torch module>`` mapping inputs to embeddings: that module classified with the
+        run's final global prototypes (``client`` is -1; needs ``output.save: global`` or
+        ``clients``, and a strategy that shares prototypes)."""
+        from .engine.final_eval import FinalEvaluation
+
+        self._stream()
+        final = FinalEvaluation(self.run_dir, self._cache["scenario"], self._cache["stream"], device)
+        if model is None:
+            return final.clients_table()
+        if isinstance(model, (int, np.integer)) and not isinstance(model, (bool, np.bool_)):
+            n = final.scenario.clients.num_clients
+            if not 0 <= int(model) < n:
+                raise UserError.single("model=", "model", f"client {model} is not a client of this run: give 0..{n - 1}")
+            return final.clients_table([int(model)])
+        import torch
+
+        if isinstance(model, torch.nn.Module):
+            return final.model_table(model)
+        raise UserError.single("model=", "model", f"expected None, a client id or a torch module, not {type(model).__name__}")
+
+    @staticmethod
+    def evaluation_means(table: pd.DataFrame) -> pd.Series:
+        """Per evaluated task, the mean accuracy over the rows the run averages (``in_mean``) of
+        an :meth:`evaluate` table: the run's accuracy-matrix row after its last task."""
+        kept = table[table["in_mean"]].sort_values(["eval_task", "client"], kind="stable")
+        with np.errstate(all="ignore"):  # as the run's scoring: NaN (no test sample) is left out
+            means = kept.groupby("eval_task")["accuracy"].agg(lambda a: float(np.nanmean(a.to_numpy())))
+        return means.rename("accuracy")
 
     def __repr__(self) -> str:
         s = self.summary

@@ -137,6 +137,16 @@ def weights_to_arrays(model: torch.nn.Module, include_head: bool) -> dict[str, A
     }
 
 
+def frozen_views(arrays: ArrayRecord) -> tuple[ArrayRecord, ArrayRecord]:
+    """The global state once ``share_weights: first_task`` has frozen the backbone, as the server
+    sends it: ``(full, light)``, both flagged with :data:`FROZEN_FLAG`; ``light`` (for a client
+    that already holds the frozen backbone) carries no weights."""
+    flag = {FROZEN_FLAG: Array(np.ones(1, dtype=np.int8))}
+    full = ArrayRecord({**dict(arrays.items()), **flag})
+    light = ArrayRecord({**{k: v for k, v in arrays.items() if not k.startswith(WEIGHT_PREFIX)}, **flag})
+    return full, light
+
+
 def has_weights(arrays: ArrayRecord) -> bool:
     return any(k.startswith(WEIGHT_PREFIX) for k in arrays.keys())
 

@@ -34,11 +34,10 @@ from simulator.learner.prototypes import PrototypeSet
 from simulator.objective import ClientObjective
 from simulator.records import (
     CONFIG,
-    FROZEN_FLAG,
     GLOBAL,
     METRICS,
     UPLOAD,
-    WEIGHT_PREFIX,
+    frozen_views,
     protos_from_arrays,
     protos_to_arrays,
     stats_from_arrays,
@@ -177,9 +176,7 @@ class FederatedStrategy(Strategy):
         if self.backbone_frozen:
             # the frozen backbone goes only to clients that do not hold it yet (late joiners, and
             # every client in the first round after the first task); all get the frozen flag
-            flag = {FROZEN_FLAG: Array(np.ones(1, dtype=np.int8))}
-            full = ArrayRecord({**dict(arrays.items()), **flag})
-            light = ArrayRecord({**{k: v for k, v in arrays.items() if not k.startswith(WEIGHT_PREFIX)}, **flag})
+            full, light = frozen_views(arrays)
             per_client = {p: light if p in self.holding_frozen else full for p in pids}
         return [
             Message(

@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 
 from ..data.schedule import ABSENT, STALE
 from ..learner import continual as mechanisms
-from ..learner.evaluation import per_class_correct, predict
+from ..learner.evaluation import client_predict, per_class_correct
 from ..learner.prototypes import PrototypeSet, class_means
 from ..learner.replay import memory_indices
 from ..learner.second_order import client_statistics
@@ -447,13 +447,13 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
     data = rt.stream.dataset
     idx = np.concatenate([rt.stream.test_indices[int(t)] for t in config["eval_tasks"]])
     x, y = data.x_test[idx], data.y_test[idx]
-    pred = predict(
+    pred = client_predict(
         model,
         x,
-        classifier=objective.inference,
+        objective,
         seen_classes=seen,
-        protos=mechanisms.build_stack(rt.scenario.continual, objective.uses_continual, state.get("continual"))
-        .inference_prototypes(objective.inference_prototypes(None), rt.stream.tasks[0]),  # post hoc (TEEN)
+        continual=mechanisms.build_stack(rt.scenario.continual, objective.uses_continual, state.get("continual")),
+        base_classes=rt.stream.tasks[0],
         device=rt.device,
         second_order=rt.scenario.model.classifier,
         stats=stats_from_arrays(msg.content[GLOBAL]),

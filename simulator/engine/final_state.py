@@ -6,10 +6,15 @@
             is sent to clients; ``final/client_prototypes.npz``: each client's final local
             prototypes (``client``, ``classes``, ``vectors``, ``counts``, one row per
             client-class), recomputed with its final model in eval mode on all of its training
-            data, so that ``plots/prototypes.png`` can show whether the clients' feature spaces agree.
+            data, so that ``plots/prototypes.png`` can show whether the clients' feature spaces agree;
+            ``final/evaluation.json``: the clients the last evaluation asked (``clients``).
 ``clients`` the above and ``final/clients/<id>.pt`` per client: its final model weights, backbone
             name, local prototypes and class counts (``protofed`` rebuilds the model:
-            ``RunResult.client_model(id)``).
+            ``RunResult.client_model(id)``), and what its final evaluation needs besides the
+            global state: the strategy's client-side state (``objective``: e.g. the local
+            prototypes that ``local`` and ``joint`` classify with) and whether the client held
+            the frozen backbone of ``share_weights: first_task`` (``frozen_backbone``: the server
+            then sends it no weights), so that ``RunResult.evaluate()`` repeats that evaluation.
 ``none``    nothing.
 
 The client state store is private to a run and removed at its end; this is the only copy kept.
@@ -18,14 +23,17 @@ The client state store is private to a run and removed at its end; this is the o
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..results import atomic_write_bytes
+from ..results import atomic_write_bytes, atomic_write_text
 from .runtime import RunSetup, runtime_for
+
+EVALUATION_FILE = "evaluation.json"
 
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -42,6 +50,8 @@ def save_final(run_dir: Path, strategy: Any, setup: RunSetup, mode: str) -> None
     final = Path(run_dir) / "final"
     arrays = {k: np.asarray(v.numpy()) for k, v in strategy.global_arrays().items()}
     atomic_write_bytes(final / "global.npz", _npz(arrays))
+    evaluated = [int(p) for p in strategy.eval_partitions()]  # the strategy may narrow them (joint: one client)
+    atomic_write_text(final / EVALUATION_FILE, json.dumps({"clients": evaluated}) + "\n")
 
     rt = runtime_for(setup)
     stream, data = rt.stream, rt.stream.dataset
@@ -75,6 +85,9 @@ def save_final(run_dir: Path, strategy: Any, setup: RunSetup, mode: str) -> None
                     "model": state["model"],
                     "prototypes": {"classes": protos.classes, "vectors": protos.vectors, "counts": protos.counts},
                     "class_counts": np.asarray(state.get("class_counts")),
+                    "objective": state.get("objective") or {},
+                    "frozen_backbone": bool(getattr(strategy, "backbone_frozen", False)
+                                            and pid in getattr(strategy, "holding_frozen", ())),
                 },
                 buf,
             )

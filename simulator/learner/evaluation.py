@@ -3,7 +3,7 @@ every class seen so far."""
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +54,37 @@ def predict(
         logits = model.head(feats)[:, torch.as_tensor(seen, device=feats.device)]
         return seen[logits.argmax(1).cpu().numpy()]
     return nearest_prototype(feats, usable)
+
+
+def client_predict(
+    model: ProtoModel,
+    x: np.ndarray,
+    objective: Any,
+    *,
+    seen_classes: Sequence[int],
+    continual: Any,
+    base_classes: Sequence[int],
+    device: str | torch.device = "cpu",
+    second_order: str = "ncm",
+    stats: SecondOrderStats | None = None,
+) -> np.ndarray:
+    """One client's class-incremental predictions, the rule of the engine's evaluation: the
+    strategy's ``objective`` (which has already received the global state) says whether the head
+    or prototypes classify and which prototypes; ``continual`` (a
+    :class:`~simulator.learner.continual.ContinualStack`) changes those prototypes post hoc
+    (TEEN's calibration towards ``base_classes``, the first task's classes); ``second_order``
+    and ``stats`` as in :func:`predict`. Used by the ClientApp and by ``RunResult.evaluate``."""
+    protos = continual.inference_prototypes(objective.inference_prototypes(None), base_classes)
+    return predict(
+        model,
+        x,
+        classifier=objective.inference,
+        seen_classes=seen_classes,
+        protos=protos,
+        device=device,
+        second_order=second_order,
+        stats=stats,
+    )
 
 
 def per_class_correct(pred: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
