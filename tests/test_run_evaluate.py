@@ -60,6 +60,10 @@ def test_evaluate_repeats_the_last_row_of_the_matrix(quick_run):
     ("subset_learned", {"clients": {"num_clients": 6, "participation": 0.5,
                                     "partition": {"scheme": "dirichlet", "alpha": 1.0, "min_size": 4}},
                         "evaluation": {"clients": 4, "population": "learned"}}),
+    # RanPAC's random projection and a frozen backbone's one canonical pass, repeated exactly
+    ("frozen_ranpac", {"strategy": {"name": "proto_avg", "params": {"share_weights": False}},
+                       "continual": {"backbone": "frozen", "memory_per_class": 0},
+                       "model": {"backbone": "mlp", "embedding_dim": 16, "classifier": "ranpac", "ranpac_dim": 32}}),
 ])
 def test_evaluate_repeats_methods_with_their_own_rules(tmp_path, name, over):
     result = protofed.run(tiny(output={"save": "clients"}, **over), run_dir=tmp_path / name, progress=False)

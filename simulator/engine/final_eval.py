@@ -31,7 +31,9 @@ from ..objective import ClientInfo, ClientObjective
 from ..records import WEIGHT_PREFIX, frozen_views, protos_from_arrays, stats_from_arrays
 from ..scenario import Scenario, validate_scenario
 from ..seeding import derive_seed
+from ..learner.frozen_features import FrozenFeatures
 from .recorder import score_evaluation
+from .runtime import classifier_projection
 
 GIVEN_MODEL = -1  # the ``client`` of the rows that evaluate a model passed in
 
@@ -94,6 +96,10 @@ class FinalEvaluation:
         self.seen = self.stream.seen_classes_at(last)
         idx = np.concatenate([self.stream.test_indices[t] for t in self.eval_tasks])
         self.x, self.y = self.stream.dataset.x_test[idx], self.stream.dataset.y_test[idx]
+        self.projection = classifier_projection(self.scenario)
+        # a frozen backbone's features as the run computed them (one canonical pass, bit for bit)
+        self.cache = (FrozenFeatures(self.stream.dataset.x_train, self.stream.dataset.x_test)
+                      if self.scenario.continual.backbone == "frozen" else None)
 
     # ------------------------------------------------------------------ who was evaluated
     def evaluated_clients(self) -> list[int]:
@@ -162,6 +168,7 @@ class FinalEvaluation:
             continual=mechanisms.build_stack(self.scenario.continual, self.strategy_cls.Objective.uses_continual),
             base_classes=self.stream.tasks[0], device=self.device,
             second_order=self.scenario.model.classifier, stats=stats_from_arrays(arrays),
+            projection=self.projection, cache=self.cache,
         )
         return per_class_correct(pred, self.y, self.stream.dataset.num_classes)
 
@@ -253,6 +260,7 @@ class FinalEvaluation:
             continual=mechanisms.build_stack(self.scenario.continual, self.strategy_cls.Objective.uses_continual),
             base_classes=self.stream.tasks[0], device=device,
             second_order=self.scenario.model.classifier, stats=stats_from_arrays(arrays),
+            projection=self.projection, cache=self.cache,
         )
         correct, total = per_class_correct(pred, self.y, self.stream.dataset.num_classes)
         reply = {"partition_id": GIVEN_MODEL, "correct": correct, "total": total,

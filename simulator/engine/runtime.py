@@ -39,6 +39,16 @@ class RunSetup:
     verbose: bool = False
 
 
+def classifier_projection(scenario: Scenario) -> np.ndarray | None:
+    """RanPAC's random projection (``model.classifier: ranpac``), a function of the run seed."""
+    m = scenario.model
+    if m.classifier != "ranpac":
+        return None
+    from ..learner.second_order import ranpac_projection
+
+    return ranpac_projection(m.embedding_dim, m.ranpac_dim, derive_seed(scenario.seed, "ranpac_projection"))
+
+
 class Runtime:
     def __init__(self, setup: RunSetup) -> None:
         self._pretrained: dict[str, dict[str, torch.Tensor]] = {}  # model.pretrained per backbone
@@ -76,12 +86,7 @@ class Runtime:
     def classifier_projection(self) -> np.ndarray | None:
         """``model.classifier: ranpac``: the random projection every process draws alike from the
         run seed (``None`` for the other classifiers)."""
-        m = self.scenario.model
-        if m.classifier != "ranpac":
-            return None
-        from ..learner.second_order import ranpac_projection
-
-        return ranpac_projection(m.embedding_dim, m.ranpac_dim, derive_seed(self.scenario.seed, "ranpac_projection"))
+        return classifier_projection(self.scenario)
 
     @cached_property
     def frozen_features(self) -> "FrozenFeatures | None":

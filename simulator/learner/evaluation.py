@@ -67,13 +67,16 @@ def client_predict(
     device: str | torch.device = "cpu",
     second_order: str = "ncm",
     stats: SecondOrderStats | None = None,
+    projection: np.ndarray | None = None,
+    cache: FrozenFeatures | None = None,
 ) -> np.ndarray:
     """One client's class-incremental predictions, the rule of the engine's evaluation: the
     strategy's ``objective`` (which has already received the global state) says whether the head
     or prototypes classify and which prototypes; ``continual`` (a
     :class:`~simulator.learner.continual.ContinualStack`) changes those prototypes post hoc
     (TEEN's calibration towards ``base_classes``, the first task's classes); ``second_order``
-    and ``stats`` as in :func:`predict`. Used by the ClientApp and by ``RunResult.evaluate``."""
+    ``stats``, ``projection`` and ``cache`` as in :func:`predict`. Used by the ClientApp and by
+    ``RunResult.evaluate``."""
     protos = continual.inference_prototypes(objective.inference_prototypes(None), base_classes)
     return predict(
         model,
@@ -84,6 +87,8 @@ def client_predict(
         device=device,
         second_order=second_order,
         stats=stats,
+        projection=projection,
+        cache=cache,
     )
 
 
