@@ -92,3 +92,38 @@ def test_a_frozen_run_embeds_the_data_once_per_backbone(tmp_path, monkeypatch, b
     import json
 
     assert "frozen_features" in json.loads((tmp_path / "run" / "profile.json").read_text())["driver"]
+
+
+def test_ray_actors_read_the_drivers_table_and_match_inline(tmp_path):
+    """On Ray every actor looks its features up in the table the driver wrote: the same matrix
+    as inline, byte for byte (RanPAC on the frozen features, so the ridge sees them exactly)."""
+    from helpers import run_tiny
+
+    over = dict(model={"backbone": "mlp", "embedding_dim": 16, "classifier": "ranpac", "ranpac_dim": 32},
+                continual={"backbone": "frozen", "memory_per_class": 0},
+                strategy={"name": "proto_avg", "params": {"share_weights": False}})
+    ray_out = run_tiny(tmp_path, "ray", "ray", **over)
+    inline_out = run_tiny(tmp_path, "inline", "inline", **over)
+    assert ray_out.summary["completed"] and inline_out.summary["completed"]
+    assert (tmp_path / "ray" / "accuracy_matrix.csv").read_bytes() == (tmp_path / "inline" / "accuracy_matrix.csv").read_bytes()
+
+
+def test_a_study_embeds_its_data_once_for_all_its_runs(tmp_path, monkeypatch):
+    """compare shares the tables through <study dir>/features: the second strategy's runs read
+    the first's (same data, backbone, software and machine), so the study computes one pass."""
+    import protofed
+    from helpers import tiny
+    from simulator.learner import frozen_features
+
+    monkeypatch.delenv(frozen_features.SHARED_ENV, raising=False)
+    passes = []
+    real_all = FrozenFeatures._embed_all
+    monkeypatch.setattr(frozen_features.FrozenFeatures, "_embed_all",
+                        lambda self, model, device: passes.append(1) or real_all(self, model, device))
+    raw = tiny(continual={"backbone": "frozen", "memory_per_class": 0},
+               strategy={"name": "proto_avg", "params": {"share_weights": False}},
+               compare={"ncm": {"name": "proto_avg"}, "lda": {"name": "proto_avg", "set": {"model.classifier": "lda"}}})
+    table = protofed.compare(raw, ["ncm", "lda"], seeds=[0], out_dir=tmp_path / "study", progress=False)
+    assert len(table) == 2 and len(passes) == 1
+    assert len(list((tmp_path / "study" / "features").glob("features-*.pt"))) == 1
+    assert frozen_features.SHARED_ENV not in __import__("os").environ  # the study's setting ends with it

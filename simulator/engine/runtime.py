@@ -7,6 +7,7 @@ same samples and partitions.
 
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass
 from functools import cached_property
@@ -101,14 +102,18 @@ class Runtime:
 
     def prepare_frozen_features(self) -> int:
         """The driver embeds the dataset once per distinct initial backbone before any client
-        runs, so clients read the tables instead of computing them at once; how many it computed."""
+        runs, so clients read the tables instead of computing them at once (or reads them from a
+        study's shared folder, ``PROTOFED_FEATURE_CACHE``); how many it computed."""
         cache = self.frozen_features
         if cache is None:
             return 0
+        from ..learner.frozen_features import SHARED_ENV
+
+        shared = Path(os.environ[SHARED_ENV]) if os.environ.get(SHARED_ENV) else None
         before = cache.passes
         backbones = {self.scenario.model.backbone_of(p): p for p in range(self.scenario.clients.num_clients)}
         for pid in sorted(backbones.values()):
-            cache.table(self.new_model(pid).to(self.device), self.device)
+            cache.table(self.new_model(pid).to(self.device), self.device, shared=shared)
         return cache.passes - before
 
     @property

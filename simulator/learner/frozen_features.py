@@ -18,6 +18,12 @@ one forward pass over the data.
 * Sharing: with a folder (the run's private state folder) the table is written there once,
   atomically, and read by the other processes; the driver prepares it before clients start
   (``simulator/engine/runner.py``).
+* Across the runs of a study: with a shared folder (``compare`` and ``sweep`` use
+  ``<study dir>/features``; ``PROTOFED_FEATURE_CACHE`` names one for any run) the driver first
+  looks there for a table of the same data, backbone and machine (the key adds a hash of every
+  sample, torch's version, the device type and the CPU's instruction set, so a table is only
+  reused where it would be computed bit for bit alike), so a study of several strategies on one
+  pre-trained backbone embeds its data once.
 * Memory: ``(train + test samples) x embedding_dim`` float32 per backbone and process.
 """
 
@@ -32,6 +38,7 @@ import torch
 from torch import nn
 
 BATCH = 256  # the canonical pass's batch size (any fixed value: it only has to be the same everywhere)
+SHARED_ENV = "PROTOFED_FEATURE_CACHE"  # a folder shared by the runs of a study (module docstring)
 
 
 def backbone_key(model: nn.Module) -> str:
@@ -44,6 +51,16 @@ def backbone_key(model: nn.Module) -> str:
         h.update(f"{name}:{a.dtype}:{tuple(a.shape)}".encode())
         h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b"")
     return h.hexdigest()
+
+
+def _save(table: torch.Tensor, path: Path | None) -> None:
+    """Write atomically (runs of a parallel study may write the same table at once)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(table, tmp)
+    os.replace(tmp, path)
 
 
 def _row_digests(x: np.ndarray) -> list[bytes]:
@@ -83,8 +100,9 @@ class FrozenFeatures:
         pos = [index.get(d) for d in _row_digests(x)]
         return None if any(p is None for p in pos) else np.asarray(pos, dtype=np.int64)
 
-    def table(self, model: nn.Module, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The embeddings of every sample under ``model``'s backbone (computed, read or kept)."""
+    def table(self, model: nn.Module, device: str | torch.device = "cpu", shared: Path | None = None) -> torch.Tensor:
+        """The embeddings of every sample under ``model``'s backbone: kept, read from the run's
+        folder, read from the ``shared`` folder of a study, or computed (and written to both)."""
         key = backbone_key(model)
         if key in self._tables:
             return self._tables[key]
@@ -92,14 +110,28 @@ class FrozenFeatures:
         if path is not None and path.is_file():
             table = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            table = self._embed_all(model, device)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                torch.save(table, tmp)
-                os.replace(tmp, path)
+            other = None if shared is None else shared / f"features-{self._shared_key(key, device)}.pt"
+            if other is not None and other.is_file():
+                table = torch.load(other, map_location="cpu", weights_only=True)
+            else:
+                table = self._embed_all(model, device)
+                _save(table, other)
+            _save(table, path)
         self._tables[key] = table
         return table
+
+    def _shared_key(self, backbone: str, device: str | torch.device) -> str:
+        """What a table computed by another run depends on: the samples, the backbone, and the
+        software and hardware that embed them."""
+        h = hashlib.blake2b(backbone.encode(), digest_size=16)
+        for arr in self.x:
+            a = np.ascontiguousarray(arr)
+            h.update(f"{a.dtype}:{a.shape}".encode())
+            h.update(a.tobytes())
+        kind = torch.device(device).type
+        cpu = torch.backends.cpu.get_cpu_capability()
+        h.update(f"{BATCH}:{torch.__version__}:{kind}:{cpu}".encode())
+        return h.hexdigest()
 
     @torch.no_grad()
     def _embed_all(self, model: nn.Module, device: str | torch.device) -> torch.Tensor:

@@ -20,9 +20,10 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from . import compare
 from .compare import PlannedRun
@@ -61,7 +62,7 @@ def execute_runs(
     from ..engine.ray_engine import study_ray
 
     say = (lambda text: print(text, file=out, flush=True)) if out else (lambda text: None)
-    with study_ray():
+    with study_ray(), shared_features(log_dir.parent / "features"):
         if parallel <= 1 or len(todo) <= 1:
             for i, run in todo:
                 on_start(i, run)
@@ -70,6 +71,23 @@ def execute_runs(
                 on_done(i, row, time.time() - t0)
             return
         _execute_parallel(todo, scenario_path, parallel, verbose, log_dir, say, on_start, on_done)
+
+
+@contextmanager
+def shared_features(folder: Path) -> Iterator[None]:
+    """The study's runs (and its parallel children, which inherit the environment) share frozen
+    backbones' feature tables through ``folder`` (:mod:`simulator.learner.frozen_features`),
+    unless ``PROTOFED_FEATURE_CACHE`` already names one."""
+    from ..learner.frozen_features import SHARED_ENV
+
+    if os.environ.get(SHARED_ENV):
+        yield
+        return
+    os.environ[SHARED_ENV] = str(folder)
+    try:
+        yield
+    finally:
+        os.environ.pop(SHARED_ENV, None)
 
 
 @dataclass
