@@ -382,6 +382,12 @@ class ResourcesConfig(Strict):
     num_gpus_per_client: float = Field(0.0, ge=0.0, le=64.0, description="GPU share per Ray actor (fractional allowed); >0 trains on cuda")
     ray_address: str | None = Field(None, description="connect to an existing Ray cluster (e.g. 127.0.0.1:6379 or auto) instead of starting a local one")
     state_dir: PathText | None = Field(None, description="folder for the per-run client state store; on a multi-node Ray cluster it must be on a filesystem every node reaches (default: a private temp folder)")
+    state_store: Literal["files", "sqlite"] = Field(
+        "files",
+        description="how client state is kept: one file per client, or one SQLite database (a transaction per save, one per cohort; "
+        "checkpoints are snapshots through SQLite's backup API): no file per client for large populations. "
+        "On a multi-node Ray cluster both need resources.state_dir on a filesystem every node reaches, and SQLite also a working file lock there",
+    )
     clients_per_call: Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"] = Field(
         "auto",
         description="simulated clients per engine call (a cohort, run one after the other by one actor; results are identical): "

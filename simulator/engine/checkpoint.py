@@ -1,7 +1,7 @@
 """Checkpoints at task boundaries: strategy state, the client state store, the metrics so far.
 
 ``<run dir>/checkpoint/`` holds ``state.pt`` (task index, strategy state, recorder state) and
-``clients/`` (a copy of every client's state file). A new checkpoint is written next to the old
+``clients/`` (a copy of every client's state file, or a snapshot of the SQLite store). A new checkpoint is written next to the old
 one and swapped in with renames, so the folder always holds one complete checkpoint. Random
 streams need no saving: every one is derived from the scenario seed and (client, task, round).
 The checkpoint is removed when the run completes.
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .state_store import snapshot
 
 CHECKPOINT = "checkpoint"
 
@@ -49,7 +51,9 @@ def save_checkpoint(
         {"task": task, "strategy": strategy_state, "recorder": recorder_state, "wall_seconds": wall_seconds},
         tmp / "state.pt",
     )
-    if clients_dir.exists():
+    if snapshot(clients_dir, tmp / "clients"):  # resources.state_store: sqlite (written in place: no links)
+        pass
+    elif clients_dir.exists():
         shutil.copytree(clients_dir, tmp / "clients", copy_function=link_or_copy)
     else:
         (tmp / "clients").mkdir()

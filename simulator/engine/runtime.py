@@ -23,7 +23,7 @@ from ..scenario import Scenario
 from ..seeding import derive_seed
 from . import determinism
 from .device import select_device
-from .state_store import ClientStateStore
+from .state_store import make_store
 
 if TYPE_CHECKING:
     from ..learner.frozen_features import FrozenFeatures
@@ -57,7 +57,7 @@ class Runtime:
 
         self.setup = setup
         self.scenario: Scenario = validate_scenario(setup.scenario)
-        self.store = ClientStateStore(Path(setup.state_dir) / "clients")
+        self.store = make_store(self.scenario.resources.state_store, Path(setup.state_dir) / "clients")
         from strategies import STRATEGIES
 
         self.strategy_cls = STRATEGIES[self.scenario.strategy.name]

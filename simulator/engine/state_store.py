@@ -1,5 +1,7 @@
-"""Per-run client state store: one file per client (keyed by partition id) in a run-private
-folder, written atomically, deleted when the run ends.
+"""Per-run client state store, keyed by partition id, in a run-private folder deleted when the
+run ends: one file per client written atomically (``resources.state_store: files``), or one
+SQLite database with a transaction per save (``sqlite``: no file per client, for large
+populations; :class:`SqliteClientStateStore`).
 
 Model weights, the task-start teacher and the replay memory live here; only a few counters
 travel in Flower's ``context.state`` (which is shipped to the actor and back on every call).
@@ -9,10 +11,12 @@ grow with the number of clients.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import sqlite3
 import tempfile
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -74,6 +78,94 @@ class ClientStateStore:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class SqliteClientStateStore(ClientStateStore):
+    """Every client's state as a blob (``torch.save``) in ``<root>/clients.sqlite``.
+
+    * Atomic: a save is one transaction, and a :meth:`deferred` block (a cohort) writes all its
+      members in one; a process killed mid-write leaves the previous states (SQLite's journal).
+    * Shared: every process of the run (the driver, each Ray actor) opens the file for each
+      operation (WAL mode: readers do not wait for the writer; writers wait up to
+      :data:`BUSY_SECONDS` for each other), so no connection outlives a checkpoint restore
+      that replaces the file.
+    * Checkpoints copy the database with SQLite's backup API (:func:`snapshot`), a consistent
+      copy however many clients it holds, instead of linking one file per client."""
+
+    FILE = "clients.sqlite"
+    BUSY_SECONDS = 120.0
+
+    def path(self, partition_id: int) -> Path:
+        return self.root / self.FILE
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(self.root / self.FILE, timeout=self.BUSY_SECONDS, isolation_level=None)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS clients (id INTEGER PRIMARY KEY, state BLOB NOT NULL)")
+            yield db
+
+    def load(self, partition_id: int) -> dict[str, Any] | None:
+        if self._held is not None and int(partition_id) in self._held:
+            return self._held[int(partition_id)]
+        if not (self.root / self.FILE).exists():
+            return None
+        with self._connect() as db:
+            row = db.execute("SELECT state FROM clients WHERE id = ?", (int(partition_id),)).fetchone()
+        return None if row is None else torch.load(io.BytesIO(row[0]), map_location="cpu", weights_only=False)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """As :meth:`ClientStateStore.deferred`, the held states written in one transaction."""
+        if self._held is not None:
+            yield
+            return
+        self._held = {}
+        try:
+            yield
+            held, self._held = self._held, None
+            self._write_many(held)
+        finally:
+            self._held = None
+
+    def _write(self, partition_id: int, state: dict[str, Any]) -> None:
+        self._write_many({int(partition_id): state})
+
+    def _write_many(self, states: dict[int, dict[str, Any]]) -> None:
+        if not states:
+            return
+        blobs = []
+        for pid, state in states.items():
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            blobs.append((int(pid), buf.getvalue()))
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT OR REPLACE INTO clients (id, state) VALUES (?, ?)", blobs)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+
+def make_store(kind: str, root: str | Path) -> ClientStateStore:
+    """The store ``resources.state_store`` names."""
+    return SqliteClientStateStore(root) if kind == "sqlite" else ClientStateStore(root)
+
+
+def snapshot(clients_dir: Path, dest: Path) -> bool:
+    """Copy a SQLite store in ``clients_dir`` to ``dest`` (a folder) with the backup API, a
+    consistent copy of every committed state; False when ``clients_dir`` holds no such store."""
+    src = Path(clients_dir) / SqliteClientStateStore.FILE
+    if not src.exists():
+        return False
+    dest.mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(src, timeout=SqliteClientStateStore.BUSY_SECONDS)) as a, \
+            closing(sqlite3.connect(dest / SqliteClientStateStore.FILE)) as b:
+        a.backup(b)
+    return True
 
 
 def to_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
