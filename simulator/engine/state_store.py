@@ -85,26 +85,57 @@ class SqliteClientStateStore(ClientStateStore):
 
     * Atomic: a save is one transaction, and a :meth:`deferred` block (a cohort) writes all its
       members in one; a process killed mid-write leaves the previous states (SQLite's journal).
-    * Shared: every process of the run (the driver, each Ray actor) opens the file for each
-      operation (WAL mode: readers do not wait for the writer; writers wait up to
-      :data:`BUSY_SECONDS` for each other), so no connection outlives a checkpoint restore
-      that replaces the file.
+    * Shared: every process of the run (the driver, each Ray actor) keeps one connection (WAL
+      mode: readers do not wait for the writer; writers wait up to :data:`BUSY_SECONDS` for
+      each other) and opens it again when the file was replaced (a checkpoint restore), so no
+      write goes to a file the run no longer uses.
     * Checkpoints copy the database with SQLite's backup API (:func:`snapshot`), a consistent
       copy however many clients it holds, instead of linking one file per client."""
 
     FILE = "clients.sqlite"
     BUSY_SECONDS = 120.0
+    _db: sqlite3.Connection | None = None
+    _db_ident: tuple[int, int, int] | None = None
 
     def path(self, partition_id: int) -> Path:
         return self.root / self.FILE
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with closing(sqlite3.connect(self.root / self.FILE, timeout=self.BUSY_SECONDS, isolation_level=None)) as db:
+        """This process's connection, opened again when the file is not the one it opened (a
+        checkpoint restore replaced it) or the process is not the one that opened it (a fork)."""
+        path = self.root / self.FILE
+        ident = None
+        if path.exists():
+            st = os.stat(path)
+            ident = (os.getpid(), st.st_dev, st.st_ino)
+        if self._db is None or ident is None or ident != self._db_ident:
+            self._close()
+            self.root.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, timeout=self.BUSY_SECONDS, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
+            # no fsync per commit: a killed process still loses no committed state (WAL), as the
+            # file store's rename without fsync; a power cut may lose the last commits, never consistency
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute("CREATE TABLE IF NOT EXISTS clients (id INTEGER PRIMARY KEY, state BLOB NOT NULL)")
-            yield db
+            st = os.stat(path)
+            self._db, self._db_ident = db, (os.getpid(), st.st_dev, st.st_ino)
+        yield self._db
+
+    def _close(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+        self._db, self._db_ident = None, None
+
+    def __getstate__(self) -> dict[str, Any]:  # a connection does not travel (pickling, Ray)
+        return {**self.__dict__, "_db": None, "_db_ident": None}
+
+    def cleanup(self) -> None:
+        self._close()
+        super().cleanup()
 
     def load(self, partition_id: int) -> dict[str, Any] | None:
         if self._held is not None and int(partition_id) in self._held:
