@@ -27,6 +27,7 @@ def predict(
     device: str | torch.device = "cpu",
     second_order: str = "ncm",
     stats: SecondOrderStats | None = None,
+    features: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Predicted class ids for ``x``: nearest prototype among the seen classes, or the argmax of
     the head restricted to the seen classes. With ``second_order`` other than ``ncm`` (``nme``,
@@ -37,15 +38,19 @@ def predict(
     A model that knows no prototype of any seen class (e.g. a client that has not trained yet
     under ``local``) predicts :data:`NO_PREDICTION` for every sample: each sample counts as
     wrong, exactly as a sample of a class it cannot predict does. One rule for every strategy,
-    so no strategy's mean is computed over fewer clients than another's."""
+    so no strategy's mean is computed over fewer clients than another's.
+
+    ``features``: ``embed(model, x, device)`` when the caller has it already (it is not computed
+    again)."""
     seen = np.asarray(list(seen_classes), dtype=np.int64)
     if classifier == "prototype" and second_order != "ncm" and stats is not None and set(seen.tolist()) <= set(stats.classes.tolist()):
-        return fit_classifier(stats.select(seen), second_order).predict(embed(model, x, device))
+        feats = features if features is not None else embed(model, x, device)
+        return fit_classifier(stats.select(seen), second_order).predict(feats)
     if classifier != "head":
         usable = protos.select(seen) if protos is not None else None
         if usable is None or len(usable) == 0:
             return np.full(len(x), NO_PREDICTION, dtype=np.int64)
-    feats = embed(model, x, device)
+    feats = features if features is not None else embed(model, x, device)
     if classifier == "head":
         assert model.head is not None
         logits = model.head(feats)[:, torch.as_tensor(seen, device=feats.device)]
