@@ -14,6 +14,14 @@ Definitions (exact):
 - average forgetting:             ``mean_j f_j`` (NaN when ``T == 1``)
 - backward transfer (Lopez-Paz & Ranzato 2017): ``mean_{j<T-1} (a[T-1][j] - a[j][j])``
   (NaN when ``T == 1``)
+
+Open-world metrics (one value per client and evaluation; the scores come from
+:mod:`simulator.learner.open_world`, higher = more "known"):
+
+- AUROC of the scores with the samples of learned classes as positives and those of classes not
+  yet learned as negatives (``open_world_auroc``; 1 = every known sample outranks every unknown one)
+- FPR95: the smallest false-positive rate (unknown samples taken for known) at which the
+  true-positive rate reaches 0.95 (``open_world_fpr95``; lower is better)
 """
 
 from __future__ import annotations
@@ -36,6 +44,10 @@ __all__ = [
     "select_protocol",
     "matrix_from_long",
     "SUMMARY_METRICS",
+    "open_world_auroc",
+    "open_world_fpr95",
+    "open_world_metrics",
+    "open_world_summary",
 ]
 
 SUMMARY_METRICS = ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt")
@@ -121,6 +133,51 @@ def backward_transfer(matrix: Any) -> float:
     if t == 1:
         return math.nan
     return float(np.mean([a[t - 1, j] - a[j, j] for j in range(t - 1)]))
+
+
+def _ranking_inputs(known: Any, unknown: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Labels (1 = known) and scores, or None when either side is empty or a score is not finite."""
+    k = np.asarray(known, dtype=np.float64).reshape(-1)
+    u = np.asarray(unknown, dtype=np.float64).reshape(-1)
+    if k.size == 0 or u.size == 0 or not (np.isfinite(k).all() and np.isfinite(u).all()):
+        return None
+    return np.concatenate([np.ones(k.size), np.zeros(u.size)]), np.concatenate([k, u])
+
+
+def open_world_auroc(known: Any, unknown: Any) -> float:
+    """Area under the ROC curve with ``known`` scores as positives and ``unknown`` as negatives
+    (``sklearn.metrics.roc_auc_score``; equals ``P(s_known > s_unknown) + 0.5 P(tie)``). NaN when
+    either side is empty or a score is not finite."""
+    from sklearn.metrics import roc_auc_score
+
+    inputs = _ranking_inputs(known, unknown)
+    return math.nan if inputs is None else float(roc_auc_score(*inputs))
+
+
+def open_world_fpr95(known: Any, unknown: Any, tpr_level: float = 0.95) -> float:
+    """The smallest false-positive rate at which the true-positive rate is at least
+    ``tpr_level``, read off ``sklearn.metrics.roc_curve`` with every threshold kept. NaN when
+    either side is empty or a score is not finite."""
+    from sklearn.metrics import roc_curve
+
+    inputs = _ranking_inputs(known, unknown)
+    if inputs is None:
+        return math.nan
+    fpr, tpr, _ = roc_curve(*inputs, drop_intermediate=False)
+    return float(fpr[tpr >= tpr_level].min())
+
+
+def open_world_metrics(known: Any, unknown: Any) -> dict[str, float]:
+    """``open_world_auroc`` and ``open_world_fpr95`` of one client's scores."""
+    return {"open_world_auroc": open_world_auroc(known, unknown), "open_world_fpr95": open_world_fpr95(known, unknown)}
+
+
+def open_world_summary(per_task: Any, num_tasks: int) -> float:
+    """A run's open-world figure: the mean over tasks ``0..T-2`` of the per-task values that are
+    finite (after the last task nothing is unknown); NaN when none is."""
+    v = np.asarray(per_task, dtype=np.float64).reshape(-1)[: max(num_tasks - 1, 0)]
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else math.nan
 
 
 def summarize(matrix: Any) -> dict[str, float]:

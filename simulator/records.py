@@ -26,6 +26,9 @@ GLOBAL = "global"
 CONFIG = "config"
 UPLOAD = "upload"
 METRICS = "metrics"
+#: evaluate config key: the global tasks nobody in the federation has learned yet, sent (non-empty)
+#: only with the evaluation that fills a row of the accuracy matrix (open-world scoring)
+OPEN_WORLD_TASKS = "open_world_tasks"
 WEIGHT_PREFIX = "w."
 FROZEN_FLAG = "share.frozen"  # global record: share_weights first_task has frozen the backbone (weights no longer averaged)
 

@@ -67,6 +67,8 @@ _FLOAT_SUMMARY_KEYS = (
     "avg_forgetting",
     "bwt",
     "wall_seconds",
+    "open_world_auroc",
+    "open_world_fpr95",
 )
 METRICS_COLUMNS = ("task", "round", "eval_task", "accuracy")
 _VERSION_DISTS = ("flwr", "torch", "ray", "numpy")

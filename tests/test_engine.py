@@ -24,6 +24,11 @@ def test_ray_engine_end_to_end_matches_inline(tmp_path):
     assert (tmp_path / "ray" / "accuracy_matrix.csv").read_bytes() == (
         tmp_path / "inline" / "accuracy_matrix.csv"
     ).read_bytes()
+    # and the same open-world values (per task and their mean)
+    ow = ["open_world_auroc", "open_world_fpr95"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ray" / "metrics.csv")[ow], pd.read_csv(tmp_path / "inline" / "metrics.csv")[ow])
+    assert np.isfinite(ray_out.summary["open_world_auroc"])
+    assert [ray_out.summary[k] for k in ow] == [inline_out.summary[k] for k in ow]
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["engine"] == "ray" and summary["completed"] is True
     assert set(SUMMARY_KEYS) <= set(summary)

@@ -18,7 +18,7 @@ METRICS_COLUMNS = [
     "task", "round", "global_round", "clients_trained", "clients_failed", "clients_failed_injected",
     "clients_failed_unexpected", "clients_idle", "clients_evaluated", "clients_eval_failed", "train_loss",
     "bytes_up", "bytes_down", "seconds", "train_seconds", "client_seconds", "max_client_seconds", "eval_seconds",
-    "context_state_bytes", "eval_task", "accuracy", "local_accuracy",
+    "context_state_bytes", "eval_task", "accuracy", "local_accuracy", "open_world_auroc", "open_world_fpr95",
 ]
 CLIENT_METRICS_COLUMNS = ["task", "round", "global_round", "client", "eval_task", "accuracy", "local_accuracy"]
 

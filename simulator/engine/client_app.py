@@ -4,7 +4,8 @@ train:    load client state -> strategy objective receives the global knowledge 
           bookkeeping (replay memory, distillation teacher) -> local training -> prototypes
           recomputed in eval mode after training -> reply (upload + metrics) -> save state
 evaluate: load client state -> receive global knowledge -> predict the test samples of every
-          seen task -> reply per-class correct / total counts
+          seen task -> reply per-class correct / total counts (and, at the evaluation that fills
+          a row of the accuracy matrix, the open-world AUROC / FPR95 against the unseen tasks)
 query:    reply this node's partition id (used once by the server to map nodes to clients)
 """
 
@@ -24,13 +25,14 @@ from flwr.clientapp import ClientApp
 
 from ..data.schedule import ABSENT, STALE
 from ..learner import continual as mechanisms
-from ..learner.evaluation import client_predict, per_class_correct
+from ..learner.evaluation import client_predict, client_prototypes, per_class_correct
+from ..learner.open_world import usable_prototypes
 from ..learner.prototypes import PrototypeSet, class_means
 from ..learner.replay import memory_indices
 from ..learner.second_order import client_statistics
 from ..learner.training import NonFiniteLoss, TrainConfig, embed, train_local
 from ..objective import ClientInfo
-from ..records import CONFIG, GLOBAL, METRICS, UPLOAD, protos_to_arrays, record_bytes, stats_from_arrays, stats_to_arrays
+from ..records import CONFIG, GLOBAL, METRICS, OPEN_WORLD_TASKS, UPLOAD, protos_to_arrays, record_bytes, stats_from_arrays, stats_to_arrays
 from ..privacy.client import RELEASED, SGD_STEPS, private_prototypes, private_training
 from ..privacy.audit import client_truth
 from ..privacy.secagg import secure_train_mod
@@ -447,20 +449,30 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
     data = rt.stream.dataset
     idx = np.concatenate([rt.stream.test_indices[int(t)] for t in config["eval_tasks"]])
     x, y = data.x_test[idx], data.y_test[idx]
+    continual = mechanisms.build_stack(rt.scenario.continual, objective.uses_continual, state.get("continual"))
+    protos = client_prototypes(objective, continual, rt.stream.tasks[0])  # post hoc (TEEN)
+    unknown = [int(t) for t in config[OPEN_WORLD_TASKS]] if OPEN_WORLD_TASKS in config else []
+    scoring = bool(unknown) and (objective.inference == "head" or usable_prototypes(protos, seen) is not None)
+    # shared with the prediction: embedded once
+    feats = embed(model, x, rt.device, cache=rt.frozen_features) if scoring else None
     pred = client_predict(
         model,
         x,
         objective,
         seen_classes=seen,
-        continual=mechanisms.build_stack(rt.scenario.continual, objective.uses_continual, state.get("continual")),
+        continual=continual,
         base_classes=rt.stream.tasks[0],
         device=rt.device,
         second_order=rt.scenario.model.classifier,
         stats=stats_from_arrays(msg.content[GLOBAL]),
         projection=rt.classifier_projection,
         cache=rt.frozen_features,
+        features=feats,
+        protos=protos,
     )
     lap("predict")
+    open_world = _open_world(rt, pid, int(config["task"]), objective, model, protos, seen, feats, idx, unknown) if scoring else {}
+    lap("open_world")
     correct, total = per_class_correct(pred, y, data.num_classes)
     metrics = MetricRecord(
         {
@@ -468,10 +480,36 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
             "correct": [int(v) for v in correct],
             "total": [int(v) for v in total],
             "train_counts": [int(v) for v in state["class_counts"]],
+            **{k: v for k, v in open_world.items() if np.isfinite(v)},  # absent: this client gives no value
         }
     )
     lap("score")
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def _open_world(rt: Runtime, pid: int, step: int, objective, model, protos, seen: list[int], feats, idx: np.ndarray,
+                unknown: list[int]) -> dict[str, float]:
+    """``open_world_auroc`` / ``open_world_fpr95`` of this client (docs/metrics.md): the scores
+    of the seen tasks' test samples (``feats``, embedded already; under ``evaluation.population:
+    learned`` only the tasks this client has learned) against those of the ``unknown`` tasks."""
+    from ..learner.open_world import open_world_scores
+    from ..metrics import open_world_metrics
+
+    stream = rt.stream
+    known = np.ones(len(idx), dtype=bool)
+    if rt.scenario.evaluation.population == "learned" and objective.data_scope != "all":
+        row = stream.schedule[pid, : step + 1]
+        learned = np.concatenate([stream.test_indices[int(t)] for t in set(row[row >= 0].tolist())] or [np.zeros(0, np.int64)])
+        known = np.isin(idx, learned)
+    unknown_idx = np.concatenate([stream.test_indices[t] for t in unknown])
+    if not known.any() or len(unknown_idx) == 0:
+        return open_world_metrics([], [])  # nothing to rank: no value
+
+    def score(f):
+        return open_world_scores(model, f, inference=objective.inference, seen_classes=seen, protos=protos)
+
+    others = embed(model, stream.dataset.x_test[unknown_idx], rt.device, cache=rt.frozen_features)
+    return open_world_metrics(score(feats)[known], score(others))
 
 
 def _query(setup: RunSetup, msg: Message, context: Context) -> Message:

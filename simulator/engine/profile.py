@@ -31,7 +31,7 @@ GPU_PEAK, WORKER_PID = "gpu_peak_bytes", "worker_pid"  # reply metrics of client
 #: client handler phases in the order they happen (the table prints them in this order)
 TRAIN_PHASES = ("runtime", "state_load", "model_build", "receive", "task_bookkeeping", "train", "upload",
                 "state_save", "reply")
-EVALUATE_PHASES = ("runtime", "state_load", "model_build", "receive", "predict", "score")
+EVALUATE_PHASES = ("runtime", "state_load", "model_build", "receive", "predict", "open_world", "score")
 #: driver phases, in order; together with ``engine_overhead`` (wall minus their sum) they add up
 #: to the run's wall time
 DRIVER_PHASES = ("prepare", "ray_init", "engine_start", "discover_nodes", "strategy_setup", "configure",

@@ -23,6 +23,22 @@ class EvalScores:
     global_acc: np.ndarray  # [len(eval_tasks)] mean over clients
     local_acc: np.ndarray  # [len(eval_tasks)] mean over clients holding the task's classes (NaN: nobody)
     per_client: list[dict[str, Any]]
+    open_world: dict[str, float] = field(default_factory=dict)  # OPEN_WORLD_KEYS -> mean over clients (NaN: none)
+
+
+#: open-world metrics a client's evaluate reply may carry (absent: it gives no value)
+OPEN_WORLD_KEYS = ("open_world_auroc", "open_world_fpr95")
+
+
+def open_world_means(replies: list[MetricRecord]) -> dict[str, float]:
+    """Each open-world metric averaged over the clients that reported a finite value (NaN when
+    none did: no evaluation of the open world, nothing left unknown, or no client could score)."""
+    out = {}
+    for key in OPEN_WORLD_KEYS:
+        v = np.array([float(m[key]) for m in replies if key in m], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        out[key] = float(v.mean()) if v.size else np.nan
+    return out
 
 
 def score_evaluation(
@@ -77,7 +93,7 @@ def score_evaluation(
         global_mean = np.array(
             [np.nanmean(g[:, c]) if np.isfinite(g[:, c]).any() else np.nan for c in range(len(eval_tasks))]
         )
-    return EvalScores(list(eval_tasks), global_mean, local_mean, rows)
+    return EvalScores(list(eval_tasks), global_mean, local_mean, rows, open_world_means(replies))
 
 
 def slowest_client_seconds(compute: list[float], replies: list[Any]) -> float:
@@ -113,11 +129,12 @@ class RunRecorder:
     def __post_init__(self) -> None:
         self.matrix = np.full((self.num_tasks, self.num_tasks), np.nan)
         self.local_matrix = np.full((self.num_tasks, self.num_tasks), np.nan)
+        self.open_world = np.full((self.num_tasks, len(OPEN_WORLD_KEYS)), np.nan)  # per task, after its last round
 
     _STATE_FIELDS = (
         "rows", "client_rows", "bytes_up", "bytes_down", "eval_bytes", "tasks_done", "matrix", "local_matrix",
         "failures", "shown_errors", "privacy_releases",
-        "privacy_sgd_steps", "secagg_bytes_up", "secagg_bytes_down",
+        "privacy_sgd_steps", "secagg_bytes_up", "secagg_bytes_down", "open_world",
     )
 
     def state_dict(self) -> dict[str, Any]:
@@ -186,8 +203,9 @@ class RunRecorder:
             "eval_seconds": round(train.get("eval_seconds", 0.0), 4),
             "context_state_bytes": int(train.get("context_state_bytes", 0)),
         }
+        no_open_world = dict.fromkeys(OPEN_WORLD_KEYS, np.nan)
         if scores is None:
-            self.rows.append({**base, "eval_task": np.nan, "accuracy": np.nan, "local_accuracy": np.nan})
+            self.rows.append({**base, "eval_task": np.nan, "accuracy": np.nan, "local_accuracy": np.nan, **no_open_world})
         else:
             for col, j in enumerate(scores.eval_tasks):
                 self.rows.append(
@@ -196,6 +214,7 @@ class RunRecorder:
                         "eval_task": j,
                         "accuracy": float(scores.global_acc[col]),
                         "local_accuracy": float(scores.local_acc[col]),
+                        **no_open_world, **scores.open_world,
                     }
                 )
             for r in scores.per_client:
@@ -203,6 +222,7 @@ class RunRecorder:
             if rnd == self.rounds_per_task - 1:
                 self.matrix[task, scores.eval_tasks] = scores.global_acc
                 self.local_matrix[task, scores.eval_tasks] = scores.local_acc
+                self.open_world[task] = [scores.open_world.get(k, np.nan) for k in OPEN_WORLD_KEYS]
         acc = f" · acc {np.nanmean(scores.global_acc):.3f}" if scores is not None else ""
         loss = train.get("train_loss")
         loss_s = f" · loss {loss:.3f}" if loss is not None and np.isfinite(loss) else ""

@@ -18,7 +18,7 @@ from ..errors import FieldError, Problem, RunFailure, UserError
 from ..scenario import Scenario
 from ..seeding import seed_table
 from .cohorts import cohort_plan, resolve_clients_per_call
-from .recorder import RunRecorder
+from .recorder import OPEN_WORLD_KEYS, RunRecorder
 from . import determinism
 from .runtime import RunSetup, release_runtime, runtime_for, write_stream
 
@@ -88,7 +88,7 @@ def _summary(
 ) -> dict[str, Any]:
     from strategies import nondefault_params
 
-    from ..metrics import metric_definitions, missing_cells, summarize_partial
+    from ..metrics import metric_definitions, missing_cells, open_world_summary, summarize_partial
 
     done = rec.tasks_done
     definitions = metric_definitions(scenario.clients.task_order)
@@ -117,6 +117,8 @@ def _summary(
         if selected == "local":  # the selected protocol fills the standard keys
             glob_v, loc_v = loc_v, glob_v
         summ[key], summ[f"{other}_{key}"] = glob_v, loc_v
+    for col, key in enumerate(OPEN_WORLD_KEYS):  # mean over tasks 0..T-2 (docs/metrics.md)
+        summ[key] = open_world_summary(rec.open_world[:done, col], rec.num_tasks)
     summ["missing_cells"] = gaps[selected]
     summ[f"{other}_missing_cells"] = gaps[other]
     summ["metric_definitions"] = definitions

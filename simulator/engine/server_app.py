@@ -15,7 +15,7 @@ from .. import seeding
 from ..errors import RunFailure
 from ..privacy.run import count_releases
 from ..privacy.secagg import SecureSum, exchange_securely
-from ..records import CONFIG, METRICS, payload_bytes, weights_to_arrays
+from ..records import CONFIG, METRICS, OPEN_WORLD_TASKS, payload_bytes, weights_to_arrays
 from . import failures
 from .cohorts import CohortGrid, cohort_stats, wait_for_nodes
 from .failures import (ERROR, INJECTED, KINDS, MAX_DELIVERIES, WORKER_DIED, Failure, InfrastructureFailure, injected_fault,
@@ -204,7 +204,8 @@ class _ServerLoop:
         ))
         self.delivery = Delivery(grid, s, recorder, partitions)
         self.secure = SecureSum(s, stream.dataset.num_classes, None) if s.privacy.secure_aggregation else None
-        self.learned_by = learned_tasks_of(s, stream, rt.strategy_cls.Objective.data_scope)
+        self.data_scope = rt.strategy_cls.Objective.data_scope
+        self.learned_by = learned_tasks_of(s, stream, self.data_scope)
         init_model = rt.new_model()
         with_head = rt.strategy_cls.Objective.inference == "head"
         self.arrays = strategy.initial_arrays(weights_to_arrays(init_model, include_head=with_head))
@@ -223,6 +224,14 @@ class _ServerLoop:
         # the console counts positions from 1, the files and plots use ids from 0: say which is which
         self.recorder.say(f"-- task {task + 1}/{stream.num_tasks} is task {task} in metrics.csv, the matrices and the plots "
                           f"(rounds likewise: round 1 is round 0) · new classes {new}")
+
+    def unknown_tasks(self, task: int) -> list[int]:
+        """The global tasks no client has learned by the end of step ``task`` (the open world's
+        negatives); none for a method that trains on every task's data from the start (joint)."""
+        if self.data_scope == "all":
+            return []
+        seen = set(self.stream.seen_tasks(task))
+        return [t for t in range(self.stream.num_tasks) if t not in seen]
 
     def play_round(self, task: int, rnd: int) -> None:
         self.server_round += 1
@@ -300,6 +309,9 @@ class _ServerLoop:
         """Evaluation exchange and scoring; adds its counts to ``train``; returns the scores."""
         s, recorder = self.s, self.recorder
         t_eval = time.perf_counter()
+        unknown = self.unknown_tasks(task) if rnd == s.training.rounds_per_task - 1 else []
+        if unknown:  # the evaluation that fills row ``task`` of the matrix also scores the open world
+            config = ConfigRecord({**dict(config), OPEN_WORLD_TASKS: unknown})
         eval_msgs = list(self.strategy.configure_evaluate(self.server_round, self.arrays, config, self.grid))
         t_eval_send = time.perf_counter()
         phases["configure"] += t_eval_send - t_eval

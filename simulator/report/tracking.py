@@ -35,6 +35,7 @@ FINAL_KEYS = (
     "final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt",
     "local_final_avg_accuracy", "local_avg_incremental_accuracy", "local_avg_forgetting", "local_bwt",
     "global_final_avg_accuracy", "global_avg_incremental_accuracy", "global_avg_forgetting", "global_bwt",
+    "open_world_auroc", "open_world_fpr95",
     "bytes_up", "bytes_down", "bytes_per_round", "wall_seconds",
 )
 ROOT_ARTIFACTS = ("summary.json", "accuracy_matrix.csv", "config.yaml")  # MLflow artifacts besides plots/

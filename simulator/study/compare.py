@@ -29,7 +29,8 @@ from ..errors import Problem, UserError
 from ..results import SUMMARY_KEYS, RunWriter
 from ..scenario import Scenario, apply_overrides, blame_overrides, did_you_mean, read_yaml, validate_scenario
 
-TABLE_COLUMNS = ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt", "local_final_avg_accuracy", "bytes_per_round", "wall_seconds")
+TABLE_COLUMNS = ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt", "local_final_avg_accuracy",
+                 "open_world_auroc", "bytes_per_round", "wall_seconds")  # open_world_fpr95: in comparison.csv
 
 
 #: statuses of a row whose figures count: run by this call, or a completed run kept from disk
