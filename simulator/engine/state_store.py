@@ -43,10 +43,13 @@ class ClientStateStore:
         try:
             yield
             held, self._held = self._held, None
-            for pid, state in held.items():
-                self._write(pid, state)
+            self._write_many(held)
         finally:
             self._held = None
+
+    def _write_many(self, states: dict[int, dict[str, Any]]) -> None:
+        for pid, state in states.items():
+            self._write(pid, state)
 
     def path(self, partition_id: int) -> Path:
         return self.root / f"client-{int(partition_id):06d}.pt"
@@ -146,24 +149,11 @@ class SqliteClientStateStore(ClientStateStore):
             row = db.execute("SELECT state FROM clients WHERE id = ?", (int(partition_id),)).fetchone()
         return None if row is None else torch.load(io.BytesIO(row[0]), map_location="cpu", weights_only=False)
 
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
-        """As :meth:`ClientStateStore.deferred`, the held states written in one transaction."""
-        if self._held is not None:
-            yield
-            return
-        self._held = {}
-        try:
-            yield
-            held, self._held = self._held, None
-            self._write_many(held)
-        finally:
-            self._held = None
-
     def _write(self, partition_id: int, state: dict[str, Any]) -> None:
         self._write_many({int(partition_id): state})
 
     def _write_many(self, states: dict[int, dict[str, Any]]) -> None:
+        """Every held state of a :meth:`deferred` block (a cohort) in one transaction."""
         if not states:
             return
         blobs = []
