@@ -374,6 +374,12 @@ class EvaluationConfig(Strict):
     every: Literal["round", "task"] = Field(
         "round", description="evaluate after every round (smooth curves) or only at task ends"
     )
+    open_world: bool = Field(
+        True,
+        description="at each task end also score the test samples of the classes no client has learned yet against the learned ones "
+        "(open_world_auroc, open_world_fpr95; docs/metrics.md): one more embedding of the future tasks' test samples per evaluated client "
+        "(scale_10000_clients: evaluation 4.6 -> 10.0 s of a 26 s run)",
+    )
 
 
 class ResourcesConfig(Strict):

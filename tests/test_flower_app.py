@@ -64,9 +64,7 @@ def _tiny_scenario(tmp_path: Path) -> Path:
 def _run(run_id: int, run_config: dict) -> InlineGrid:
     from simulator.flower_app import client_app, server_app
 
-    grid = InlineGrid(client_app, 2, run_config=run_config)
-    for ctx in grid.contexts.values():
-        ctx.run_id = run_id
+    grid = InlineGrid(client_app, 2, run_config=run_config, run_id=run_id)
     server_app(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     return grid
 

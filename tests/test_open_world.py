@@ -197,3 +197,16 @@ def test_population_learned_scores_each_client_on_the_tasks_it_has_learned(tmp_p
     a, b = check_run(everyone.run_dir, num_tasks=3), check_run(learned.run_dir, num_tasks=3)
     assert a["open_world_auroc"].iloc[0] == b["open_world_auroc"].iloc[0]
     assert a["open_world_auroc"].iloc[1] != b["open_world_auroc"].iloc[1]
+
+
+def test_open_world_can_be_turned_off(tmp_path):
+    """evaluation.open_world: false: no open-world column values and no summary figure, the same
+    accuracies (the scores never change a prediction)."""
+    from helpers import tiny
+
+    on = run_scenario(validate_scenario(tiny()), run_dir=tmp_path / "on", out=None, plots=False)
+    off = run_scenario(validate_scenario(tiny(evaluation={"open_world": False})), run_dir=tmp_path / "off", out=None, plots=False)
+    assert (tmp_path / "on" / "accuracy_matrix.csv").read_bytes() == (tmp_path / "off" / "accuracy_matrix.csv").read_bytes()
+    assert np.isfinite(on.summary["open_world_auroc"])
+    assert off.summary["open_world_auroc"] is None or not np.isfinite(off.summary["open_world_auroc"])
+    assert pd.read_csv(tmp_path / "off" / "metrics.csv")["open_world_auroc"].isna().all()

@@ -76,22 +76,25 @@ class FederatedStream:
         return self.dataset.x_test[idx], self.dataset.y_test[idx]
 
     def summary_rows(self) -> list[dict]:
-        """One row per (task, client): samples, number of classes and their ids."""
-        rows = []
+        """One row per (task, client): samples, number of classes and their ids (computed per
+        task with array operations: at 100,000 clients a loop over clients took seconds)."""
+        rows: list[dict] = []
         for t, per_client in enumerate(self.train_indices):
-            for client, idx in enumerate(per_client):
-                classes = np.unique(self.dataset.y_train[idx])
-                steps = np.flatnonzero(self.schedule[client] == t)
-                rows.append(
-                    {
-                        "task": t,
-                        "client": client,
-                        "step": int(steps[0]) if len(steps) else -1,
-                        "samples": int(len(idx)),
-                        "classes": int(len(classes)),
-                        "class_ids": " ".join(str(int(c)) for c in classes),
-                    }
-                )
+            n = len(per_client)
+            sizes = np.fromiter((len(i) for i in per_client), dtype=np.int64, count=n)
+            owner = np.repeat(np.arange(n, dtype=np.int64), sizes)
+            flat = np.concatenate(per_client).astype(np.int64, copy=False) if sizes.sum() else np.zeros(0, np.int64)
+            labels = np.asarray(self.dataset.y_train, dtype=np.int64)[flat]
+            width = int(labels.max()) + 1 if len(labels) else 1
+            pairs = np.unique(owner * width + labels)  # distinct (client, class), sorted by client then class
+            pair_client, pair_class = pairs // width, pairs % width
+            starts = np.searchsorted(pair_client, np.arange(n + 1))
+            at_t = self.schedule == t
+            step = np.where(at_t.any(axis=1), at_t.argmax(axis=1), -1)
+            for client in range(n):
+                ids = pair_class[starts[client]:starts[client + 1]]
+                rows.append({"task": t, "client": client, "step": int(step[client]), "samples": int(sizes[client]),
+                             "classes": int(len(ids)), "class_ids": " ".join(map(str, ids.tolist()))})
         return rows
 
 

@@ -18,6 +18,7 @@ from ..privacy.secagg import SecureSum, exchange_securely
 from ..records import CONFIG, METRICS, OPEN_WORLD_TASKS, payload_bytes, weights_to_arrays
 from . import failures
 from .cohorts import CohortGrid, cohort_stats, wait_for_nodes
+from .inline import InlineGrid
 from .failures import (ERROR, INJECTED, KINDS, MAX_DELIVERIES, WORKER_DIED, Failure, InfrastructureFailure, injected_fault,
                        is_infrastructure, split_reason)
 from .profile import RunProfile
@@ -28,8 +29,9 @@ from .runtime import RunSetup, runtime_for
 
 def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
     """Wait for every node, then ask each one for its partition id (node ids are random).
-    Under cohorts the grid knows the mapping (:meth:`CohortGrid.partitions`)."""
-    if isinstance(grid, CohortGrid):
+    Under cohorts and on the inline engine the grid knows the mapping
+    (:meth:`CohortGrid.partitions`, :meth:`InlineGrid.partitions`)."""
+    if isinstance(grid, (CohortGrid, InlineGrid)):
         return grid.partitions()
     node_ids = wait_for_nodes(grid, num_clients)
     msgs = [
@@ -309,7 +311,7 @@ class _ServerLoop:
         """Evaluation exchange and scoring; adds its counts to ``train``; returns the scores."""
         s, recorder = self.s, self.recorder
         t_eval = time.perf_counter()
-        unknown = self.unknown_tasks(task) if rnd == s.training.rounds_per_task - 1 else []
+        unknown = self.unknown_tasks(task) if rnd == s.training.rounds_per_task - 1 and s.evaluation.open_world else []
         if unknown:  # the evaluation that fills row ``task`` of the matrix also scores the open world
             config = ConfigRecord({**dict(config), OPEN_WORLD_TASKS: unknown})
         eval_msgs = list(self.strategy.configure_evaluate(self.server_round, self.arrays, config, self.grid))
