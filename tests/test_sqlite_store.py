@@ -106,3 +106,15 @@ def test_resume_from_a_sqlite_checkpoint_is_byte_identical(tmp_path, monkeypatch
     interrupted_then_resumed(raw, tmp_path, monkeypatch, out=None)
     for name in ("accuracy_matrix.csv", "local_accuracy_matrix.csv"):
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["files", "sqlite"])
+def test_stores_list_the_clients_they_hold(tmp_path, kind):
+    store = make_store(kind, tmp_path / kind)
+    assert store.ids() == []
+    for pid in (7, 2, 1000):
+        store.save(pid, _state(pid, 0, size=4))
+    with store.deferred():
+        store.save(5, _state(5, 0, size=4))
+        assert store.ids() == [2, 5, 7, 1000]  # held ones included
+    assert store.ids() == [2, 5, 7, 1000]

@@ -56,7 +56,7 @@ def save_final(run_dir: Path, strategy: Any, setup: RunSetup, mode: str) -> None
     rt = runtime_for(setup)
     stream, data = rt.stream, rt.stream.dataset
     rows_client, rows_class, rows_count, vectors = [], [], [], []
-    for pid in range(rt.scenario.clients.num_clients):
+    for pid in rt.store.ids():  # the clients with a state, in order: not the whole population
         state = rt.store.load(pid)
         if state is None or state.get("model") is None:
             continue  # never trained (absent all run)

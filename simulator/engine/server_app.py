@@ -128,8 +128,8 @@ def evaluation_subset(scenario, stream) -> list[int] | None:
     num = scenario.clients.num_clients
     if n == "all" or int(n) >= num:
         return None
-    joins = np.array([int(np.flatnonzero(stream.schedule[c] != -1)[0]) if (stream.schedule[c] != -1).any() else stream.num_tasks
-                      for c in range(num)])
+    here = np.asarray(stream.schedule)[:num] != -1
+    joins = np.where(here.any(axis=1), here.argmax(axis=1), stream.num_tasks)  # each client's first step
     groups = sorted(set(joins.tolist()))
     sizes = np.array([(joins == g).sum() for g in groups], dtype=np.float64)
     quota = int(n) * sizes / num

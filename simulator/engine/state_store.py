@@ -54,6 +54,14 @@ class ClientStateStore:
     def path(self, partition_id: int) -> Path:
         return self.root / f"client-{int(partition_id):06d}.pt"
 
+    def ids(self) -> list[int]:
+        """The clients that have a saved state, in order (a run reads them without asking each
+        of a population that was mostly never sampled)."""
+        if not self.root.is_dir():
+            return []
+        names = (n for n in os.listdir(self.root) if n.startswith("client-") and n.endswith(".pt"))
+        return sorted({*(int(n[len("client-"):-len(".pt")]) for n in names), *(self._held or {})})
+
     def load(self, partition_id: int) -> dict[str, Any] | None:
         if self._held is not None and int(partition_id) in self._held:
             return self._held[int(partition_id)]
@@ -139,6 +147,13 @@ class SqliteClientStateStore(ClientStateStore):
     def cleanup(self) -> None:
         self._close()
         super().cleanup()
+
+    def ids(self) -> list[int]:
+        if not (self.root / self.FILE).exists():
+            return sorted(self._held or {})
+        with self._connect() as db:
+            saved = {int(r[0]) for r in db.execute("SELECT id FROM clients")}
+        return sorted(saved | set(self._held or {}))
 
     def load(self, partition_id: int) -> dict[str, Any] | None:
         if self._held is not None and int(partition_id) in self._held:
