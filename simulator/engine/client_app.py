@@ -293,19 +293,58 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
     x, y = data.x_train[all_idx], data.y_train[all_idx]
     lap("task_bookkeeping")
     if len(y) == 0:
-        # nothing to learn from (a STALE client without memory, a client given no samples):
-        # a valid empty reply, counted as trained on nothing, not as a failure. Under DP a
-        # prototype strategy's client still releases (noise only): an empty reply would tell.
-        public = _release_classes(rt, task, stale)
-        empty = (private_prototypes(rt.scenario, rt.stream.num_tasks, model, x, y, public, pid=pid,
-                                    task=-1 if task is None else task, rnd=rnd, device=rt.device)
-                 if objective.uploads_prototypes and public else None)
-        reply = _reply(msg, context, rt, pid, state, task, server_round,
-                       upload=None if empty is None else objective.upload(model, empty),
-                       counts=[] if empty is None else [int(c) for c in empty.counts], loss=0.0, steps=0, num_examples=0)
-        return _withhold_under_dp(reply, rt.scenario, released=empty is not None, sgd_steps=None)
+        return _empty_reply(rt, msg, context, pid, state, task, stale, rnd, server_round, model, objective, x, y)
 
     s = rt.scenario
+    request = _train_request(rt, pid, task, rnd, state, model, objective, stack, x, y, seen)
+    dp_sgd = request.private
+    try:
+        stats = yield request
+    except NonFiniteLoss as exc:
+        raise ClientFailure(
+            f"client {pid} (task {task}, round {rnd} of the task, global round {server_round}): {exc}; "
+            f"try a smaller training.lr "
+            f"or smaller strategy loss weights"
+        ) from None
+    lap("train")
+    private = (private_prototypes(s, rt.stream.num_tasks, model, x, y, _release_classes(rt, task, stale), pid=pid,
+                                  task=task, rnd=rnd, device=rt.device)
+               if objective.uploads_prototypes else None)
+    client_truth(setup, rt, pid, task, rnd, server_round, model, x, y)  # privacy.keep_uploads only
+    upload, local_protos = _upload(rt, model, objective, x, y, private)
+    lap("upload")
+    state["model"] = to_cpu(model.state_dict())
+    state["objective"] = objective.state_dict()
+    state["continual"] = stack.state_dict()
+    lap("state_save")
+    reply = _reply(msg, context, rt, pid, state, task, server_round, upload=upload,
+                   counts=[int(c) for c in local_protos.counts] if objective.uploads_prototypes else [], loss=float(stats.loss), steps=int(stats.steps),
+                   num_examples=int(len(y)))  # the samples it trained on: task + replay memory (a STALE client: its memory)
+    return _withhold_under_dp(reply, s, released=private is not None,
+                              sgd_steps=None if dp_sgd is None else int(stats.steps))
+
+
+def _empty_reply(rt: Runtime, msg: Message, context: Context, pid: int, state: dict, task: int | None, stale: bool,
+                 rnd: int, server_round: int, model, objective, x: np.ndarray, y: np.ndarray) -> Message:
+    """Nothing to learn from (a STALE client without memory, a client given no samples): a
+    valid empty reply, counted as trained on nothing, not as a failure. Under DP a prototype
+    strategy's client still releases (noise only): an empty reply would tell."""
+    public = _release_classes(rt, task, stale)
+    empty = (private_prototypes(rt.scenario, rt.stream.num_tasks, model, x, y, public, pid=pid,
+                                task=-1 if task is None else task, rnd=rnd, device=rt.device)
+             if objective.uploads_prototypes and public else None)
+    reply = _reply(msg, context, rt, pid, state, task, server_round,
+                   upload=None if empty is None else objective.upload(model, empty),
+                   counts=[] if empty is None else [int(c) for c in empty.counts], loss=0.0, steps=0, num_examples=0)
+    return _withhold_under_dp(reply, rt.scenario, released=empty is not None, sgd_steps=None)
+
+
+def _train_request(rt: Runtime, pid: int, task: int, rnd: int, state: dict, model, objective, stack,
+                   x: np.ndarray, y: np.ndarray, seen: list[int]) -> TrainRequest:
+    """What the local training loop gets: the data, the optimiser settings, what stays frozen,
+    the distillation teacher, the hooks and (weight sharing under DP) the DP-SGD plan."""
+    s = rt.scenario
+    continual = objective.uses_continual
     teacher = None
     if state["teacher"] is not None:
         teacher = copy.deepcopy(model)
@@ -329,50 +368,31 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
     )
     objective.before_training(model, x, y)
     stack.prepare(model, rt.device)
-    dp_sgd = private_training(s, rt.stream.num_tasks, pid=pid, task=task, rnd=rnd)  # weight sharing under DP
-    request = TrainRequest(
+    return TrainRequest(
         model, x, y, tcfg,
         seen_classes=objective.train_classes(stack.train_classes(seen)),
-        num_classes=data.num_classes,
+        num_classes=rt.stream.dataset.num_classes,
         known=objective.known_prototypes(),
         teacher=teacher,
         hooks=[objective, stack],
         seed=derive_seed(s.seed, "client_train", pid, task, rnd),
         device=rt.device,
-        private=dp_sgd,
+        private=private_training(s, rt.stream.num_tasks, pid=pid, task=task, rnd=rnd),  # weight sharing under DP
         hooks_have_losses=type(objective).adds_own_loss() or bool(stack),
     )
-    try:
-        stats = yield request
-    except NonFiniteLoss as exc:
-        raise ClientFailure(
-            f"client {pid} (task {task}, round {rnd} of the task, global round {server_round}): {exc}; "
-            f"try a smaller training.lr "
-            f"or smaller strategy loss weights"
-        ) from None
-    lap("train")
-    private = (private_prototypes(s, rt.stream.num_tasks, model, x, y, _release_classes(rt, task, stale), pid=pid,
-                                  task=task, rnd=rnd, device=rt.device)
-               if objective.uploads_prototypes else None)
-    client_truth(setup, rt, pid, task, rnd, server_round, model, x, y)  # privacy.keep_uploads only
-    # a DP release is sent as released: no calibration or second-order statistics computed from
-    # the private data are added to it (the privacy check refuses those combinations), and the
-    # data is not embedded a second time
+
+
+def _upload(rt: Runtime, model, objective, x: np.ndarray, y: np.ndarray, private: PrototypeSet | None):
+    """``(upload, local prototypes)`` after training. A DP release is sent as released: no
+    calibration or second-order statistics computed from the private data are added to it (the
+    privacy check refuses those combinations), and the data is not embedded a second time."""
+    s = rt.scenario
     feats = None if private is not None else embed(model, x, rt.device, cache=rt.frozen_features)
     local_protos = private if feats is None else class_means(feats, y)
     upload = objective.upload(model, local_protos)
     if feats is not None and s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
         upload.update(stats_to_arrays(client_statistics(feats, y, s.model.classifier, rt.classifier_projection)))
-    lap("upload")
-    state["model"] = to_cpu(model.state_dict())
-    state["objective"] = objective.state_dict()
-    state["continual"] = stack.state_dict()
-    lap("state_save")
-    reply = _reply(msg, context, rt, pid, state, task, server_round, upload=upload,
-                   counts=[int(c) for c in local_protos.counts] if objective.uploads_prototypes else [], loss=float(stats.loss), steps=int(stats.steps),
-                   num_examples=int(len(y)))  # the samples it trained on: task + replay memory (a STALE client: its memory)
-    return _withhold_under_dp(reply, s, released=private is not None,
-                              sgd_steps=None if dp_sgd is None else int(stats.steps))
+    return upload, local_protos
 
 
 def _release_classes(rt: Runtime, task: int | None, stale: bool) -> list[int]:
