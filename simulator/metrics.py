@@ -48,6 +48,7 @@ __all__ = [
     "open_world_fpr95",
     "open_world_metrics",
     "open_world_summary",
+    "anytime_accuracy",
 ]
 
 SUMMARY_METRICS = ("final_avg_accuracy", "avg_incremental_accuracy", "avg_forgetting", "bwt")
@@ -178,6 +179,21 @@ def open_world_summary(per_task: Any, num_tasks: int) -> float:
     v = np.asarray(per_task, dtype=np.float64).reshape(-1)[: max(num_tasks - 1, 0)]
     v = v[np.isfinite(v)]
     return float(v.mean()) if v.size else math.nan
+
+
+def anytime_accuracy(rows: Any) -> float:
+    """The mean, over every evaluation of a run, of the accuracy averaged over the tasks seen at
+    that evaluation (``rows``: ``metrics.csv``'s rows or records with ``global_round``,
+    ``eval_task``, ``accuracy``). With ``evaluation.every: round`` it follows learning during the
+    stream (online continual learning's anytime accuracy); with ``every: task`` it is the average
+    incremental accuracy. NaN without any evaluation."""
+    df = pd.DataFrame(rows)
+    if df.empty or "accuracy" not in df:
+        return math.nan
+    df = df[np.isfinite(pd.to_numeric(df["accuracy"], errors="coerce"))]
+    if df.empty:
+        return math.nan
+    return float(df.groupby("global_round")["accuracy"].mean().mean())
 
 
 def summarize(matrix: Any) -> dict[str, float]:

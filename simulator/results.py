@@ -68,6 +68,7 @@ _FLOAT_SUMMARY_KEYS = (
     "bwt",
     "wall_seconds",
     "open_world_auroc",
+    "anytime_accuracy",
     "open_world_fpr95",
 )
 METRICS_COLUMNS = ("task", "round", "eval_task", "accuracy")

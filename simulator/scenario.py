@@ -66,7 +66,18 @@ class DatasetConfig(BaseModel):
 
 
 # --------------------------------------------------------------------------- tasks
+class OnlineConfig(Strict):
+    batch_size: int = Field(10, ge=1, le=100_000, description="samples per step of the single pass (the stream's batch)")
+    communicate_every: int = Field(5, ge=1, le=100_000, description="stream batches each client learns between two communications (one round)")
+
+
 class TasksConfig(Strict):
+    online: OnlineConfig | None = Field(
+        None,
+        description="online continual learning: each client sees its task data once, in a seeded order, batch_size samples per SGD step, "
+        "communicate_every steps per round (training.rounds_per_task rounds; data left after them is never seen, a warning says how much); "
+        "with a replay memory each round also trains on as many memory samples, drawn from it (ER); a client whose stream is spent takes no step. Needs training.local_epochs: 1",
+    )
     initial_classes: int | None = Field(None, ge=1, description="size of a larger first (base) task; unset: same as the others")
     classes_per_task: int | None = Field(None, ge=1, description="classes per task after the first (default 2 when num_tasks is unset)")
     num_tasks: int | None = Field(None, ge=1, description="total number of tasks (instead of classes_per_task)")

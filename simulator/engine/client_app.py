@@ -23,6 +23,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..data import online as online_data
 from ..data.schedule import ABSENT, STALE
 from ..learner import continual as mechanisms
 from ..learner.evaluation import client_predict, client_prototypes, per_class_correct
@@ -176,6 +177,9 @@ def _remember(rt: Runtime, pid: int, state: dict[str, Any], task: int, model) ->
     if cfg.memory_per_class <= 0:
         return
     idx = rt.stream.train_indices[task][pid]
+    if (online := rt.scenario.tasks.online) is not None:  # only what the stream delivered
+        idx = online_data.seen_part(idx, rt.scenario.seed, pid, task, rt.scenario.training.rounds_per_task,
+                                    online.batch_size, online.communicate_every)
     labels = rt.stream.dataset.y_train[idx]
     state["memory"] = mechanisms.select_memory(
         cfg.memory_selection, state["memory"], idx, labels, cfg.memory_per_class,
@@ -289,6 +293,11 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
     no_data = np.zeros(0, np.int64)
     task_idx = _task_indices(rt, objective, task, pid) if task is not None and not stale else no_data
     mem_idx = memory_indices(state["memory"]) if continual else no_data
+    if (online := rt.scenario.tasks.online) is not None:  # this round's batches of the stream, and as many replayed:
+        # a client whose stream is spent (or that gets no new classes) takes no step
+        task_idx = online_data.round_slice(task_idx, rt.scenario.seed, pid, task or 0, rnd, online.batch_size,
+                                           online.communicate_every)
+        mem_idx = online_data.replay_sample(mem_idx, rt.scenario.seed, pid, task or 0, rnd, len(task_idx))
     all_idx = np.concatenate([task_idx, mem_idx])
     x, y = data.x_train[all_idx], data.y_train[all_idx]
     lap("task_bookkeeping")
@@ -357,7 +366,7 @@ def _train_request(rt: Runtime, pid: int, task: int, rnd: int, state: dict, mode
     ) or getattr(objective, "backbone_frozen", False) or s.continual.backbone == "frozen"  # share_weights: first_task, after the first task; frozen: never trained
     tcfg = TrainConfig(
         epochs=s.training.local_epochs,
-        batch_size=s.training.batch_size,
+        batch_size=s.training.batch_size if s.tasks.online is None else s.tasks.online.batch_size,
         lr=s.training.lr,
         momentum=s.training.momentum,
         weight_decay=s.training.weight_decay,

@@ -20,6 +20,7 @@ from ..seeding import seed_table
 from .cohorts import cohort_plan, resolve_clients_per_call
 from .recorder import OPEN_WORLD_KEYS, RunRecorder
 from . import determinism
+from ..data.online import unseen as online_unseen
 from .runtime import RunSetup, release_runtime, runtime_for, write_stream
 
 
@@ -88,7 +89,7 @@ def _summary(
 ) -> dict[str, Any]:
     from strategies import nondefault_params
 
-    from ..metrics import metric_definitions, missing_cells, open_world_summary, summarize_partial
+    from ..metrics import anytime_accuracy, metric_definitions, missing_cells, open_world_summary, summarize_partial
 
     done = rec.tasks_done
     definitions = metric_definitions(scenario.clients.task_order)
@@ -119,6 +120,7 @@ def _summary(
         summ[key], summ[f"{other}_{key}"] = glob_v, loc_v
     for col, key in enumerate(OPEN_WORLD_KEYS):  # mean over tasks 0..T-2 (docs/metrics.md)
         summ[key] = open_world_summary(rec.open_world[:done, col], rec.num_tasks)
+    summ["anytime_accuracy"] = anytime_accuracy(rec.rows)  # every evaluation, not only the task ends
     summ["missing_cells"] = gaps[selected]
     summ[f"{other}_missing_cells"] = gaps[other]
     summ["metric_definitions"] = definitions
@@ -182,6 +184,22 @@ def _check_privacy(scenario: Scenario, num_tasks: int, source: str) -> None:
 
     cls = STRATEGIES[scenario.strategy.name]
     check_scenario(scenario, num_tasks, cls, cls.Params.model_validate(scenario.strategy.params), source)
+
+
+def check_online(scenario: Scenario, source: str) -> None:
+    """``tasks.online`` is a single pass: one local epoch; and no DP (its accounting assumes
+    the offline sampling of every sample at every round)."""
+    if scenario.tasks.online is None:
+        return
+    problems = []
+    if scenario.training.local_epochs != 1:
+        problems.append(Problem("training.local_epochs", f"is {scenario.training.local_epochs}; tasks.online sees each sample "
+                                "once: set it to 1"))
+    if scenario.privacy.dp:
+        problems.append(Problem("tasks.online", "differential privacy is accounted for the offline mode only; remove "
+                                "privacy.epsilon / privacy.noise_multiplier or tasks.online"))
+    if problems:
+        raise UserError(source, problems)
 
 
 def check_strategy_setup(scenario: Scenario, stream, source: str) -> None:
@@ -291,6 +309,7 @@ class _Run:
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(scenario, self.tag)
         self.stream = build_stream_checked(scenario, source)
         check_pretrained(scenario, self.stream, source)
+        check_online(scenario, source)
         check_strategy_setup(scenario, self.stream, source)
         _check_privacy(scenario, self.stream.num_tasks, source)
         check_writable(self.run_dir, out_source)
@@ -328,7 +347,13 @@ class _Run:
                                    f"cannot start experiment tracking: {type(exc).__name__}: {str(exc)[:300]}") from None
         self.rec.upload_log = UploadLog() if scenario.privacy.keep_uploads else None  # not kept across --resume
         self.rec.profile = self.profile
-        self.small = small_batch_client_tasks(self.stream, scenario.training.batch_size)
+        self.small = small_batch_client_tasks(self.stream, self.batch_size)
+
+    @property
+    def batch_size(self) -> int:
+        """The local batch: the stream's under ``tasks.online``."""
+        online = self.scenario.tasks.online
+        return self.scenario.training.batch_size if online is None else online.batch_size
 
     def restore_or_start(self, resume: bool) -> None:
         """With ``resume`` and a checkpoint: the recorder, task and strategy state it holds;
@@ -417,9 +442,17 @@ class _Run:
             f"{scenario.clients.num_clients} clients · {what}")
         if self.small:
             total = sum(1 for per_client in stream.train_indices for idx in per_client if len(idx))
+            key = "training.batch_size" if scenario.tasks.online is None else "tasks.online.batch_size"
             say(f"warning: {self.small} of {total} client-tasks have fewer training samples than one batch "
-                f"(training.batch_size {scenario.training.batch_size}); see clients.csv "
+                f"({key} {self.batch_size}); see clients.csv "
                 "(counted as small_batch_client_tasks in summary.json)")
+        if (online := scenario.tasks.online) is not None:
+            left, total = online_unseen(stream.train_indices, scenario.training.rounds_per_task, online.batch_size,
+                                        online.communicate_every)
+            if left:
+                say(f"warning: tasks.online: {left} of {total} training samples are never seen ({scenario.training.rounds_per_task} "
+                    f"rounds x {online.communicate_every} batches x {online.batch_size} samples per client and task); "
+                    "raise training.rounds_per_task to see every sample")
         if self.engine == "flower" and scenario.resources.clients_per_call not in ("auto", 1):
             say("warning: resources.clients_per_call applies to the simulation engines; a Flower deployment runs "
                 "one client per SuperNode")
