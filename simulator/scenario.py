@@ -204,7 +204,7 @@ class ModelConfig(Strict):
     )
     ranpac_dim: int = Field(
         256, ge=1, le=4096,
-        description="classifier ranpac: width M of the random projection; each client uploads M (M + 1) / 2 float64 per class (264 KB at 256; the paper uses 10,000 on 768-d ViT features)",
+        description="classifier ranpac: width M of the random projection; each client uploads M (M + 1) / 2 float64 per class (263 KB at 256; the paper uses 10,000 on 768-d ViT features)",
     )
     pretrained: PathText | None = Field(
         None, description="a PyTorch state dict of the backbone (torch.save) loaded into every client's initial model; strict key and shape check; never downloaded; "

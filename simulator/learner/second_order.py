@@ -70,7 +70,7 @@ The server keeps each client's latest statistics of each class (``strategies/bas
   0.5285 / 0.5341 with GCV / the hold-out; (2) ``M`` defaults to 256 rather than the
   paper's 10,000 (its ViT features have 768 dimensions; protofed's embeddings are 64 by default),
   because every client uploads one ``M x M`` upper triangle per class: ``M (M + 1) / 2`` float64,
-  264 KB per class at 256; (3) ``W`` is drawn by numpy from the run seed (every client and the
+  263 KB per class at 256 (plus the class sums); (3) ``W`` is drawn by numpy from the run seed (every client and the
   server draw the same matrix) instead of ``torch.randn``; (4) no first-session adaptation of the
   backbone (RanPAC's phase 1, which is APER's): combine with ``share_weights: first_task`` to train
   the backbone federatedly during the first task and freeze it after.
