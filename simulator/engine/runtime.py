@@ -70,6 +70,8 @@ class Runtime:
     def stream(self) -> FederatedStream:
         """The stream the driver wrote; rebuilt from the scenario (deterministic) where the file
         is not reachable, e.g. on a SuperNode of Flower's Deployment Engine."""
+        if self.setup.state_dir in _STREAMS:  # this process wrote it (the driver; inline clients): no reload
+            return _STREAMS[self.setup.state_dir]
         path = Path(self.setup.state_dir) / STREAM_FILE
         if path.exists():
             with open(path, "rb") as fh:
@@ -164,8 +166,16 @@ def runtime_for(setup: RunSetup) -> Runtime:
 
 def release_runtime(setup: RunSetup) -> None:
     _RUNTIMES.pop(setup.state_dir, None)
+    _STREAMS.pop(setup.state_dir, None)
+
+
+#: the stream this process wrote, by state folder: the driver's Runtime (and inline clients) use
+#: it as it is instead of reading the file back (28 s at 1,000,000 clients, whose stream holds
+#: 5,000,000 index arrays); other processes (Ray actors) read the file
+_STREAMS: dict[str, FederatedStream] = {}
 
 
 def write_stream(stream: FederatedStream, state_dir: Path) -> None:
     with open(state_dir / STREAM_FILE, "wb") as fh:
         pickle.dump(stream, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    _STREAMS[str(state_dir)] = stream
