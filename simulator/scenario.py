@@ -145,8 +145,14 @@ class ArrivalConfig(Strict):
     stale_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="at each new task, this fraction of the clients already present receives no new classes (keeps training on its memory)")
 
 
+MAX_CLIENTS = 15_000_000  # Flower's paper simulated populations of up to 15 million clients
+
+
 class ClientsConfig(Strict):
-    num_clients: int = Field(10, ge=1, le=100_000, description="number of clients (Flower SuperNodes)")
+    num_clients: int = Field(
+        10, ge=1, le=MAX_CLIENTS,
+        description="number of clients (Flower SuperNodes); beyond about 100,000 use dataset.source: procedural, whose clients are derived when sampled",
+    )
     partition: Partition = Field(default_factory=IidPartition, description="how each task's training samples are split among clients")
     participation: float = Field(1.0, gt=0.0, le=1.0, description="fraction of clients sampled each round (seeded)")
     task_order: Literal["shared", "per_client"] = Field("shared", description="every client meets the tasks in the same order, or each in its own seeded order (asynchronous)")

@@ -28,7 +28,7 @@ def test_round_slices_cut_one_seeded_order_into_disjoint_pieces():
     assert np.array_equal(joined, online.stream_order(idx, 3, 1, 2))
     assert np.array_equal(online.seen_part(idx, 3, 1, 2, rounds=2, batch_size=4, every=2), joined[:16])
     assert not np.array_equal(online.stream_order(idx, 3, 1, 2), online.stream_order(idx, 3, 2, 2))  # per client
-    assert online.unseen([[np.arange(37)], [np.arange(5)]], rounds=4, batch_size=4, every=2) == (5, 42)
+    assert online.unseen(np.array([37, 5]), rounds=4, batch_size=4, every=2) == (5, 42)
 
 
 def test_replay_draws_without_replacement_from_the_memory():

@@ -47,8 +47,8 @@ def replay_sample(memory: np.ndarray, seed: int, client: int, task: int, rnd: in
     return memory[np.sort(pick)]
 
 
-def unseen(train_indices: list[list[np.ndarray]], rounds: int, batch_size: int, every: int) -> tuple[int, int]:
-    """``(samples never delivered, all samples)`` over every task and client."""
+def unseen(sizes: np.ndarray, rounds: int, batch_size: int, every: int) -> tuple[int, int]:
+    """``(samples never delivered, all samples)`` from the client-task sizes."""
+    sizes = np.asarray(sizes, dtype=np.int64)
     cap = rounds * batch_size * every
-    sizes = [len(i) for per_client in train_indices for i in per_client]
-    return sum(max(n - cap, 0) for n in sizes), sum(sizes)
+    return int(np.maximum(sizes - cap, 0).sum()), int(sizes.sum())

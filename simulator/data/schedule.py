@@ -43,14 +43,15 @@ def build_schedule(clients, num_tasks: int, seed: int) -> np.ndarray:
             for step, group in enumerate(groups, start=1):
                 joins[group] = step
 
-    sched = np.full((n, num_tasks), ABSENT, dtype=np.int64)
-    for c in range(n):
-        if order_kind == "per_client":
+    steps = np.arange(num_tasks, dtype=np.int64)
+    if order_kind == "per_client":  # one seeded permutation per client: O(population) by nature
+        sched = np.full((n, num_tasks), ABSENT, dtype=np.int64)
+        for c in range(n):
             tasks = rng(seed, "task_order", c).permutation(num_tasks)
-        else:
-            tasks = np.arange(num_tasks)
-        for step in range(int(joins[c]), num_tasks):
-            sched[c, step] = tasks[step] if order_kind == "shared" else tasks[step - int(joins[c])]
+            for step in range(int(joins[c]), num_tasks):
+                sched[c, step] = tasks[step - int(joins[c])]
+    else:  # task k at step k from the client's join on (array operations: a loop took seconds at 1,000,000 clients)
+        sched = np.where(steps[None, :] >= joins[:, None], steps[None, :], ABSENT).astype(np.int64)
 
     stale = arrival.stale_fraction if arrival is not None else 0.0
     if stale > 0:

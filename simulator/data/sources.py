@@ -284,6 +284,26 @@ def _load_synthetic(params: SyntheticParams, test_fraction: float, seed: int) ->
     return _split_and_finish(x, y, test_fraction, seed, [str(i) for i in range(c)], "dataset.samples_per_class")
 
 
+# --------------------------------------------------------------------------- procedural
+class ProceduralParams(_Params):
+    num_classes: int = Field(20, ge=2, le=100_000, description="number of classes")
+    dim: int = Field(32, ge=1, le=100_000, description="feature dimension of each sample")
+    samples_per_client: int = Field(
+        50, ge=1, le=1_000_000,
+        description="training samples each client holds of each task it learns (labels from its own Dirichlet mixture)",
+    )
+    test_samples_per_class: int = Field(500, ge=1, le=1_000_000, description="test samples per class (one finite test set)")
+    noise: float = Field(1.0, gt=0.0, le=1e6, description="per-dimension std of the samples around their class mean")
+    class_sep: float = Field(4.0, gt=0.0, le=1e6, description="typical (RMS) distance between two class means")
+    data_seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the class means and the test set")
+
+
+def _load_procedural(params: ProceduralParams, test_fraction: float, seed: int) -> ArrayDataset:
+    from .procedural import load_procedural  # clients derived when sampled (simulator/data/procedural.py)
+
+    return load_procedural(params, test_fraction, seed)
+
+
 # --------------------------------------------------------------------------- npz
 class NpzParams(_Params):
     path: PathText = Field(..., min_length=1, description="a .npz file with arrays x, y (and optionally x_test, y_test, and class_names: one string per label, in sorted label order)")
@@ -562,6 +582,11 @@ BUILTIN_SOURCES: dict[str, SourceSpec] = {
         SourceSpec(
             "synthetic", "Gaussian class blobs (num_classes, dim, samples_per_class, noise, class_sep)",
             SyntheticParams, _load_synthetic,
+        ),
+        SourceSpec(
+            "procedural", "Gaussian class blobs, each client's samples generated from its id when it is sampled "
+            "(samples_per_client per task, labels from its own Dirichlet mixture; cross-device scale)",
+            ProceduralParams, _load_procedural,
         ),
         SourceSpec("npz", "NumPy .npz file with arrays x, y (and optionally x_test, y_test, class_names)", NpzParams, _load_npz),
         SourceSpec("folder", "image folder, one sub-folder per class (ImageFolder layout)", FolderParams, _load_folder),

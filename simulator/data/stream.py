@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ from .. import seeding
 from ..errors import FieldError
 from .partition import partition_task
 from .schedule import build_schedule, present, receivers, seen_tasks
+from .procedural import ProceduralDataset
 from .sources import ArrayDataset, load_dataset
 from .tasks import make_class_order, split_into_tasks
 
@@ -75,13 +77,20 @@ class FederatedStream:
         idx = self.test_indices[task]
         return self.dataset.x_test[idx], self.dataset.y_test[idx]
 
-    def summary_rows(self) -> list[dict]:
+    def task_sizes(self, task: int) -> np.ndarray:
+        """Training samples of each client in ``task`` (int64, one entry per client)."""
+        per_client = self.train_indices[task]
+        return np.fromiter((len(i) for i in per_client), dtype=np.int64, count=len(per_client))
+
+    def summary_rows(self, clients: Sequence[int] | None = None) -> list[dict]:
         """One row per (task, client): samples, number of classes and their ids (computed per
-        task with array operations: at 100,000 clients a loop over clients took seconds)."""
+        task with array operations: at 100,000 clients a loop over clients took seconds);
+        ``clients`` keeps only those clients' rows."""
         rows: list[dict] = []
+        keep = None if clients is None else {int(c) for c in clients}
         for t, per_client in enumerate(self.train_indices):
             n = len(per_client)
-            sizes = np.fromiter((len(i) for i in per_client), dtype=np.int64, count=n)
+            sizes = self.task_sizes(t)
             owner = np.repeat(np.arange(n, dtype=np.int64), sizes)
             flat = np.concatenate(per_client).astype(np.int64, copy=False) if sizes.sum() else np.zeros(0, np.int64)
             labels = np.asarray(self.dataset.y_train, dtype=np.int64)[flat]
@@ -89,12 +98,67 @@ class FederatedStream:
             pairs = np.unique(owner * width + labels)  # distinct (client, class), sorted by client then class
             pair_client, pair_class = pairs // width, pairs % width
             starts = np.searchsorted(pair_client, np.arange(n + 1))
-            at_t = self.schedule == t
-            step = np.where(at_t.any(axis=1), at_t.argmax(axis=1), -1)
+            step = self._steps(t)
             for client in range(n):
+                if keep is not None and client not in keep:
+                    continue
                 ids = pair_class[starts[client]:starts[client + 1]]
-                rows.append({"task": t, "client": client, "step": int(step[client]), "samples": int(sizes[client]),
-                             "classes": int(len(ids)), "class_ids": " ".join(map(str, ids.tolist()))})
+                rows.append(_row(t, client, int(step[client]), int(sizes[client]), ids))
+        return rows
+
+    def _steps(self, task: int) -> np.ndarray:
+        """The step at which each client learns ``task`` (-1: never)."""
+        at_t = self.schedule == task
+        return np.where(at_t.any(axis=1), at_t.argmax(axis=1), -1)
+
+
+CLIENT_COLUMNS = ("task", "client", "step", "samples", "classes", "class_ids")
+
+
+def _row(task: int, client: int, step: int, samples: int, class_ids: np.ndarray) -> dict:
+    return {"task": task, "client": client, "step": step, "samples": samples,
+            "classes": int(len(class_ids)), "class_ids": " ".join(map(str, class_ids.tolist()))}
+
+
+class TaskIndices(Sequence):
+    """``train_indices[task]`` of a procedural stream: client -> its virtual sample indices of
+    the task, computed on access (:mod:`simulator.data.procedural`); empty for a client that
+    never learns the task."""
+
+    def __init__(self, learns: np.ndarray, task: int, num_tasks: int, size: int) -> None:
+        self.learns, self.task, self.num_tasks, self.size = learns, task, num_tasks, size
+
+    def __len__(self) -> int:
+        return len(self.learns)
+
+    def __getitem__(self, client):  # type: ignore[override]
+        if isinstance(client, slice):
+            return [self[c] for c in range(*client.indices(len(self)))]
+        client = int(client)
+        if not self.learns[client]:
+            return np.zeros(0, dtype=np.int64)
+        start = (client * self.num_tasks + self.task) * self.size
+        return np.arange(start, start + self.size, dtype=np.int64)
+
+
+@dataclass
+class ProceduralStream(FederatedStream):
+    """A stream whose clients are derived when asked for (``dataset.source: procedural``):
+    nothing here grows with the population except the schedule (one int per client and step)."""
+
+    def task_sizes(self, task: int) -> np.ndarray:
+        per_client = self.train_indices[task]
+        return per_client.learns.astype(np.int64) * per_client.size
+
+    def summary_rows(self, clients: Sequence[int] | None = None) -> list[dict]:
+        """Rows of ``clients`` only (the population's would be millions): by default none."""
+        rows: list[dict] = []
+        blocks = self.dataset.blocks
+        for t in range(self.num_tasks):
+            step, sizes = self._steps(t), self.task_sizes(t)
+            for client in sorted(int(c) for c in (clients or ())):
+                ids = np.unique(blocks.labels(client, t)) if sizes[client] else np.zeros(0, np.int64)
+                rows.append(_row(t, client, int(step[client]), int(sizes[client]), ids))
         return rows
 
 
@@ -109,6 +173,8 @@ def build_stream(scenario: "Scenario") -> FederatedStream:
     tasks = split_into_tasks(order, scenario.tasks)
     num_clients = int(scenario.clients.num_clients)
     schedule = build_schedule(scenario.clients, len(tasks), seed)
+    if isinstance(data, ProceduralDataset):
+        return procedural_stream(scenario, data, order, tasks, schedule)
     train_indices: list[list[np.ndarray]] = []
     test_indices: list[np.ndarray] = []
     empty = np.zeros(0, dtype=np.int64)
@@ -132,3 +198,23 @@ def build_stream(scenario: "Scenario") -> FederatedStream:
         train_indices.append(per_client)
         test_indices.append(np.flatnonzero(np.isin(data.y_test, classes)).astype(np.int64))
     return FederatedStream(data, order, tasks, train_indices, test_indices, schedule)
+
+
+def procedural_stream(scenario: "Scenario", data: ProceduralDataset, order: list[int], tasks: list[list[int]],
+                      schedule: np.ndarray) -> ProceduralStream:
+    """The stream of a procedural source: the layout only (no client's samples exist yet)."""
+    part = scenario.clients.partition
+    if part.scheme not in ("iid", "dirichlet"):
+        raise FieldError(
+            "clients.partition.scheme",
+            f"dataset.source: procedural derives each client's class mixture itself (iid: uniform; dirichlet: "
+            f"~ Dir(alpha) per client and task); scheme {part.scheme!r} splits a finite dataset and does not apply",
+        )
+    data.bind(tasks, int(scenario.clients.num_clients), float(part.alpha) if part.scheme == "dirichlet" else None)
+    size = data.blocks.size
+    train = [TaskIndices((schedule == t).any(axis=1), t, len(tasks), size) for t in range(len(tasks))]
+    for t, classes in enumerate(tasks):
+        if not train[t].learns.any():
+            raise FieldError("clients.arrival", f"task {t} (classes {[int(c) for c in classes]}) is learned by no client")
+    test = [np.flatnonzero(np.isin(data.y_test, classes)).astype(np.int64) for classes in tasks]
+    return ProceduralStream(data, order, tasks, train, test, schedule)

@@ -153,8 +153,8 @@ def small_batch_client_tasks(stream, batch_size: int) -> int:
     """Client-tasks whose new training samples (replay memory not counted) are fewer than one
     batch but not zero: such clients take one short step per epoch, so their updates are noisy
     and BatchNorm statistics unreliable. Counted into ``summary.json``; the runner warns once."""
-    sizes = [len(idx) for per_client in stream.train_indices for idx in per_client]
-    return int(sum(1 for n in sizes if 0 < n < batch_size))
+    sizes = np.concatenate([stream.task_sizes(t) for t in range(stream.num_tasks)])
+    return int(((sizes > 0) & (sizes < batch_size)).sum())
 
 
 def check_pretrained(scenario: Scenario, stream, source: str) -> None:
@@ -198,6 +198,27 @@ def check_online(scenario: Scenario, source: str) -> None:
     if scenario.privacy.dp:
         problems.append(Problem("tasks.online", "differential privacy is accounted for the offline mode only; remove "
                                 "privacy.epsilon / privacy.noise_multiplier or tasks.online"))
+    if problems:
+        raise UserError(source, problems)
+
+
+def check_procedural(scenario: Scenario, stream, source: str) -> None:
+    """A procedural population (``dataset.source: procedural``) never materialises the whole
+    training set: what needs it (the joint upper bound, a frozen backbone's feature table) is
+    refused, each named."""
+    from ..data.stream import ProceduralStream
+
+    if not isinstance(stream, ProceduralStream):
+        return
+    from strategies import STRATEGIES
+
+    problems = []
+    if STRATEGIES[scenario.strategy.name].Objective.data_scope == "all":
+        problems.append(Problem("strategy.name", f"{scenario.strategy.name} trains on the whole training set, which "
+                                "dataset.source: procedural never materialises; use a finite source (e.g. synthetic)"))
+    if scenario.continual.backbone == "frozen":
+        problems.append(Problem("continual.backbone", "frozen embeds the whole training set once; with dataset.source: "
+                                "procedural the clients' samples are generated when sampled: use trainable"))
     if problems:
         raise UserError(source, problems)
 
@@ -310,6 +331,7 @@ class _Run:
         self.stream = build_stream_checked(scenario, source)
         check_pretrained(scenario, self.stream, source)
         check_online(scenario, source)
+        check_procedural(scenario, self.stream, source)
         check_strategy_setup(scenario, self.stream, source)
         _check_privacy(scenario, self.stream.num_tasks, source)
         check_writable(self.run_dir, out_source)
@@ -374,7 +396,17 @@ class _Run:
             **self.resolved, "derived_seeds": seed_table(self.scenario.seed), "overrides": dict(self.overrides),
             "overrides_tag": self.tag, "resolved_paths": resolved_paths(self.resolved),
         })
-        self.writer.write_table("clients", pd.DataFrame(self.stream.summary_rows()))
+        self.write_clients()
+
+    def write_clients(self) -> None:
+        """``clients.csv``: every client's rows; under a procedural population only the rows of
+        the clients that have trained so far (those with a state), rewritten at each task's end."""
+        import pandas as pd
+
+        from ..data.stream import CLIENT_COLUMNS, ProceduralStream
+
+        took_part = runtime_for(self.setup).store.ids() if isinstance(self.stream, ProceduralStream) else None
+        self.writer.write_table("clients", pd.DataFrame(self.stream.summary_rows(took_part), columns=list(CLIENT_COLUMNS)))
 
     def wall(self) -> float:
         return self.wall_before + time.time() - self.started
@@ -420,6 +452,11 @@ class _Run:
             self.write_results(completed=False)
         with profile.task_end_part("tracking"):
             self.track(lambda: self.trackers.log_rows(self.rec.rows))
+        from ..data.stream import ProceduralStream
+
+        if isinstance(self.stream, ProceduralStream):
+            with profile.task_end_part("results"):
+                self.write_clients()
         if task == self.stream.num_tasks - 1:  # output.save: the final global state (and clients')
             from .final_state import save_final
 
@@ -441,13 +478,14 @@ class _Run:
             f"{stream.num_tasks} tasks x {scenario.training.rounds_per_task} rounds · "
             f"{scenario.clients.num_clients} clients · {what}")
         if self.small:
-            total = sum(1 for per_client in stream.train_indices for idx in per_client if len(idx))
+            total = int(sum((stream.task_sizes(t) > 0).sum() for t in range(stream.num_tasks)))
             key = "training.batch_size" if scenario.tasks.online is None else "tasks.online.batch_size"
             say(f"warning: {self.small} of {total} client-tasks have fewer training samples than one batch "
                 f"({key} {self.batch_size}); see clients.csv "
                 "(counted as small_batch_client_tasks in summary.json)")
         if (online := scenario.tasks.online) is not None:
-            left, total = online_unseen(stream.train_indices, scenario.training.rounds_per_task, online.batch_size,
+            sizes = np.concatenate([stream.task_sizes(t) for t in range(stream.num_tasks)])
+            left, total = online_unseen(sizes, scenario.training.rounds_per_task, online.batch_size,
                                         online.communicate_every)
             if left:
                 say(f"warning: tasks.online: {left} of {total} training samples are never seen ({scenario.training.rounds_per_task} "
