@@ -7,9 +7,10 @@ learned one task early and are no longer part of task ``t + 1``. Each sample is 
 once (task ``t + 1`` gives away only its own classes' samples, whatever it received from task
 ``t + 2``), so the tasks' training sets stay disjoint and together hold every training sample.
 Rounding down keeps at least one sample of every class in its own task (``f < 1``). The test
-sets and the classes each task is evaluated on are not changed (Rainbow Memory's "Blurry-M" and
-i-Blurry (Koh et al. 2022) leak a fixed share of classes in the same way; here the leak is a
-share of the samples of every class of the next task).
+sets and the classes each task is evaluated on are not changed. A simplified form of Rainbow
+Memory's Blurry-M (Bang et al. 2021) and of i-Blurry (Koh et al. 2022), which mix samples of
+other tasks' classes into each task: here only the next task's classes arrive early, each by the
+same share of its samples.
 """
 
 from __future__ import annotations
