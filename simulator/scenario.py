@@ -82,6 +82,13 @@ class TasksConfig(Strict):
     classes_per_task: int | None = Field(None, ge=1, description="classes per task after the first (default 2 when num_tasks is unset)")
     num_tasks: int | None = Field(None, ge=1, description="total number of tasks (instead of classes_per_task)")
     class_order: Literal["seeded", "sorted"] | list[ClassId] = Field("seeded", description="class order: seeded shuffle, sorted, or an explicit permutation of the class ids")
+    blurry: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="blurry task boundaries: for every task t but the last, floor(blurry x n_c) training samples of each class c of task t+1 "
+        "(n_c: its training samples; a seeded choice per class) move from task t+1 to task t, so they are learned one task early; "
+        "test sets and the classes each task is evaluated on stay as they are, and predictions range over the classes of the tasks seen so far. "
+        "0: sharp boundaries (no sample moves). Needs at least two tasks",
+    )
 
     @model_validator(mode="after")
     def _one_size(self) -> "TasksConfig":

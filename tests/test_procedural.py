@@ -153,6 +153,7 @@ def test_resume_is_byte_identical(tmp_path, monkeypatch):
     ({"clients__partition": {"scheme": "shards", "shards_per_client": 2}}, "clients.partition.scheme"),
     ({"strategy": {"name": "joint", "params": {}}}, "strategy.name"),
     ({"continual__backbone": "frozen"}, "continual.backbone"),
+    ({"tasks__blurry": 0.2}, "tasks.blurry"),
 ])
 def test_what_needs_the_whole_training_set_is_refused(tmp_path, over, field):
     from simulator.errors import FieldError, UserError

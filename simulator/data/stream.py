@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import seeding
 from ..errors import FieldError
+from .blurry import blur_positions
 from .partition import partition_task
 from .schedule import build_schedule, present, receivers, seen_tasks
 from .procedural import ProceduralDataset
@@ -30,10 +31,13 @@ class FederatedStream:
     train_indices: list[list[np.ndarray]]  # [task][client] -> indices into dataset.x_train
     test_indices: list[np.ndarray]  # [task] -> indices into dataset.x_test
     schedule: np.ndarray | None = None  # [client, step] -> global task id, ABSENT or STALE (see schedule.py)
+    leaked: list[list[int]] | None = None  # [task t] -> classes of task t+1 with training samples in task t (tasks.blurry)
 
     def __post_init__(self) -> None:
         if self.schedule is None:  # everyone learns task k at step k
             self.schedule = np.tile(np.arange(len(self.tasks), dtype=np.int64), (len(self.train_indices[0]) if self.train_indices else 0, 1))
+        if self.leaked is None:
+            self.leaked = [[] for _ in self.tasks]
 
     def task_at(self, client: int, step: int) -> int:
         """The global task ``client`` learns at ``step`` (or ABSENT / STALE)."""
@@ -62,6 +66,16 @@ class FederatedStream:
     def task_of_class(self) -> dict[int, int]:
         """Class id -> the task that introduces it."""
         return {c: t for t, classes in enumerate(self.tasks) for c in classes}
+
+    def train_classes(self, task: int) -> list[int]:
+        """Classes of ``task``'s training samples: its own, then those of the next task that
+        leaked into it (``tasks.blurry``; none with sharp boundaries)."""
+        leaked = getattr(self, "leaked", None) or [[] for _ in self.tasks]  # a stream pickled before tasks.blurry
+        return [int(c) for c in self.tasks[task]] + [int(c) for c in leaked[task]]
+
+    def leaked_classes(self) -> set[int]:
+        """Every class with training samples in the task before its own (``tasks.blurry``)."""
+        return {int(c) for classes in (getattr(self, "leaked", None) or []) for c in classes}
 
     def seen_classes(self, task: int) -> list[int]:
         """Classes of tasks ``0..task``, in arrival order."""
@@ -178,8 +192,15 @@ def build_stream(scenario: "Scenario") -> FederatedStream:
     train_indices: list[list[np.ndarray]] = []
     test_indices: list[np.ndarray] = []
     empty = np.zeros(0, dtype=np.int64)
+    positions = [np.flatnonzero(np.isin(data.y_train, classes)).astype(np.int64) for classes in tasks]
+    blurry = float(getattr(scenario.tasks, "blurry", 0.0))
+    if blurry > 0 and len(tasks) < 2:
+        raise FieldError("tasks.blurry", f"is {blurry}, but the stream has a single task (classes "
+                                         f"{[int(c) for c in tasks[0]]}): there is no next task to leak from; "
+                                         "set tasks.blurry to 0 or cut the classes into more tasks")
+    positions, leaked = blur_positions(data.y_train, tasks, positions, blurry, seed)
     for t, classes in enumerate(tasks):
-        pos = np.flatnonzero(np.isin(data.y_train, classes)).astype(np.int64)
+        pos = positions[t]
         recv = receivers(schedule, t)  # only clients that learn task t get its samples
         if not recv:
             raise FieldError(
@@ -197,13 +218,16 @@ def build_stream(scenario: "Scenario") -> FederatedStream:
             per_client[c] = pos[p]
         train_indices.append(per_client)
         test_indices.append(np.flatnonzero(np.isin(data.y_test, classes)).astype(np.int64))
-    return FederatedStream(data, order, tasks, train_indices, test_indices, schedule)
+    return FederatedStream(data, order, tasks, train_indices, test_indices, schedule, leaked)
 
 
 def procedural_stream(scenario: "Scenario", data: ProceduralDataset, order: list[int], tasks: list[list[int]],
                       schedule: np.ndarray) -> ProceduralStream:
     """The stream of a procedural source: the layout only (no client's samples exist yet)."""
     part = scenario.clients.partition
+    if float(getattr(scenario.tasks, "blurry", 0.0)) > 0:
+        raise FieldError("tasks.blurry", "moves samples of a finite dataset between tasks; dataset.source: procedural "
+                                         "generates each client's task data from its own mixture: set tasks.blurry to 0")
     if part.scheme not in ("iid", "dirichlet"):
         raise FieldError(
             "clients.partition.scheme",

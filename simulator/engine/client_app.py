@@ -138,7 +138,8 @@ def _task_indices(rt: Runtime, objective, task: int, pid: int) -> np.ndarray:
 def _task_data(rt: Runtime, objective, pid: int, task: int, seen: list[int], memory_classes=()):
     idx = _task_indices(rt, objective, task, pid)
     d = rt.stream.dataset
-    return mechanisms.task_data(d.x_train[idx], d.y_train[idx], rt.stream.tasks[task], seen, d.num_classes,
+    # the task's classes include those of the next task that leaked into it (tasks.blurry)
+    return mechanisms.task_data(d.x_train[idx], d.y_train[idx], rt.stream.train_classes(task), seen, d.num_classes,
                                 objective.inference_prototypes(None), objective.train_loss, rt.device,
                                 rt.scenario.training.batch_size, memory_classes, rt.stream.tasks)
 
@@ -379,7 +380,7 @@ def _train_request(rt: Runtime, pid: int, task: int, rnd: int, state: dict, mode
     stack.prepare(model, rt.device)
     return TrainRequest(
         model, x, y, tcfg,
-        seen_classes=objective.train_classes(stack.train_classes(seen)),
+        seen_classes=objective.train_classes(stack.train_classes(with_leaked(rt.stream, seen, y))),
         num_classes=rt.stream.dataset.num_classes,
         known=objective.known_prototypes(),
         teacher=teacher,
@@ -389,6 +390,19 @@ def _train_request(rt: Runtime, pid: int, task: int, rnd: int, state: dict, mode
         private=private_training(s, rt.stream.num_tasks, pid=pid, task=task, rnd=rnd),  # weight sharing under DP
         hooks_have_losses=type(objective).adds_own_loss() or bool(stack),
     )
+
+
+def with_leaked(stream, seen: list[int], y: np.ndarray) -> list[int]:
+    """``seen`` and, after it, every class of ``y`` that reached this client before its own task
+    (``tasks.blurry``: samples of the next task's classes in the current task's data, or in a
+    replay memory filled from it): those labels are trained on, so the head's cross-entropy must
+    range over them. The classes the evaluation predicts among stay ``seen``. Unchanged without
+    blurry boundaries."""
+    early = stream.leaked_classes()
+    if not early:
+        return seen
+    have = set(seen)
+    return list(seen) + [int(c) for c in np.unique(y) if int(c) in early and int(c) not in have]
 
 
 def _upload(rt: Runtime, model, objective, x: np.ndarray, y: np.ndarray, private: PrototypeSet | None):
@@ -408,7 +422,7 @@ def _release_classes(rt: Runtime, task: int | None, stale: bool) -> list[int]:
     """The classes a client's DP release covers this round, from the public schedule alone: its
     task's classes when it learns one (none for a STALE client: under DP it keeps no replay
     memory, so it holds nothing, and everyone knows it)."""
-    return [] if task is None or stale else [int(c) for c in rt.stream.tasks[task]]
+    return [] if task is None or stale else rt.stream.train_classes(task)
 
 
 def _withhold_under_dp(reply: Message, scenario, *, released: bool, sgd_steps: int | None) -> Message:
