@@ -136,6 +136,7 @@ def test_runs_on_both_engines_and_clients_csv_lists_who_took_part(tmp_path):
     clients = pd.read_csv(tmp_path / "inline" / "clients.csv")
     took_part = sorted(set(clients["client"]))
     assert 0 < len(took_part) < 200 and len(clients) == 3 * len(took_part)
+    assert outs["inline"].summary["clients_took_part"] == len(took_part)
     stream = _stream()
     for row in clients.itertuples():  # each row as the stream derives it
         y = stream.client_data(row.task, row.client)[1]

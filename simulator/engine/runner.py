@@ -420,6 +420,10 @@ class _Run:
         rec, writer = self.rec, self.writer
         summary = _summary(self.scenario, rec, self.engine, self.wall(), completed, self.stream.tasks)
         summary["small_batch_client_tasks"] = self.small
+        from ..data.stream import ProceduralStream
+
+        if isinstance(self.stream, ProceduralStream):  # the population is never listed; those who trained are counted
+            summary["clients_took_part"] = len(runtime_for(self.setup).store.ids())
         summary["retries"] = sum(1 for f in rec.failures if f.kind == INFRASTRUCTURE)  # simulator/engine/retry.py
         if rec.rows:
             writer.write_metrics(rec.rows)
