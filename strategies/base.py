@@ -12,6 +12,7 @@ sums do not depend on arrival order), and holding the global prototypes and weig
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, ClassVar, Iterable, Literal, Union
 
@@ -75,7 +76,7 @@ class RunInfo:
     participation: float
     num_classes: int
     embedding_dim: int
-    partitions: dict[int, int] = field(default_factory=dict)  # partition id -> node id
+    partitions: Mapping[int, int] = field(default_factory=dict)  # partition id -> node id (computed, not a dict, at scale)
     eval_subset: list[int] | None = None  # the clients evaluated all run long, drawn once by the engine (None: all)
     # for strategies that run the model on the server (target): a fresh model as the clients
     # build it, and the shape of one input sample

@@ -173,3 +173,12 @@ def test_a_million_clients_is_a_valid_scenario():
     path = Path(__file__).resolve().parents[1] / "scenarios" / "scale_1m_clients.yaml"
     sc = validate_scenario(yaml.safe_load(path.read_text()))
     assert sc.clients.num_clients == 1_000_000 and sc.dataset.source == "procedural"
+
+
+def test_node_ids_are_computed_not_stored():
+    from simulator.engine.node_ids import OffsetIds
+
+    nodes = OffsetIds(5)
+    assert nodes == {p: p + 1 for p in range(5)} and nodes.inverse() == {p + 1: p for p in range(5)}
+    assert nodes.get(5) is None and nodes.inverse().get(0, -1) == -1 and sorted(nodes) == [0, 1, 2, 3, 4]
+    assert len(pickle.dumps(OffsetIds(15_000_000))) < 200

@@ -169,11 +169,15 @@ class CohortGrid(KeptReplies, Grid):
     def get_node_ids(self) -> Iterable[int]:
         return [virtual_node(p) for p in range(self.num_clients)]
 
-    def partitions(self) -> dict[int, int]:
+    def partitions(self) -> "OffsetIds":
         """Client id -> its node, known by construction: the engine's nodes only need to be up
         (asking 10,000 simulated clients for their ids would cost a full exchange)."""
+        from .node_ids import OffsetIds
+
         self._real_nodes()
-        return {p: virtual_node(p) for p in range(self.num_clients)}
+        nodes = OffsetIds(self.num_clients)
+        assert nodes[0] == virtual_node(0)  # the rule virtual_node applies
+        return nodes
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._keep(self.send_and_receive(list(messages)), "cohort-reply")

@@ -4,6 +4,7 @@ the grid delivers the messages, the strategy merges the replies; then evaluation
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -27,7 +28,7 @@ from .runtime import RunSetup, runtime_for
 
 
 
-def discover_partitions(grid: Grid, num_clients: int) -> dict[int, int]:
+def discover_partitions(grid: Grid, num_clients: int) -> Mapping[int, int]:
     """Wait for every node, then ask each one for its partition id (node ids are random).
     Under cohorts and on the inline engine the grid knows the mapping
     (:meth:`CohortGrid.partitions`, :meth:`InlineGrid.partitions`)."""
@@ -68,11 +69,12 @@ class Delivery:
     again (up to ``MAX_DELIVERIES`` times), everything else is an unexpected error whose first
     traceback is shown once. Each failure becomes a row of ``failures.csv``."""
 
-    def __init__(self, grid: Grid, scenario, recorder: RunRecorder, partitions: dict[int, int]) -> None:
+    def __init__(self, grid: Grid, scenario, recorder: RunRecorder, partitions: Mapping[int, int]) -> None:
         self.grid = grid
         self.scenario = scenario
         self.recorder = recorder
-        self.pid_of = {node: pid for pid, node in partitions.items()}
+        inverse = getattr(partitions, "inverse", None)  # computed under the inline grid and cohorts
+        self.pid_of = inverse() if inverse is not None else {node: pid for pid, node in partitions.items()}
 
     def exchange(self, msgs: list[Message], phase: str, task: int, rnd: int, server_round: int) -> tuple[list[Message], dict[str, int]]:
         pending = msgs
