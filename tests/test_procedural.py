@@ -182,3 +182,39 @@ def test_node_ids_are_computed_not_stored():
     assert nodes == {p: p + 1 for p in range(5)} and nodes.inverse() == {p + 1: p for p in range(5)}
     assert nodes.get(5) is None and nodes.inverse().get(0, -1) == -1 and sorted(nodes) == [0, 1, 2, 3, 4]
     assert len(pickle.dumps(OffsetIds(15_000_000))) < 200
+
+
+def _fake_bench(folder, clients: int, setup: float, rounds: list[float], pss: float) -> None:
+    import json
+
+    folder.mkdir(parents=True)
+    engines = {}
+    for engine in ("inline", "ray"):
+        (folder / engine).mkdir()
+        prof = {"driver": {"prepare": setup, "ray_init": 0.0}, "rounds": [{"train_exchange": r} for r in rounds]}
+        (folder / engine / "profile.json").write_text(json.dumps(prof))
+        engines[engine] = {"wall_seconds": sum(rounds) + setup, "peak_pss_bytes": pss * 1e9}
+    (folder / "bench.json").write_text(json.dumps({"num_clients": clients, "engines": engines}))
+
+
+def test_the_population_table_takes_medians_and_projects_a_least_squares_line(tmp_path):
+    """docs/scale_experiments.py (the table and figure of docs/performance.md) against numpy."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "scale_experiments.py"
+    spec = importlib.util.spec_from_file_location("scale_experiments", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    folders = []
+    for clients, setups in ((10_000, (1.0, 5.0, 2.0)), (100_000, (2.0, 3.0, 9.0)), (1_000_000, (4.0, 4.5, 30.0))):
+        for i, setup in enumerate(setups):
+            folders.append(tmp_path / f"{clients}-{i}")
+            _fake_bench(folders[-1], clients, setup, [9.0, 1.0 + i, 2.0, 3.0], 0.5 + clients / 1e6)
+    rows = mod.medians(folders)
+    assert [r["clients"] for r in rows] == [10_000, 100_000, 1_000_000]
+    assert [r["inline_setup"] for r in rows] == [2.0, 3.0, 4.5]  # medians of the three
+    assert rows[0]["inline_round"] == 2.0  # the first round (actors starting) left out, then the median
+    slope, intercept = np.polyfit([10_000, 100_000, 1_000_000], [2.0, 3.0, 4.5], 1)
+    assert mod.projection(rows, "inline_setup") == pytest.approx(slope * 15_000_000 + intercept)
+    assert "15,000,000 (projected, linear)" in mod.table(rows)
