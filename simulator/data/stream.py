@@ -165,15 +165,24 @@ class ProceduralStream(FederatedStream):
         return per_client.learns.astype(np.int64) * per_client.size
 
     def summary_rows(self, clients: Sequence[int] | None = None) -> list[dict]:
-        """Rows of ``clients`` only (the population's would be millions): by default none."""
-        rows: list[dict] = []
+        """Rows of ``clients`` only (the population's would be millions): by default none. A
+        client's rows never change, so each is derived once (``clients.csv`` is rewritten at
+        every task's end with the clients that took part so far)."""
+        known: dict[tuple[int, int], dict] = self.__dict__.setdefault("_rows", {})
+        wanted = sorted(int(c) for c in (clients or ()))
         blocks = self.dataset.blocks
         for t in range(self.num_tasks):
+            new = [c for c in wanted if (t, c) not in known]
+            if not new:
+                continue
             step, sizes = self._steps(t), self.task_sizes(t)
-            for client in sorted(int(c) for c in (clients or ())):
+            for client in new:
                 ids = np.unique(blocks.labels(client, t)) if sizes[client] else np.zeros(0, np.int64)
-                rows.append(_row(t, client, int(step[client]), int(sizes[client]), ids))
-        return rows
+                known[t, client] = _row(t, client, int(step[client]), int(sizes[client]), ids)
+        return [known[t, c] for t in range(self.num_tasks) for c in wanted]
+
+    def __getstate__(self) -> dict:  # the rows stay with the driver (Ray actors never write clients.csv)
+        return {k: v for k, v in self.__dict__.items() if k != "_rows"}
 
 
 def build_stream(scenario: "Scenario") -> FederatedStream:
