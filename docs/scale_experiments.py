@@ -11,10 +11,15 @@ figures (three invocations per population, interleaved, i = 1, 2, 3)::
     OMP_NUM_THREADS=1 protofed bench scenarios/scale_1m_clients.yaml --set clients.num_clients=100000 \\
         --set clients.participation=0.003 --out C<i>
     OMP_NUM_THREADS=1 protofed bench scenarios/scale_1m_clients.yaml --out D<i>   # 1,000,000 clients
-    python docs/scale_experiments.py B1 B2 B3 C1 C2 C3 D1 D2 D3 --plot docs/scale_clients.png
+    OMP_NUM_THREADS=1 protofed bench scenarios/scale_10000_clients.yaml --set clients.participation=0.03 --out A<i>
+    OMP_NUM_THREADS=1 protofed bench scenarios/scale_1m_clients.yaml --set clients.num_clients=15000000 \\
+        --set clients.participation=0.00002 --out E   # once
+    python docs/scale_experiments.py B1 B2 B3 C1 C2 C3 D1 D2 D3 --reference A1 A2 A3 --extra E \\
+        --plot docs/scale_clients.png
 
 A round's time does not grow with the population, so only setup, memory and the whole wall time
-are projected; the projection is a straight line through the measured points.
+are projected, each only where its least-squares line rises (a falling line is noise around a
+constant: "-").
 """
 
 from __future__ import annotations
@@ -65,6 +70,12 @@ def projection(rows: list[dict], key: str) -> float:
     return my + slope * (PROJECT_TO - mx)
 
 
+def _shown(rows: list[dict], key: str) -> str:
+    """The projection, or "-" where the figure does not grow (a falling line through noise)."""
+    value, first = projection(rows, key), rows[0][key]
+    return f"{value:.2f}" if value > first else "-"
+
+
 def table(rows: list[dict]) -> str:
     head = ("| clients | setup inline (s) | setup Ray (s) | round inline (s) | round Ray (s) | wall Ray (s) "
             "| peak PSS inline (GB) | peak PSS Ray (GB) |\n|---|---|---|---|---|---|---|---|")
@@ -75,20 +86,21 @@ def table(rows: list[dict]) -> str:
     keys = ("inline_setup", "ray_setup", "ray_wall", "inline_pss_gb", "ray_pss_gb")
     if len(rows) < 2:
         return "\n".join(lines)
-    proj = {k: projection(rows, k) for k in keys}
-    lines.append(f"| {PROJECT_TO:,} (projected, linear) | {proj['inline_setup']:.2f} | {proj['ray_setup']:.2f} | "
-                 f"- | - | {proj['ray_wall']:.1f} | "
-                 f"{proj['inline_pss_gb']:.2f} | {proj['ray_pss_gb']:.2f} |")
+    proj = {k: _shown(rows, k) for k in keys}
+    lines.append(f"| {PROJECT_TO:,} (projected, linear) | {proj['inline_setup']} | {proj['ray_setup']} | - | - | "
+                 f"{proj['ray_wall']} | {proj['inline_pss_gb']} | {proj['ray_pss_gb']} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, reference: dict | None = None, extra: list[dict] = ()) -> None:
+    """Three panels against the population; ``reference`` (scale_10000_clients at the same clients
+    per round) as a dashed level, ``extra`` (populations measured outside the fit) as stars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     panels = (("setup", "setup before the first round (s)"), ("round", "one round, 300 clients (s)"),
               ("pss_gb", "peak memory, PSS of the process tree (GB)"))
     xs = [r["clients"] for r in rows]
@@ -96,14 +108,20 @@ def plot(rows: list[dict], path: Path) -> None:
         for engine, colour in (("inline", "tab:blue"), ("ray", "tab:orange")):
             k = f"{engine}_{key}"
             ax.plot(xs, [r[k] for r in rows], "o-", color=colour, label=engine)
-            if key != "round":  # a round does not grow with the population: nothing to project
+            if key != "round" and _shown(rows, k) != "-":  # only a rising line is projected
                 ax.plot([xs[-1], PROJECT_TO], [rows[-1][k], projection(rows, k)], ":", color=colour)
+            for r in extra:
+                ax.plot([r["clients"]], [r[k]], "*", ms=12, color=colour)
+            if reference is not None and key == "round":
+                ax.axhline(reference[k], ls="--", lw=1, color=colour)
         ax.set_xscale("log")
         ax.set_xlabel("clients in the population")
         ax.set_title(title, fontsize=10)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0].legend(title="engine (dotted: linear projection to 15M)", fontsize=8, title_fontsize=8)
+    axes[0].legend(title="dotted: linear projection to 15M\nstars: measured outside the fit", fontsize=8, title_fontsize=8)
+    if reference is not None:
+        axes[1].text(0.02, 0.04, "dashed: scale_10000_clients at 300 clients per round", transform=axes[1].transAxes, fontsize=8)
     fig.suptitle("scale_1m_clients at 10k, 100k and 1M clients (procedural source, 300 clients per round; "
                  "medians of 3 protofed bench runs)", fontsize=10)
     fig.tight_layout()
@@ -114,11 +132,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="protofed bench output folders")
     parser.add_argument("--plot", type=Path, help="write the figure here")
+    parser.add_argument("--reference", nargs="*", type=Path, default=[],
+                        help="bench folders of scale_10000_clients at the same clients per round (a dashed level)")
+    parser.add_argument("--extra", nargs="*", type=Path, default=[], help="bench folders shown as stars, outside the fit")
     args = parser.parse_args()
     rows = medians(args.folders)
     print(table(rows))
+    reference = medians(args.reference)[0] if args.reference else None
+    extra = medians(args.extra) if args.extra else []
+    for label, more in (("reference", [reference] if reference else []), ("outside the fit", extra)):
+        if more:
+            print(f"\n{label}:\n" + "\n".join(table(more).splitlines()[2:]))
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, reference, extra)
 
 
 if __name__ == "__main__":
