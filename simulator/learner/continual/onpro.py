@@ -43,8 +43,13 @@ Deviations from the official code (each changes what is computed):
   std(x) * eps`` with ``s ~ U(1 - augment_scale, 1 + augment_scale)`` per sample and ``eps`` standard
   normal (``std``: of the whole batch);
 * OCM's instance-wise contrastive loss (``ins_loss``), which the official total also contains, is
-  not part of either mechanism and is left out; so is the official cross-entropy on an augmented
-  view of the batch (the strategy's own task loss on the batch takes its place);
+  not part of either mechanism and is left out; so is the official cross-entropy, which is taken
+  on an augmented view of the incoming batch in the first task and, after it, on the (APF-mixed)
+  buffer samples only: here the strategy's own task loss covers the stream and the replayed
+  samples alike, un-augmented;
+* the memory is protofed's (filled at the end of a task, ``continual.memory_per_class``), not a
+  reservoir buffer updated every step, so during the first task there is nothing to replay and
+  OPE has no "seen" term (officially the buffer batch gives one from the second step on);
 * OPE's two groups: officially the incoming batch and a separate buffer batch (which, filled by
   reservoir sampling, holds current-task samples too); here the one mixed batch of the loop split
   by class (old classes vs the rest), so current-task classes never enter the "seen" term;
