@@ -282,6 +282,27 @@ class PrdConfig(Strict):
     distill_temperature: float = Field(2.0, gt=0.0, le=1e3, description="temperature of the relation distillation, one softmax per old task (official distill_temp, default 2)")
 
 
+class OpeConfig(Strict):
+    weight: float = Field(1.0, ge=0.0, le=1e6, description="weight of the two prototype contrastive terms (new classes, old classes); officially 1")
+    temperature: float = Field(0.5, gt=0.0, le=1e3, description="temperature of the contrastive loss between the batch's prototypes (official proto_t, default 0.5)")
+    augment_noise: float = Field(0.1, ge=0.0, le=10.0, description="second view: Gaussian noise, as a share of the batch's input standard deviation (replaces the official image augmentations)")
+    augment_scale: float = Field(0.2, ge=0.0, lt=1.0, description="second view: each sample multiplied by a factor drawn uniformly in [1 - augment_scale, 1 + augment_scale]")
+
+
+class ApfConfig(Strict):
+    base_rate: float = Field(0.75, ge=0.0, le=1.0, description="share of the replayed samples drawn uniformly from the memory (official mixup_base_rate, default 0.75); the rest comes from class pairs chosen by softmax(1 / prototype distance)")
+    mixup_p: float = Field(0.6, ge=0.0, le=1.0, description="probability of mixing a uniformly drawn sample with another one, and a pair's samples with each other (official mixup_p, default 0.6)")
+    mixup_lower: float = Field(0.0, ge=0.0, le=1.0, description="lower bound of the uniform mixing weight of the uniformly drawn samples (official mixup_lower, default 0)")
+    mixup_upper: float = Field(0.6, ge=0.0, le=1.0, description="upper bound of that weight (official mixup_upper, default 0.6)")
+    mixup_alpha: float = Field(0.4, gt=0.0, le=1e3, description="Beta(alpha, alpha) mixing weight of the pairs' samples (official mixup_alpha, default 0.4)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ApfConfig":
+        if self.mixup_lower > self.mixup_upper:
+            raise ValueError(f"mixup_lower ({self.mixup_lower}) is above mixup_upper ({self.mixup_upper})")
+        return self
+
+
 class TeenConfig(Strict):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="share of the calibration towards the base classes' prototypes")
     tau: float = Field(16.0, gt=0.0, le=1e4, description="scale of the cosine similarities in the softmax weights")
@@ -300,6 +321,8 @@ class ContinualConfig(Strict):
     lwf: LwfConfig | None = Field(None, description="Learning without Forgetting, e.g. {weight: 1.0, temperature: 2.0} (fedavg + lwf = FedLwF)")
     ewc: EwcConfig | None = Field(None, description="online EWC with the diagonal empirical Fisher, e.g. {weight: 1000.0} (fedavg + ewc = FedEWC)")
     prd: PrdConfig | None = Field(None, description="prototype-sample relation distillation (Asadi et al. 2023), e.g. {weight: 1.0, temperature: 0.2, distill_weight: 1.0, distill_temperature: 2.0}")
+    ope: OpeConfig | None = Field(None, description="OnPro's online prototype equilibrium (Wei et al. 2023): a contrastive loss between the prototypes of the batch's classes in two views, new and old classes apart, e.g. {weight: 1.0, temperature: 0.5}")
+    apf: ApfConfig | None = Field(None, description="OnPro's adaptive prototypical feedback: the replayed memory samples of an online round drawn partly from pairs of classes whose prototypes are close, with mixup; needs tasks.online and a memory, e.g. {base_rate: 0.75}")
     teen: TeenConfig | None = Field(None, description="TEEN calibration, at inference only, of the non-base classes' prototypes towards the base (first task's) ones, e.g. {alpha: 0.5, tau: 16}")
 
 

@@ -10,7 +10,9 @@ rather than paired batch by batch), so a client whose stream is spent, or that g
 classes, takes no step: replaying the memory alone for the rest of a task would train away the
 task being learned (measured on the quickstart: the new task's accuracy at its end fell to 0.00
 - 0.12 when spent clients kept training on their memory). The memory is filled at the task's end
-from the samples the client has seen, as in the offline mode.
+from the samples the client has seen, as in the offline mode. ``continual.apf`` (OnPro's adaptive
+prototypical feedback, :mod:`simulator.learner.continual.onpro`) replaces the uniform draw with
+one biased towards pairs of classes whose prototypes are close, mixed.
 """
 
 from __future__ import annotations

@@ -290,17 +290,10 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
     if stale and task is not None and continual:
         _remember(rt, pid, state, task, model)  # its task is over: what it keeps of it is its memory
 
-    data = rt.stream.dataset
     no_data = np.zeros(0, np.int64)
     task_idx = _task_indices(rt, objective, task, pid) if task is not None and not stale else no_data
     mem_idx = memory_indices(state["memory"]) if continual else no_data
-    if (online := rt.scenario.tasks.online) is not None:  # this round's batches of the stream, and as many replayed:
-        # a client whose stream is spent (or that gets no new classes) takes no step
-        task_idx = online_data.round_slice(task_idx, rt.scenario.seed, pid, task or 0, rnd, online.batch_size,
-                                           online.communicate_every)
-        mem_idx = online_data.replay_sample(mem_idx, rt.scenario.seed, pid, task or 0, rnd, len(task_idx))
-    all_idx = np.concatenate([task_idx, mem_idx])
-    x, y = data.x_train[all_idx], data.y_train[all_idx]
+    x, y = _round_data(rt, pid, task, rnd, task_idx, mem_idx, stack, model)
     lap("task_bookkeeping")
     if len(y) == 0:
         return _empty_reply(rt, msg, context, pid, state, task, stale, rnd, server_round, model, objective, x, y)
@@ -332,6 +325,28 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
                    num_examples=int(len(y)))  # the samples it trained on: task + replay memory (a STALE client: its memory)
     return _withhold_under_dp(reply, s, released=private is not None,
                               sgd_steps=None if dp_sgd is None else int(stats.steps))
+
+
+def _round_data(rt: Runtime, pid: int, task: int | None, rnd: int, task_idx: np.ndarray, mem_idx: np.ndarray,
+                stack, model) -> tuple[np.ndarray, np.ndarray]:
+    """The samples this round trains on: the task's and the replay memory's; under
+    ``tasks.online`` this round's batches of the stream and as many replayed (drawn uniformly,
+    or made by a mechanism that chooses them: ``continual.apf``). A client whose stream is spent
+    (or that gets no new classes) takes no step."""
+    data = rt.stream.dataset
+    if (online := rt.scenario.tasks.online) is not None:
+        seed = rt.scenario.seed
+        task_idx = online_data.round_slice(task_idx, seed, pid, task or 0, rnd, online.batch_size,
+                                           online.communicate_every)
+        if stack and len(mem_idx) and len(task_idx):
+            chosen = stack.replay(model, data.x_train[mem_idx], data.y_train[mem_idx], len(task_idx),
+                                  rng(seed, "online_apf", pid, task or 0, rnd), rt.device)
+            if chosen is not None:
+                return (np.concatenate([data.x_train[task_idx], chosen[0]]),
+                        np.concatenate([data.y_train[task_idx], chosen[1]]))
+        mem_idx = online_data.replay_sample(mem_idx, seed, pid, task or 0, rnd, len(task_idx))
+    all_idx = np.concatenate([task_idx, mem_idx])
+    return data.x_train[all_idx], data.y_train[all_idx]
 
 
 def _empty_reply(rt: Runtime, msg: Message, context: Context, pid: int, state: dict, task: int | None, stale: bool,
@@ -377,7 +392,7 @@ def _train_request(rt: Runtime, pid: int, task: int, rnd: int, state: dict, mode
         distill_weight=s.continual.feature_distillation if continual else 0.0,
     )
     objective.before_training(model, x, y)
-    stack.prepare(model, rt.device)
+    stack.prepare(model, rt.device, derive_seed(s.seed, "client_continual", pid, task, rnd))
     return TrainRequest(
         model, x, y, tcfg,
         seen_classes=objective.train_classes(stack.train_classes(with_leaked(rt.stream, seen, y))),

@@ -188,10 +188,19 @@ def _check_privacy(scenario: Scenario, num_tasks: int, source: str) -> None:
 
 def check_online(scenario: Scenario, source: str) -> None:
     """``tasks.online`` is a single pass: one local epoch; and no DP (its accounting assumes
-    the offline sampling of every sample at every round)."""
-    if scenario.tasks.online is None:
-        return
+    the offline sampling of every sample at every round). ``continual.apf`` chooses what an
+    online round replays: it needs ``tasks.online`` and a replay memory."""
     problems = []
+    if scenario.continual.apf is not None:
+        if scenario.tasks.online is None:
+            problems.append(Problem("continual.apf", "chooses the memory samples an online round replays: it needs "
+                                    "tasks.online (e.g. {batch_size: 10, communicate_every: 5})"))
+        elif scenario.continual.memory_per_class <= 0:
+            problems.append(Problem("continual.apf", "replays from the replay memory: set continual.memory_per_class > 0"))
+    if scenario.tasks.online is None:
+        if problems:
+            raise UserError(source, problems)
+        return
     if scenario.training.local_epochs != 1:
         problems.append(Problem("training.local_epochs", f"is {scenario.training.local_epochs}; tasks.online sees each sample "
                                 "once: set it to 1"))

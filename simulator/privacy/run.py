@@ -70,6 +70,10 @@ def dp_sgd_problems(scenario, strategy_cls, params) -> list[Problem]:
             out.append(Problem("continual.prd", (
                 "PRD's supervised contrastive term compares each sample with the others of its batch, so per-sample "
                 "clipping (DP-SGD) does not bound one sample's influence; leave it out under DP (lwf works)")))
+        if c.ope is not None:
+            out.append(Problem("continual.ope", (
+                "OPE contrasts the prototypes of the batch's classes, each the mean of several samples, so per-sample "
+                "clipping (DP-SGD) does not bound one sample's influence; leave it out under DP")))
     return out
 
 

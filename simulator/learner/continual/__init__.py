@@ -1,6 +1,7 @@
 """Continual-learning mechanisms as plugins on the one local training loop.
 
-One module per mechanism (:mod:`.lwf`, :mod:`.ewc`, :mod:`.prd`, :mod:`.teen`; exemplar choice
+One module per mechanism (:mod:`.lwf`, :mod:`.ewc`, :mod:`.prd`, :mod:`.teen`, OnPro's OPE and
+APF in :mod:`.onpro`; exemplar choice
 in :mod:`.memory`), each a :class:`~.base.ContinualPlugin`. :func:`build_stack` composes the
 mechanisms a scenario's ``continual:`` section turns on into a :class:`ContinualStack`, which is
 the only thing the client handler talks to: it calls :meth:`ContinualStack.task_change` when the
@@ -26,11 +27,12 @@ from .base import ContinualPlugin, OldOutputs, TaskData
 from .ewc import EWC
 from .lwf import LwF
 from .memory import herding_order, select_memory
+from .onpro import APF, OPE
 from .prd import PRD
 from .teen import TEEN
 
 # scenario key under ``continual:`` -> plugin class (built with that section's fields as keywords)
-MECHANISMS: dict[str, type[ContinualPlugin]] = {"lwf": LwF, "ewc": EWC, "prd": PRD, "teen": TEEN}
+MECHANISMS: dict[str, type[ContinualPlugin]] = {"lwf": LwF, "ewc": EWC, "prd": PRD, "ope": OPE, "apf": APF, "teen": TEEN}
 
 
 class ContinualStack:
@@ -63,8 +65,11 @@ class ContinualStack:
             p.on_task_start(model, started)
 
     # ---- the training loop's hooks
-    def prepare(self, model: ProtoModel, device: str | torch.device) -> None:
-        """Build the task-start model for this training call (before ``train_local``)."""
+    def prepare(self, model: ProtoModel, device: str | torch.device, seed: int = 0) -> None:
+        """Build the task-start model for this training call (before ``train_local``) and tell
+        every mechanism that the call starts (``seed``: the call's own)."""
+        for p in self.plugins:
+            p.before_training(model, seed)
         self._old_model = None
         if self.old_state is not None:
             old = copy.deepcopy(model)
@@ -75,6 +80,8 @@ class ContinualStack:
             self._old_model = old
 
     def before_batch(self, inputs: torch.Tensor) -> None:
+        for p in self.plugins:
+            p.before_batch(inputs)
         self._old = None
         if self._old_model is not None:
             with torch.no_grad():
@@ -102,6 +109,16 @@ class ContinualStack:
         for p in self.plugins:
             protos = p.inference_prototypes(protos, base)
         return protos
+
+    def replay(self, model: ProtoModel, x: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generator,
+               device: str | torch.device) -> tuple[np.ndarray, np.ndarray] | None:
+        """The memory samples an online round replays, as the first mechanism that chooses them
+        (APF) makes them from the memory ``(x, y)``; None: the uniform draw."""
+        for p in self.plugins:
+            chosen = p.replay(model, x, y, size, rng, device)
+            if chosen is not None:
+                return chosen
+        return None
 
     def train_classes(self, seen: Sequence[int]) -> list[int]:
         """The classes the head's cross-entropy ranges over (the seen ones unless a mechanism narrows them)."""

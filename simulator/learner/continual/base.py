@@ -14,6 +14,13 @@ A mechanism is an object with
   at evaluation (TEEN), never the ones uploaded or trained towards;
 * ``train_classes(seen)`` - may narrow the classes the head's cross-entropy ranges over (LwF,
   EWC: :func:`narrowed_ce_classes`);
+* ``before_training(model, seed)`` - a training call (one round) starts; ``seed`` is that call's
+  own, for mechanisms that draw random numbers (OPE's second view);
+* ``before_batch(inputs)`` - the inputs of the batch whose features ``extra_loss`` gets next (OPE
+  runs the model on a second view of them);
+* ``replay(model, x, y, size, rng, device)`` - may choose the memory samples an online round
+  replays (APF): returns ``(x, y)`` of ``size`` rows made from the memory ``(x, y)``, or None to
+  keep the uniform draw;
 * ``state_dict()`` / ``load_state_dict()`` - kept in the client state store between rounds.
 
 ``old`` is the one deviation from DESIGN's four-argument ``extra_loss``: distillation needs the
@@ -86,6 +93,16 @@ class ContinualPlugin:
         return None
 
     def on_task_end(self, model: ProtoModel, data: TaskData) -> None:
+        return None
+
+    def before_training(self, model: ProtoModel, seed: int) -> None:
+        return None
+
+    def before_batch(self, inputs: torch.Tensor) -> None:
+        return None
+
+    def replay(self, model: ProtoModel, x: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generator,
+               device: str | torch.device) -> tuple[np.ndarray, np.ndarray] | None:
         return None
 
     def inference_prototypes(self, protos: PrototypeSet, base_classes: list[int]) -> PrototypeSet:
