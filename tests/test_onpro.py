@@ -67,7 +67,7 @@ def test_ope_plugin_adds_one_term_per_group_on_a_second_view():
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     feats = model(x)
     ope.before_batch(x)
-    got = float(ope.extra_loss(feats, y, None, model, None))
+    got = float(ope.extra_loss(feats, y, None, model, None).detach())
     want = sum(float(ope_loss(feats[m], feats[m], y[m], 0.5)) for m in (y < 2, y >= 2))
     assert got == pytest.approx(2.0 * want, rel=1e-5)
     assert ope.extra_loss(feats, y, None, model, None) is None  # the inputs are used once
