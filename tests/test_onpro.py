@@ -68,7 +68,7 @@ def test_ope_plugin_adds_one_term_per_group_on_a_second_view():
     feats = model(x)
     ope.before_batch(x)
     got = float(ope.extra_loss(feats, y, None, model, None).detach())
-    want = sum(float(ope_loss(feats[m], feats[m], y[m], 0.5)) for m in (y < 2, y >= 2))
+    want = sum(float(ope_loss(feats[m], feats[m], y[m], 0.5).detach()) for m in (y < 2, y >= 2))
     assert got == pytest.approx(2.0 * want, rel=1e-5)
     assert ope.extra_loss(feats, y, None, model, None) is None  # the inputs are used once
     ope2 = OPE(augment_noise=0.1, augment_scale=0.2)
