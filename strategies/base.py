@@ -101,6 +101,23 @@ def _stats_state(s: SecondOrderStats) -> tuple:
     return (s.classes, s.counts, s.sums, s.squares, s.raw_sums)
 
 
+def _present_ids(partitions: Mapping[int, int], available: list[int] | None) -> list[int]:
+    """The partition ids that are ``available``, ascending. With ids ``0..n-1`` (the engine's
+    computed node map) and ``available`` ascending, a filter of ``available`` gives the same list
+    with array operations (the general path takes seconds at 15,000,000 clients)."""
+    from simulator.engine.node_ids import OffsetIds
+
+    if available is not None and isinstance(partitions, OffsetIds) and partitions.start == 0:
+        avail = np.asarray(available, dtype=np.int64)
+        if len(avail) < 2 or bool(np.all(np.diff(avail) > 0)):
+            return avail[(avail >= 0) & (avail < partitions.n)].tolist()
+    pids = sorted(partitions)
+    if available is None:
+        return pids
+    present = set(available)  # once: rebuilding it per client made this quadratic (19 s a run at 10,000 clients)
+    return [p for p in pids if p in present]
+
+
 class FederatedStrategy(Strategy):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -206,10 +223,7 @@ class FederatedStrategy(Strategy):
         cached = getattr(self, "_present", None)
         if cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1]:
             return cached[1]
-        pids = sorted(self.run.partitions)
-        if self.available is not None:
-            present = set(self.available)  # once: rebuilding it per client made this quadratic (19 s a run at 10,000 clients)
-            pids = [p for p in pids if p in present]
+        pids = _present_ids(self.run.partitions, self.available)
         self._present = (key, pids, np.asarray(pids, dtype=np.int64))  # holds ``available`` itself: its identity cannot be reused
         return pids
 

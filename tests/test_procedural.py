@@ -218,3 +218,15 @@ def test_the_population_table_takes_medians_and_projects_a_least_squares_line(tm
     slope, intercept = np.polyfit([10_000, 100_000, 1_000_000], [2.0, 3.0, 4.5], 1)
     assert mod.projection(rows, "inline_setup") == pytest.approx(slope * 15_000_000 + intercept)
     assert "15,000,000 (projected, linear)" in mod.table(rows)
+
+
+def test_present_ids_take_the_array_path_with_the_same_answer():
+    from strategies.base import _present_ids
+    from simulator.engine.node_ids import OffsetIds
+
+    gen = np.random.default_rng(0)
+    for n in (1, 7, 1000):
+        nodes, as_dict = OffsetIds(n), {p: p + 1 for p in range(n)}
+        for available in (None, [], sorted(gen.choice(n, size=max(1, n // 3), replace=False).tolist()),
+                          list(range(n)), [n - 1, 0] if n > 1 else [0], [-1, 0, n]):
+            assert _present_ids(nodes, available) == _present_ids(as_dict, available), (n, available)

@@ -68,7 +68,7 @@ def build_schedule(clients, num_tasks: int, seed: int) -> np.ndarray:
 
 def receivers(schedule: np.ndarray, task: int) -> list[int]:
     """Clients that learn global task ``task`` at some step (its samples are split among them)."""
-    return sorted(int(c) for c in np.flatnonzero((schedule == task).any(axis=1)))
+    return np.flatnonzero((schedule == task).any(axis=1)).tolist()
 
 
 def seen_tasks(schedule: np.ndarray, step: int) -> list[int]:
@@ -78,4 +78,6 @@ def seen_tasks(schedule: np.ndarray, step: int) -> list[int]:
 
 
 def present(schedule: np.ndarray, step: int) -> list[int]:
-    return sorted(int(c) for c in np.flatnonzero(schedule[:, step] != ABSENT))
+    """Clients that have joined by ``step``, ascending (``tolist``: converting one by one took
+    seconds at 15,000,000 clients)."""
+    return np.flatnonzero(schedule[:, step] != ABSENT).tolist()

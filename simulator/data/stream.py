@@ -175,10 +175,13 @@ class ProceduralStream(FederatedStream):
             new = [c for c in wanted if (t, c) not in known]
             if not new:
                 continue
-            step, sizes = self._steps(t), self.task_sizes(t)
-            for client in new:
-                ids = np.unique(blocks.labels(client, t)) if sizes[client] else np.zeros(0, np.int64)
-                known[t, client] = _row(t, client, int(step[client]), int(sizes[client]), ids)
+            at_t = self.schedule[new] == t  # the new clients' rows only: the population's cost seconds at 15M
+            steps = np.where(at_t.any(axis=1), at_t.argmax(axis=1), -1)
+            learns = self.train_indices[t].learns[new]
+            for client, step, has in zip(new, steps.tolist(), learns.tolist()):
+                size = self.dataset.blocks.size if has else 0
+                ids = np.unique(blocks.labels(client, t)) if size else np.zeros(0, np.int64)
+                known[t, client] = _row(t, client, int(step), int(size), ids)
         return [known[t, c] for t in range(self.num_tasks) for c in wanted]
 
     def __getstate__(self) -> dict:  # the rows stay with the driver (Ray actors never write clients.csv)
