@@ -18,21 +18,15 @@ from simulator.scenario import validate_scenario
 
 
 def _raw(num_clients: int = 200, **over) -> dict:
-    raw = tiny(
-        dataset={"source": "procedural", "num_classes": 6, "dim": 8, "samples_per_client": 12,
-                 "test_samples_per_class": 30, "class_sep": 6.0},
-        clients={"num_clients": num_clients, "partition": {"scheme": "dirichlet", "alpha": 0.5},
-                 "participation": 0.05},
-        evaluation={"clients": 5, "open_world": False},
-        strategy={"name": "proto_avg", "params": {"share_weights": False}},
-    )
-    for key, value in over.items():
-        node = raw
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return raw
+    base = {
+        "dataset": {"source": "procedural", "num_classes": 6, "dim": 8, "samples_per_client": 12,
+                    "test_samples_per_class": 30, "class_sep": 6.0},
+        "clients": {"num_clients": num_clients, "partition": {"scheme": "dirichlet", "alpha": 0.5},
+                    "participation": 0.05},
+        "evaluation": {"clients": 5, "open_world": False},
+        "strategy": {"name": "proto_avg", "params": {"share_weights": False}},
+    }
+    return tiny(**{**base, **over})  # the sections first, then the overrides (section__key)
 
 
 def _stream(**over) -> ProceduralStream:
