@@ -439,7 +439,8 @@ class ResourcesConfig(Strict):
         "files",
         description="how client state is kept: one file per client, or one SQLite database (a transaction per save, one per cohort; "
         "checkpoints are snapshots through SQLite's backup API): no file per client for large populations. "
-        "On a multi-node Ray cluster both need resources.state_dir on a filesystem every node reaches, and SQLite also a working file lock there",
+        "SQLite is for one machine: its WAL journal needs every process on the same host, so on a multi-node Ray cluster use files, "
+        "with resources.state_dir on a filesystem every node reaches",
     )
     clients_per_call: Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"] = Field(
         "auto",
