@@ -122,7 +122,7 @@ def plot(rows: list[dict], path: Path, reference: dict | None = None, extra: lis
     axes[0].legend(title="dotted: linear projection to 15M\nstars: measured outside the fit", fontsize=8, title_fontsize=8)
     if reference is not None:
         axes[1].text(0.02, 0.04, "dashed: scale_10000_clients at 300 clients per round", transform=axes[1].transAxes, fontsize=8)
-    fig.suptitle("scale_1m_clients at 10k, 100k and 1M clients (procedural source, 300 clients per round; "
+    fig.suptitle("scale_1m_clients at 10k, 100k and 1M clients (procedural source, 300 clients per round; stars: 15M, one run; "
                  "medians of 3 protofed bench runs)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
