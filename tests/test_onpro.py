@@ -178,3 +178,15 @@ def test_online_run_with_both_mechanisms_completes(tmp_path, monkeypatch, strate
         assert np.isfinite(run.summary[key]), key
     assert np.isfinite(run.matrix[np.tril_indices(run.matrix.shape[0])]).all()
     assert calls and all(n > 0 for n in calls)  # APF chose the replay of the rounds after the first task
+
+
+def test_resume_with_both_mechanisms_and_blurry_boundaries_is_byte_identical(tmp_path, monkeypatch):
+    """OPE's state and APF's seeded replay are kept in the client state store: a run interrupted
+    after task 1 and resumed ends as the uninterrupted one (online, blurry boundaries on)."""
+    from helpers import interrupted_then_resumed
+
+    raw = tiny(tasks={**TASKS, "blurry": 0.2}, training=TRAINING,
+               continual={"memory_per_class": 3, "ope": {}, "apf": {}})
+    interrupted_then_resumed(raw, tmp_path, monkeypatch, out=None, plots=False)
+    for name in ("accuracy_matrix.csv", "client_metrics.csv"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes(), name
