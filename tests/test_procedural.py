@@ -224,3 +224,32 @@ def test_present_ids_take_the_array_path_with_the_same_answer():
         for available in (None, [], sorted(gen.choice(n, size=max(1, n // 3), replace=False).tolist()),
                           list(range(n)), [n - 1, 0] if n > 1 else [0], [-1, 0, n]):
             assert _present_ids(nodes, available) == _present_ids(as_dict, available), (n, available)
+
+
+@pytest.mark.parametrize("clients, tasks", [
+    ({"num_clients": 7}, {}),
+    ({"num_clients": 9, "arrival": {"initial_fraction": 0.4, "stale_fraction": 0.3}}, {}),
+    ({"num_clients": 5, "task_order": "per_client"}, {"blurry": 0.25}),
+])
+def test_an_iid_split_of_a_finite_dataset_is_computed_per_client_with_the_eager_arrays(clients, tasks):
+    """The iid split is held as one permutation and its bounds; each client's indices equal what
+    the eager split (partition_task, one array per client) gives, sizes included."""
+    from simulator import seeding
+    from simulator.data.partition import partition_task
+    from simulator.data.schedule import receivers
+    from simulator.data.stream import IidTaskIndices
+
+    raw = tiny(clients={**clients, "partition": {"scheme": "iid"}}, tasks={"initial_classes": 2, "classes_per_task": 2, **tasks})
+    sc = validate_scenario(raw)
+    stream = build_stream(sc)
+    for t in range(stream.num_tasks):
+        lazy = stream.train_indices[t]
+        assert isinstance(lazy, IidTaskIndices)
+        everyone = np.sort(np.concatenate(list(lazy)))
+        recv = receivers(stream.schedule, t)
+        parts = partition_task(stream.dataset.y_train[everyone], len(recv), sc.clients.partition,
+                               seeding.rng(sc.seed, "partition", t), t)
+        eager = {c: everyone[p] for c, p in zip(recv, parts)}
+        for c in range(sc.clients.num_clients):
+            assert np.array_equal(lazy[c], eager.get(c, np.zeros(0, np.int64))), (t, c)
+        assert stream.task_sizes(t).tolist() == [len(lazy[c]) for c in range(sc.clients.num_clients)]

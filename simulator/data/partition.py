@@ -64,16 +64,26 @@ def partition_task(
 
 
 # --------------------------------------------------------------------------- iid
-def _iid(n: int, num_clients: int, rng: np.random.Generator, task: int) -> np.ndarray:
+def iid_split(n: int, num_clients: int, rng: np.random.Generator, task: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(perm, bounds)``: client ``k`` of an iid split holds positions ``perm[bounds[k]:bounds[k+1]]``
+    (``np.array_split`` of one seeded permutation: the first ``n % num_clients`` clients one more)."""
     if num_clients > n:
         raise FieldError(
             "clients.num_clients",
             f"task {task} has only {n} training samples for {num_clients} clients; "
             "an iid split gives every client at least one (use fewer clients or more data)",
         )
+    perm = rng.permutation(n).astype(np.int64, copy=False)
+    base, extra = divmod(n, num_clients)
+    sizes = np.full(num_clients, base, dtype=np.int64)
+    sizes[:extra] += 1
+    return perm, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def _iid(n: int, num_clients: int, rng: np.random.Generator, task: int) -> np.ndarray:
+    perm, bounds = iid_split(n, num_clients, rng, task)
     owner = np.empty(n, dtype=np.int64)
-    for client, chunk in enumerate(np.array_split(rng.permutation(n), num_clients)):
-        owner[chunk] = client
+    owner[perm] = np.repeat(np.arange(num_clients, dtype=np.int64), np.diff(bounds))
     return owner
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from .. import seeding
 from ..errors import FieldError
 from .blurry import blur_positions
-from .partition import partition_task
+from .partition import iid_split, partition_task
 from .schedule import build_schedule, present, receivers, seen_tasks
 from .procedural import ProceduralDataset
 from .sources import ArrayDataset, load_dataset
@@ -94,6 +94,8 @@ class FederatedStream:
     def task_sizes(self, task: int) -> np.ndarray:
         """Training samples of each client in ``task`` (int64, one entry per client)."""
         per_client = self.train_indices[task]
+        if isinstance(per_client, IidTaskIndices):
+            return per_client.sizes()
         return np.fromiter((len(i) for i in per_client), dtype=np.int64, count=len(per_client))
 
     def summary_rows(self, clients: Sequence[int] | None = None) -> list[dict]:
@@ -153,6 +155,35 @@ class TaskIndices(Sequence):
             return np.zeros(0, dtype=np.int64)
         start = (client * self.num_tasks + self.task) * self.size
         return np.arange(start, start + self.size, dtype=np.int64)
+
+
+class IidTaskIndices(Sequence):
+    """``train_indices[task]`` of an iid split of a finite dataset: client -> its sample indices,
+    computed when asked for from one permutation and the split's bounds, instead of one array per
+    client of the population (``simulator.data.partition.iid_split``; the arrays are the ones the
+    eager split gives: ``tests/test_procedural.py``)."""
+
+    def __init__(self, pos: np.ndarray, perm: np.ndarray, bounds: np.ndarray, receivers: np.ndarray,
+                 num_clients: int) -> None:
+        self.pos, self.perm, self.bounds = pos, perm, bounds
+        self.part = np.full(num_clients, -1, dtype=np.int64)  # client -> its share (-1: learns no sample of the task)
+        self.part[receivers] = np.arange(len(receivers), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def __getitem__(self, client):  # type: ignore[override]
+        if isinstance(client, slice):
+            return [self[c] for c in range(*client.indices(len(self)))]
+        k = int(self.part[int(client)])
+        if k < 0:
+            return np.zeros(0, dtype=np.int64)
+        return self.pos[np.sort(self.perm[self.bounds[k]:self.bounds[k + 1]])]
+
+    def sizes(self) -> np.ndarray:
+        """Samples per client (int64), without building any client's array."""
+        share = np.diff(self.bounds)
+        return np.where(self.part >= 0, share[np.maximum(self.part, 0)], 0).astype(np.int64)
 
 
 @dataclass
@@ -222,13 +253,16 @@ def build_stream(scenario: "Scenario") -> FederatedStream:
                 f"{getattr(scenario.clients, 'task_order', 'shared')}) reaches it; lower arrival.stale_fraction, "
                 "let clients join earlier, or use task_order: shared",
             )
-        parts = partition_task(
-            data.y_train[pos], len(recv), scenario.clients.partition, seeding.rng(seed, "partition", t), t
-        )
-        per_client = [empty] * num_clients
-        for c, p in zip(recv, parts):
-            per_client[c] = pos[p]
-        train_indices.append(per_client)
+        gen = seeding.rng(seed, "partition", t)
+        if scenario.clients.partition.scheme == "iid":  # computed per client when asked for (same arrays)
+            perm, bounds = iid_split(len(pos), len(recv), gen, t)
+            train_indices.append(IidTaskIndices(pos, perm, bounds, np.asarray(recv, dtype=np.int64), num_clients))
+        else:
+            parts = partition_task(data.y_train[pos], len(recv), scenario.clients.partition, gen, t)
+            per_client = [empty] * num_clients
+            for c, p in zip(recv, parts):
+                per_client[c] = pos[p]
+            train_indices.append(per_client)
         test_indices.append(np.flatnonzero(np.isin(data.y_test, classes)).astype(np.int64))
     return FederatedStream(data, order, tasks, train_indices, test_indices, schedule, leaked)
 
