@@ -134,6 +134,7 @@ class FederatedStrategy(Strategy):
         self.last_failed = 0
         self.last_ok = 0
         self.available: list[int] | None = None  # clients present this step (None: all); set by the engine
+        self._present_cache: tuple | None = None  # (available, population, ids, ids as an array): _present_pool
         self.step = 0  # the federation's current task (step), from the train config
         self.holding_frozen: set[int] = set()  # clients that hold the frozen backbone (share_weights: first_task)
 
@@ -180,12 +181,11 @@ class FederatedStrategy(Strategy):
     def sample(self, server_round: int) -> list[int]:
         """Seeded sample of the present clients' partition ids for this round
         (``clients.participation``)."""
-        pids = self.present()
+        pids, pool = self._present_pool()
         k = max(1, int(round(self.run.participation * len(pids))))
         if k >= len(pids):
             return pids
         rng = seeding.rng(self.run.seed, "sampling", server_round)
-        pool = self._present[2] if getattr(self, "_present", (None, None, None))[1] is pids else np.asarray(pids)
         return sorted(int(p) for p in rng.choice(pool, size=k, replace=False))
 
     def _messages(
@@ -216,16 +216,19 @@ class FederatedStrategy(Strategy):
         return self._messages(self.sample(server_round), arrays, config, MessageType.TRAIN, server_round)
 
     def present(self) -> list[int]:
-        """Partition ids of the clients present now (late joiners are absent before they join).
-        Computed once per step (the engine sets ``available`` per task): at 1,000,000 clients
-        rebuilding it for every sampling and evaluation cost 0.1-0.2 s a round. Do not mutate."""
-        key = (self.available, len(self.run.partitions))
-        cached = getattr(self, "_present", None)
-        if cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1]:
-            return cached[1]
-        pids = _present_ids(self.run.partitions, self.available)
-        self._present = (key, pids, np.asarray(pids, dtype=np.int64))  # holds ``available`` itself: its identity cannot be reused
-        return pids
+        """Partition ids of the clients present now (late joiners are absent before they join). Do not mutate."""
+        return self._present_pool()[0]
+
+    def _present_pool(self) -> tuple[list[int], np.ndarray]:
+        """:meth:`present` and the same ids as the array sampling draws from, computed once per
+        step (the engine sets ``available`` per task): at 1,000,000 clients rebuilding them for
+        every sampling and evaluation cost 0.1-0.2 s a round. The cache holds ``available``
+        itself, so a new list cannot be mistaken for it."""
+        cache = self._present_cache
+        if cache is None or cache[0] is not self.available or cache[1] != len(self.run.partitions):
+            pids = _present_ids(self.run.partitions, self.available)
+            cache = self._present_cache = (self.available, len(self.run.partitions), pids, np.asarray(pids, dtype=np.int64))
+        return cache[2], cache[3]
 
     def eval_partitions(self, server_round: int = 0) -> list[int]:
         """Clients evaluated after a round: every present client, or the present members of the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -70,12 +70,11 @@ class FederatedStream:
     def train_classes(self, task: int) -> list[int]:
         """Classes of ``task``'s training samples: its own, then those of the next task that
         leaked into it (``tasks.blurry``; none with sharp boundaries)."""
-        leaked = getattr(self, "leaked", None) or [[] for _ in self.tasks]  # a stream pickled before tasks.blurry
-        return [int(c) for c in self.tasks[task]] + [int(c) for c in leaked[task]]
+        return [int(c) for c in self.tasks[task]] + [int(c) for c in self.leaked[task]]
 
     def leaked_classes(self) -> set[int]:
         """Every class with training samples in the task before its own (``tasks.blurry``)."""
-        return {int(c) for classes in (getattr(self, "leaked", None) or []) for c in classes}
+        return {int(c) for classes in self.leaked for c in classes}
 
     def seen_classes(self, task: int) -> list[int]:
         """Classes of tasks ``0..task``, in arrival order."""
@@ -94,9 +93,13 @@ class FederatedStream:
     def task_sizes(self, task: int) -> np.ndarray:
         """Training samples of each client in ``task`` (int64, one entry per client)."""
         per_client = self.train_indices[task]
-        if isinstance(per_client, IidTaskIndices):
+        if isinstance(per_client, LazyClientIndices):  # without building any client's array
             return per_client.sizes()
         return np.fromiter((len(i) for i in per_client), dtype=np.int64, count=len(per_client))
+
+    def client_task_sizes(self) -> np.ndarray:
+        """Training samples of every (task, client), task by task (one array)."""
+        return np.concatenate([self.task_sizes(t) for t in range(self.num_tasks)])
 
     def summary_rows(self, clients: Sequence[int] | None = None) -> list[dict]:
         """One row per (task, client): samples, number of classes and their ids (computed per
@@ -122,9 +125,9 @@ class FederatedStream:
                 rows.append(_row(t, client, int(step[client]), int(sizes[client]), ids))
         return rows
 
-    def _steps(self, task: int) -> np.ndarray:
-        """The step at which each client learns ``task`` (-1: never)."""
-        at_t = self.schedule == task
+    def _steps(self, task: int, clients: Sequence[int] | None = None) -> np.ndarray:
+        """The step at which each client (or each of ``clients``) learns ``task`` (-1: never)."""
+        at_t = (self.schedule if clients is None else self.schedule[np.asarray(clients, dtype=np.int64)]) == task
         return np.where(at_t.any(axis=1), at_t.argmax(axis=1), -1)
 
 
@@ -136,10 +139,32 @@ def _row(task: int, client: int, step: int, samples: int, class_ids: np.ndarray)
             "classes": int(len(class_ids)), "class_ids": " ".join(map(str, class_ids.tolist()))}
 
 
-class TaskIndices(Sequence):
-    """``train_indices[task]`` of a procedural stream: client -> its virtual sample indices of
-    the task, computed on access (:mod:`simulator.data.procedural`); empty for a client that
-    never learns the task."""
+class LazyClientIndices(Sequence):
+    """``train_indices[task]`` computed per client when asked for, instead of one array per
+    client of the population: ``_client(c)`` gives client ``c``'s indices, ``sizes()`` every
+    client's count."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _client(self, client: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def sizes(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, client):  # type: ignore[override]
+        if isinstance(client, slice):
+            return [self[c] for c in range(*client.indices(len(self)))]
+        client = int(client)
+        if not 0 <= client < len(self):
+            raise IndexError(client)  # also ends iteration (Sequence.__iter__)
+        return self._client(client)
+
+
+class TaskIndices(LazyClientIndices):
+    """A procedural stream's task (:mod:`simulator.data.procedural`): client -> its virtual
+    sample indices; empty for a client that never learns the task."""
 
     def __init__(self, learns: np.ndarray, task: int, num_tasks: int, size: int) -> None:
         self.learns, self.task, self.num_tasks, self.size = learns, task, num_tasks, size
@@ -147,21 +172,20 @@ class TaskIndices(Sequence):
     def __len__(self) -> int:
         return len(self.learns)
 
-    def __getitem__(self, client):  # type: ignore[override]
-        if isinstance(client, slice):
-            return [self[c] for c in range(*client.indices(len(self)))]
-        client = int(client)
+    def _client(self, client: int) -> np.ndarray:
         if not self.learns[client]:
             return np.zeros(0, dtype=np.int64)
         start = (client * self.num_tasks + self.task) * self.size
         return np.arange(start, start + self.size, dtype=np.int64)
 
+    def sizes(self) -> np.ndarray:
+        return self.learns.astype(np.int64) * self.size
 
-class IidTaskIndices(Sequence):
-    """``train_indices[task]`` of an iid split of a finite dataset: client -> its sample indices,
-    computed when asked for from one permutation and the split's bounds, instead of one array per
-    client of the population (``simulator.data.partition.iid_split``; the arrays are the ones the
-    eager split gives: ``tests/test_procedural.py``)."""
+
+class IidTaskIndices(LazyClientIndices):
+    """An iid split of a finite dataset's task: client -> its sample indices, from one
+    permutation and the split's bounds (``simulator.data.partition.iid_split``; the arrays are the
+    ones the eager split gives: ``tests/test_procedural.py``)."""
 
     def __init__(self, pos: np.ndarray, perm: np.ndarray, bounds: np.ndarray, receivers: np.ndarray,
                  num_clients: int) -> None:
@@ -172,16 +196,13 @@ class IidTaskIndices(Sequence):
     def __len__(self) -> int:
         return len(self.part)
 
-    def __getitem__(self, client):  # type: ignore[override]
-        if isinstance(client, slice):
-            return [self[c] for c in range(*client.indices(len(self)))]
-        k = int(self.part[int(client)])
+    def _client(self, client: int) -> np.ndarray:
+        k = int(self.part[client])
         if k < 0:
             return np.zeros(0, dtype=np.int64)
         return self.pos[np.sort(self.perm[self.bounds[k]:self.bounds[k + 1]])]
 
     def sizes(self) -> np.ndarray:
-        """Samples per client (int64), without building any client's array."""
         share = np.diff(self.bounds)
         return np.where(self.part >= 0, share[np.maximum(self.part, 0)], 0).astype(np.int64)
 
@@ -191,32 +212,28 @@ class ProceduralStream(FederatedStream):
     """A stream whose clients are derived when asked for (``dataset.source: procedural``):
     nothing here grows with the population except the schedule (one int per client and step)."""
 
-    def task_sizes(self, task: int) -> np.ndarray:
-        per_client = self.train_indices[task]
-        return per_client.learns.astype(np.int64) * per_client.size
+    # (task, client) -> its clients.csv row, derived once; kept by the driver, not pickled to actors
+    rows_known: dict[tuple[int, int], dict] = field(default_factory=dict, repr=False, compare=False)
 
     def summary_rows(self, clients: Sequence[int] | None = None) -> list[dict]:
         """Rows of ``clients`` only (the population's would be millions): by default none. A
         client's rows never change, so each is derived once (``clients.csv`` is rewritten at
         every task's end with the clients that took part so far)."""
-        known: dict[tuple[int, int], dict] = self.__dict__.setdefault("_rows", {})
         wanted = sorted(int(c) for c in (clients or ()))
         blocks = self.dataset.blocks
         for t in range(self.num_tasks):
-            new = [c for c in wanted if (t, c) not in known]
+            new = [c for c in wanted if (t, c) not in self.rows_known]
             if not new:
                 continue
-            at_t = self.schedule[new] == t  # the new clients' rows only: the population's cost seconds at 15M
-            steps = np.where(at_t.any(axis=1), at_t.argmax(axis=1), -1)
-            learns = self.train_indices[t].learns[new]
-            for client, step, has in zip(new, steps.tolist(), learns.tolist()):
-                size = self.dataset.blocks.size if has else 0
+            task = self.train_indices[t]  # TaskIndices: the new clients' counts, not the population's
+            steps, sizes = self._steps(t, new), task.learns[new].astype(np.int64) * task.size
+            for client, step, size in zip(new, steps.tolist(), sizes.tolist()):
                 ids = np.unique(blocks.labels(client, t)) if size else np.zeros(0, np.int64)
-                known[t, client] = _row(t, client, int(step), int(size), ids)
-        return [known[t, c] for t in range(self.num_tasks) for c in wanted]
+                self.rows_known[t, client] = _row(t, client, int(step), int(size), ids)
+        return [self.rows_known[t, c] for t in range(self.num_tasks) for c in wanted]
 
-    def __getstate__(self) -> dict:  # the rows stay with the driver (Ray actors never write clients.csv)
-        return {k: v for k, v in self.__dict__.items() if k != "_rows"}
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "rows_known": {}}
 
 
 def build_stream(scenario: "Scenario") -> FederatedStream:
@@ -236,7 +253,7 @@ def build_stream(scenario: "Scenario") -> FederatedStream:
     test_indices: list[np.ndarray] = []
     empty = np.zeros(0, dtype=np.int64)
     positions = [np.flatnonzero(np.isin(data.y_train, classes)).astype(np.int64) for classes in tasks]
-    blurry = float(getattr(scenario.tasks, "blurry", 0.0))
+    blurry = float(scenario.tasks.blurry)
     if blurry > 0 and len(tasks) < 2:
         raise FieldError("tasks.blurry", f"is {blurry}, but the stream has a single task (classes "
                                          f"{[int(c) for c in tasks[0]]}): there is no next task to leak from; "
@@ -271,7 +288,7 @@ def procedural_stream(scenario: "Scenario", data: ProceduralDataset, order: list
                       schedule: np.ndarray) -> ProceduralStream:
     """The stream of a procedural source: the layout only (no client's samples exist yet)."""
     part = scenario.clients.partition
-    if float(getattr(scenario.tasks, "blurry", 0.0)) > 0:
+    if scenario.tasks.blurry > 0:
         raise FieldError("tasks.blurry", "moves samples of a finite dataset between tasks; dataset.source: procedural "
                                          "generates each client's task data from its own mixture: set tasks.blurry to 0")
     if part.scheme not in ("iid", "dirichlet"):

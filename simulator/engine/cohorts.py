@@ -124,7 +124,9 @@ def resolve_clients_per_call(scenario, engine: str, workers: int) -> int:
 
 
 def virtual_node(pid: int) -> int:
-    return int(pid) + 1
+    from .node_ids import NODE_OFFSET  # the rule OffsetIds computes for the whole population
+
+    return int(pid) + NODE_OFFSET
 
 
 def _split(items: list, parts: int) -> list[list]:
@@ -172,12 +174,10 @@ class CohortGrid(KeptReplies, Grid):
     def partitions(self) -> "OffsetIds":
         """Client id -> its node, known by construction: the engine's nodes only need to be up
         (asking 10,000 simulated clients for their ids would cost a full exchange)."""
-        from .node_ids import OffsetIds
+        from .node_ids import NODE_OFFSET, OffsetIds
 
         self._real_nodes()
-        nodes = OffsetIds(self.num_clients)
-        assert nodes[0] == virtual_node(0)  # the rule virtual_node applies
-        return nodes
+        return OffsetIds(self.num_clients, offset=NODE_OFFSET)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._keep(self.send_and_receive(list(messages)), "cohort-reply")

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+NODE_OFFSET = 1  # node id = client id + 1 under the inline grid and the Ray cohorts
+
 
 class OffsetIds(Mapping[int, int]):
     """Keys ``start .. start + n - 1`` -> ``key + offset``; ``OffsetIds(n)`` maps client ids to
     node ids, and :meth:`inverse` maps them back."""
 
-    def __init__(self, n: int, start: int = 0, offset: int = 1) -> None:
+    def __init__(self, n: int, start: int = 0, offset: int = NODE_OFFSET) -> None:
         self.n, self.start, self.offset = int(n), int(start), int(offset)
 
     def __getitem__(self, key: int) -> int:

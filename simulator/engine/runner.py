@@ -149,11 +149,11 @@ def _summary(
     return summ
 
 
-def small_batch_client_tasks(stream, batch_size: int) -> int:
+def small_batch_client_tasks(sizes: np.ndarray, batch_size: int) -> int:
     """Client-tasks whose new training samples (replay memory not counted) are fewer than one
     batch but not zero: such clients take one short step per epoch, so their updates are noisy
-    and BatchNorm statistics unreliable. Counted into ``summary.json``; the runner warns once."""
-    sizes = np.concatenate([stream.task_sizes(t) for t in range(stream.num_tasks)])
+    and BatchNorm statistics unreliable. Counted into ``summary.json``; the runner warns once.
+    ``sizes``: the stream's ``client_task_sizes()``."""
     return int(((sizes > 0) & (sizes < batch_size)).sum())
 
 
@@ -378,7 +378,12 @@ class _Run:
                                    f"cannot start experiment tracking: {type(exc).__name__}: {str(exc)[:300]}") from None
         self.rec.upload_log = UploadLog() if scenario.privacy.keep_uploads else None  # not kept across --resume
         self.rec.profile = self.profile
-        self.small = small_batch_client_tasks(self.stream, self.batch_size)
+        sizes = self.stream.client_task_sizes()  # every (task, client)'s samples: counted once, not kept
+        self.small = small_batch_client_tasks(sizes, self.batch_size)
+        self.with_data = int((sizes > 0).sum())
+        online = scenario.tasks.online
+        self.unseen = (0, 0) if online is None else online_unseen(
+            sizes, scenario.training.rounds_per_task, online.batch_size, online.communicate_every)
 
     @property
     def batch_size(self) -> int:
@@ -407,15 +412,21 @@ class _Run:
         })
         self.write_clients()
 
+    def took_part(self) -> list[int] | None:
+        """Under a procedural population, the clients that have trained so far (those with a
+        state); None for a finite stream, whose clients.csv lists every client."""
+        from ..data.stream import ProceduralStream
+
+        return runtime_for(self.setup).store.ids() if isinstance(self.stream, ProceduralStream) else None
+
     def write_clients(self) -> None:
         """``clients.csv``: every client's rows; under a procedural population only the rows of
         the clients that have trained so far (those with a state), rewritten at each task's end."""
         import pandas as pd
 
-        from ..data.stream import CLIENT_COLUMNS, ProceduralStream
+        from ..data.stream import CLIENT_COLUMNS
 
-        took_part = runtime_for(self.setup).store.ids() if isinstance(self.stream, ProceduralStream) else None
-        self.writer.write_table("clients", pd.DataFrame(self.stream.summary_rows(took_part), columns=list(CLIENT_COLUMNS)))
+        self.writer.write_table("clients", pd.DataFrame(self.stream.summary_rows(self.took_part()), columns=list(CLIENT_COLUMNS)))
 
     def wall(self) -> float:
         return self.wall_before + time.time() - self.started
@@ -429,10 +440,8 @@ class _Run:
         rec, writer = self.rec, self.writer
         summary = _summary(self.scenario, rec, self.engine, self.wall(), completed, self.stream.tasks)
         summary["small_batch_client_tasks"] = self.small
-        from ..data.stream import ProceduralStream
-
-        if isinstance(self.stream, ProceduralStream):  # the population is never listed; those who trained are counted
-            summary["clients_took_part"] = len(runtime_for(self.setup).store.ids())
+        if (took_part := self.took_part()) is not None:  # the population is never listed; those who trained are counted
+            summary["clients_took_part"] = len(took_part)
         summary["retries"] = sum(1 for f in rec.failures if f.kind == INFRASTRUCTURE)  # simulator/engine/retry.py
         if rec.rows:
             writer.write_metrics(rec.rows)
@@ -465,9 +474,7 @@ class _Run:
             self.write_results(completed=False)
         with profile.task_end_part("tracking"):
             self.track(lambda: self.trackers.log_rows(self.rec.rows))
-        from ..data.stream import ProceduralStream
-
-        if isinstance(self.stream, ProceduralStream):
+        if self.took_part() is not None:
             with profile.task_end_part("results"):
                 self.write_clients()
         if task == self.stream.num_tasks - 1:  # output.save: the final global state (and clients')
@@ -491,15 +498,12 @@ class _Run:
             f"{stream.num_tasks} tasks x {scenario.training.rounds_per_task} rounds · "
             f"{scenario.clients.num_clients} clients · {what}")
         if self.small:
-            total = int(sum((stream.task_sizes(t) > 0).sum() for t in range(stream.num_tasks)))
             key = "training.batch_size" if scenario.tasks.online is None else "tasks.online.batch_size"
-            say(f"warning: {self.small} of {total} client-tasks have fewer training samples than one batch "
+            say(f"warning: {self.small} of {self.with_data} client-tasks have fewer training samples than one batch "
                 f"({key} {self.batch_size}); see clients.csv "
                 "(counted as small_batch_client_tasks in summary.json)")
         if (online := scenario.tasks.online) is not None:
-            sizes = np.concatenate([stream.task_sizes(t) for t in range(stream.num_tasks)])
-            left, total = online_unseen(sizes, scenario.training.rounds_per_task, online.batch_size,
-                                        online.communicate_every)
+            left, total = self.unseen
             if left:
                 say(f"warning: tasks.online: {left} of {total} training samples are never seen ({scenario.training.rounds_per_task} "
                     f"rounds x {online.communicate_every} batches x {online.batch_size} samples per client and task); "
