@@ -4,14 +4,18 @@ The engine's client handler runs the one local training loop
 (:func:`simulator.learner.training.train_local`) and asks the strategy's objective for:
 
 * ``receive(global_arrays, model)`` - read the server's knowledge (prototypes, anchors, weights);
-* ``train_loss`` - the task loss: "prototype" (prototypical loss) or "head" (cross-entropy of a
-  linear head over the seen classes); ``inference`` - "prototype" (nearest prototype) or "head";
+* ``train_loss`` - the task loss: "prototype" (prototypical loss), "head" (cross-entropy of a
+  linear head over the seen classes) or "none" (the method's ``extra_loss`` alone); ``inference`` - "prototype" (nearest prototype) or "head";
 * ``before_training(model, x, y)`` - look at the local data before training (e.g. local gaps);
 * ``train_classes(seen)`` - the classes the head's cross-entropy ranges over (default: ``seen``);
 * ``known_prototypes()`` - prototypes of other classes used by the prototypical loss;
 * ``extra_loss(features, labels, model)`` - the method's own loss terms, added each batch;
+* ``observe_embeddings(features, labels)`` - the client's training data embedded after training
+  (not under a DP release), before ``upload``;
 * ``upload(model, local_protos)`` - the ArrayRecord sent back (prototypes, weights, ...);
 * ``inference_prototypes(local_protos)`` - the prototypes used at test time;
+* ``open_world_score(features, seen_classes)`` - the method's own open-world score of embedded
+  test samples (None: the engine's, :mod:`simulator.learner.open_world`);
 * ``state_dict()`` / ``load_state_dict()`` - per-client state kept between rounds (in the client
   state store, next to the model weights).
 
@@ -47,7 +51,7 @@ class ClientObjective:
     """Default behaviour: prototype classifier, global prototypes received and used, local
     prototypes uploaded, backbone weights shared when ``share_weights`` is set."""
 
-    train_loss: ClassVar[Literal["prototype", "head"]] = "prototype"
+    train_loss: ClassVar[Literal["prototype", "head", "none"]] = "prototype"
     inference: ClassVar[Literal["prototype", "head"]] = "prototype"
     uses_continual: ClassVar[bool] = True
     #: whether the client uploads prototypes (a head-only method such as FedAvg sends an empty
@@ -105,6 +109,9 @@ class ClientObjective:
         return None
 
     # ---- sending
+    def observe_embeddings(self, features: torch.Tensor, labels: np.ndarray) -> None:
+        return None
+
     def upload(self, model: ProtoModel, local_protos: PrototypeSet) -> dict[str, Array]:
         sent = local_protos if self.uploads_prototypes else PrototypeSet.empty(self.info.embedding_dim)
         out = dict(protos_to_arrays(sent))
@@ -113,6 +120,9 @@ class ClientObjective:
         return out
 
     # ---- inference
+    def open_world_score(self, features: torch.Tensor, seen_classes: list[int]) -> np.ndarray | None:
+        return None
+
     def inference_prototypes(self, local_protos: PrototypeSet | None) -> PrototypeSet | None:
         """Global prototypes; a class the server does not know yet falls back to the local one."""
         if self.global_protos is None or len(self.global_protos) == 0:

@@ -19,11 +19,12 @@ from .finetune import Finetune
 from .fpl import FPL
 from .joint import Joint
 from .local import Local
+from .palm import PALM
 from .proto_avg import ProtoAvg
 from .target import Target
 
 BUILTIN_STRATEGIES: dict[str, type[FederatedStrategy]] = {
-    cls.name: cls for cls in (ProtoAvg, FedAvg, FedProto, Finetune, Local, Joint, FedTGP, FedSA, FPL, Target)
+    cls.name: cls for cls in (ProtoAvg, FedAvg, FedProto, Finetune, Local, Joint, FedTGP, FedSA, FPL, Target, PALM)
 }
 
 

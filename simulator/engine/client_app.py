@@ -427,6 +427,8 @@ def _upload(rt: Runtime, model, objective, x: np.ndarray, y: np.ndarray, private
     s = rt.scenario
     feats = None if private is not None else embed(model, x, rt.device, cache=rt.frozen_features)
     local_protos = private if feats is None else class_means(feats, y)
+    if feats is not None:
+        objective.observe_embeddings(feats, y)
     upload = objective.upload(model, local_protos)
     if feats is not None and s.model.classifier != "ncm" and "proto.classes" in upload:  # second-order prototypes travel with the prototypes
         upload.update(stats_to_arrays(client_statistics(feats, y, s.model.classifier, rt.classifier_projection)))
@@ -564,6 +566,9 @@ def _open_world(rt: Runtime, pid: int, step: int, objective, model, protos, seen
         return open_world_metrics([], [])  # nothing to rank: no value
 
     def score(f):
+        own = objective.open_world_score(f, seen)
+        if own is not None:
+            return own
         return open_world_scores(model, f, inference=objective.inference, seen_classes=seen, protos=protos)
 
     others = embed(model, stream.dataset.x_test[unknown_idx], rt.device, cache=rt.frozen_features)

@@ -59,7 +59,7 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
-    classifier: Literal["prototype", "head"] = "prototype"
+    classifier: Literal["prototype", "head", "none"] = "prototype"  # none: the hooks' losses alone
     freeze_backbone: bool = False
     distill_weight: float = 0.0
     grad_clip: float = 10.0  # max gradient norm per step; 0 disables
@@ -217,6 +217,8 @@ def _train_steps(model, xt, yt, cfg: TrainConfig, opt, batches: Iterator[torch.T
         if cfg.classifier == "head":
             assert model.head is not None, "the head classifier needs a model with a head"
             loss = head_loss(model.head(feats), yb, seen_mask)
+        elif cfg.classifier == "none":
+            loss = feats.sum() * 0.0  # the hooks' extra losses are the whole loss (PALM)
         else:
             loss = prototypical_loss(feats, yb, known_v, known_c)
         if teacher is not None and cfg.distill_weight > 0:

@@ -18,6 +18,7 @@ NOT_A_SUM = {
     "fpl": "FPL clusters each client's prototypes (FINCH) on the server",
     "fedsa": "FedSA computes per-client margins (gaps) from each client's own prototypes",
     "fedproto": "FedProto averages the prototypes of the clients holding a class with equal weights, which needs to know which clients hold it",
+    "palm": "PALM merges each client's mixture components weighted by their masses, which needs each client's own components",
     "finch": "FINCH clusters each client's prototypes on the server",
 }
 
@@ -43,9 +44,11 @@ def dp_sgd_problems(scenario, strategy_cls, params) -> list[Problem]:
     objective = strategy_cls.Objective
     if objective.train_loss != "head":
         key = "strategy.params.share_weights" if "share_weights" in type(params).model_fields else "strategy.name"
+        loss = ("its own loss (PALM: a Sinkhorn assignment over the whole batch and prototypes moved by the batch's mean)"
+                if objective.train_loss == "none" else "the prototypical loss")
         out.append(Problem(key, (
-            f"strategy {strategy_cls.name} uploads model weights trained with the prototypical loss, which compares "
-            "each sample with the means of the other samples of its batch: one sample moves every other sample's "
+            f"strategy {strategy_cls.name} uploads model weights trained with {loss}, which couples "
+            "each sample with the other samples of its batch: one sample moves every other sample's "
             "loss, so clipping per-sample gradients (DP-SGD) does not bound its influence. DP-SGD is available for "
             "strategies trained with a per-sample loss (fedavg, finetune); use share_weights: false to protect "
             "only the prototype uploads")))
