@@ -43,11 +43,13 @@ prototype strategy is scored with (``class_means``).
 Deviations from the official code (``jeff024/PALM``, ``util/loss_functions.py``):
 
 * Class-incremental: the mixtures exist for the classes seen so far (a class's components are
-  created when the client first meets it); Sinkhorn runs over the components of the classes
-  present in the batch only (the official batches of 512 CIFAR samples hold every class; a
-  class-incremental batch holds one task's classes, and equipartition towards the absent classes'
-  components would move the present samples' weights); the MLE softmax and the prototype contrast
-  range over every seen class's components.
+  created when the client first meets it), and Sinkhorn, the MLE softmax and the prototype
+  contrast range over those. As in the official code, Sinkhorn's equipartition includes the
+  components of classes absent from the batch, which a class-incremental batch (one task's
+  classes and some replay) has many more of than the official batches of 512 CIFAR samples.
+  Restricting Sinkhorn to the batch's classes was measured (``scenarios/open_world_mnist1d.yaml``,
+  3 seeds): final accuracy 0.795 against 0.803 and AUROC 0.656 against 0.663 with every
+  component, within the seeds' spread, so the official rule is kept.
 * One view per sample (the official code uses two augmented views; protofed's loop has no image
   augmentations) and the embedding itself, normalised (the official code adds a 2-layer MLP
   projection head of 128 dimensions and scores out-of-distribution samples with the encoder's
@@ -121,12 +123,9 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
 
 def class_assignment(f: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor, proto_classes: torch.Tensor,
                      epsilon: float, iterations: int) -> torch.Tensor:
-    """Sinkhorn's ``Q`` ``[B, P]`` over the components of the classes present in ``labels``,
-    masked to each sample's own class (zero elsewhere)."""
-    f, protos = f.detach(), protos.detach()
-    present = torch.isin(proto_classes, labels)
-    q = torch.zeros(len(f), len(protos), dtype=f.dtype, device=f.device)
-    q[:, present] = sinkhorn(f @ protos[present].T, epsilon, iterations)
+    """Sinkhorn's ``Q`` ``[B, P]`` over every component, masked to each sample's own class
+    (zero elsewhere)."""
+    q = sinkhorn(f.detach() @ protos.detach().T, epsilon, iterations)
     return q * (labels.unsqueeze(1) == proto_classes.unsqueeze(0))
 
 

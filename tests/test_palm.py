@@ -101,12 +101,14 @@ def ours_palm_step(f, labels, protos_official, num_classes, cache, m, temp, k, e
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("k", [0, 2])
-def test_one_step_equals_the_official_code_when_every_class_is_in_the_batch(seed, k):
+@pytest.mark.parametrize("in_batch", [3, 2])
+def test_one_step_equals_the_official_code(seed, k, in_batch):
+    # in_batch 2: class 2 has components but no sample in the batch (a class-incremental batch)
     rng = np.random.default_rng(seed)
     classes, cache, d = 3, 3, 5
     f = rng.normal(size=(12, d))
     f /= np.linalg.norm(f, axis=1, keepdims=True)
-    labels = np.arange(12) % classes
+    labels = np.arange(12) % in_batch
     protos = rng.random((classes * cache, d))
     protos /= np.linalg.norm(protos, axis=1, keepdims=True)
     for m, temp in ((0.999, 0.1), (0.5, 0.3)):
@@ -155,15 +157,16 @@ def test_losses_on_a_hand_computed_case():
     assert prototype_contrast(p, torch.tensor([0, 1, 2, 3])) is None  # one component per class
 
 
-def test_sinkhorn_ignores_the_components_of_classes_absent_from_the_batch():
+def test_assignment_weights_only_the_samples_own_class_even_when_other_classes_are_absent():
     f = torch.tensor([[1.0, 0.0], [0.8, 0.6]], dtype=torch.float64)
     y = torch.tensor([1, 1])
     protos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]], dtype=torch.float64)
     owner = torch.tensor([0, 0, 1, 1])
     q = class_assignment(f, y, protos, owner, 0.05, 3)
-    alone = class_assignment(f, y, protos[2:], owner[2:], 0.05, 3)
-    assert torch.all(q[:, :2] == 0)
-    np.testing.assert_allclose(q[:, 2:].numpy(), alone.numpy(), atol=1e-15)
+    assert torch.all(q[:, :2] == 0)  # class 0's components take part in Sinkhorn, not in the weights
+    np.testing.assert_allclose(q[:, 2:].numpy(), (sinkhorn(f @ protos.T, 0.05, 3) * (owner == 1)).numpy()[:, 2:], atol=1e-15)
+    w = row_normalised(q * top_k_mask(q, 1))
+    np.testing.assert_array_equal(w.numpy(), [[0, 0, 0, 1], [0, 0, 1, 0]])  # each sample's nearest component of class 1
 
 
 def test_merge_is_the_mass_weighted_mean_direction_in_any_client_order():
