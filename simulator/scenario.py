@@ -202,7 +202,7 @@ class ModelConfig(Strict):
         description="feature extractor (registry name; `protofed list`); a list is assigned to clients round-robin; "
         "a mapping gives each backbone its client ids (model heterogeneity: all share embedding_dim)",
     )
-    embedding_dim: int = Field(64, ge=1, le=65_536, description="dimension of embeddings and prototypes (resnets: a linear projection of the pooled feature only when this differs from its width, 64 / 512)")
+    embedding_dim: int = Field(64, ge=1, le=65_536, description="dimension of embeddings and prototypes (resnets: a linear projection of the pooled feature only when this differs from its width, 64 / 512); model.aper doubles the prototypes' width")
     norm: Literal["batch", "batch_local", "group", "none"] = Field(
         "batch",
         description="normalisation layers of cnn1d, cnn and the resnets; under weight sharing BatchNorm running mean/var are FedAvg-averaged with the weights; batch_local: BatchNorm kept local as in FedBN (its weights and statistics never travel); group/none keep no running statistics",
