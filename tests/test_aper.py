@@ -272,3 +272,30 @@ def test_the_aper_label_does_not_leak_into_the_other_labels_of_a_study(tmp_path)
     assert list(by_label["aper"].compare) == ["aper"]
     assert not by_label["ranpac"].model.aper and not by_label["simplecil"].model.aper
     assert by_label["aper"].training.rounds_per_task == 3 and by_label["simplecil"].training.rounds_per_task == 1
+
+
+def test_clients_holding_the_frozen_averaged_backbone_share_one_feature_table(monkeypatch, tmp_path):
+    """With BatchNorm (cnn1d) the clients' step counters differ after the first task, yet their
+    averaged frozen backbones embed alike: one canonical pass for the whole run, every later
+    embedding of a dataset sample a lookup."""
+    from simulator.engine.runner import run_scenario
+    from simulator.learner import frozen_features
+    from simulator.learner.frozen_features import FrozenFeatures
+
+    passes, misses = [], []
+    real_all, real_lookup = FrozenFeatures._embed_all, FrozenFeatures.lookup
+    monkeypatch.setattr(frozen_features.FrozenFeatures, "_embed_all",
+                        lambda self, model, device: passes.append(1) or real_all(self, model, device))
+
+    def watched(self, model, x, device="cpu"):
+        out = real_lookup(self, model, x, device)
+        if out is None:
+            misses.append(len(x))
+        return out
+
+    monkeypatch.setattr(frozen_features.FrozenFeatures, "lookup", watched)
+    raw = aper_raw(dataset={"source": "mnist1d", "num_samples": 600}, tasks={"initial_classes": 2, "classes_per_task": 4},
+                   model={"backbone": "cnn1d", "embedding_dim": 8, "aper": True})
+    run = run_scenario(validate_scenario(raw), run_dir=tmp_path / "run", out=None, plots=False)
+    assert run.summary["completed"]
+    assert passes == [1] and misses == []

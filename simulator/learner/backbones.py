@@ -207,20 +207,37 @@ BACKBONES: dict[str, BackboneSpec] = Registry(BUILTIN_BACKBONES, BACKBONE_GROUP,
 
 
 class DualBranch(nn.Module):
-    """APER's dual-branch feature extractor (``model.aper``; Zhou et al., IJCV 2024): a frozen
-    copy of the backbone as it was built (pre-trained, or as initialised) beside the backbone that
-    adapts, the embedding being their concatenation ``[frozen(x), adapted(x)]``.
+    """APER's dual-branch feature extractor (``model.aper``; Zhou et al., IJCV 2024, APER-finetune;
+    official ``RevisitingCIL`` ``models/aper_finetune.py`` and ``MultiBranchCosineIncrementalNet``):
+    a frozen copy of the backbone as it was built (pre-trained, or as initialised) beside the
+    backbone that adapts, the embedding being their concatenation ``[frozen(x), adapted(x)]``.
 
     The frozen branch never trains (no gradients; always in eval mode, whatever ``train()`` is
     called with) and never travels: :attr:`ProtoModel.never_shared` keeps its tensors out of
-    :func:`simulator.records.shared_state`. Local training (APER's first-task fine-tuning) sees
-    the adapted branch alone (:meth:`ProtoModel.train_features`), as the official fine-tuning
-    does before the dual-branch network is built.
+    :func:`simulator.records.shared_state`. Local training sees the adapted branch alone
+    (:meth:`ProtoModel.train_features`), as the official fine-tuning does before the dual-branch
+    network exists. Under ``share_weights: first_task`` the server freezes the averaged backbone
+    for the first task's last round, in which every client embeds its first-task data with it
+    (:attr:`strategies.base.FederatedStrategy.backbone_frozen`).
 
-    Differs from the official ``MultiBranchCosineIncrementalNet``: the official code builds the
-    dual-branch network only after the first task's fine-tuning, loading the pre-trained weights a
-    second time; here both branches exist from the start and the frozen one is a copy of the
-    initial backbone taken when the model is built (the same weights)."""
+    Deviations from the official code:
+
+    1. federated: the first task's fine-tuning is FedAvg of the clients' local training
+       (``rounds_per_task - 1`` rounds of ``local_epochs``), not central training on the task's data;
+    2. the loss is protofed's prototypical loss on the adapted features (with the known
+       prototypes' adapted half), not cross-entropy of a cosine linear classifier with a learned
+       scale; the optimiser is the scenario's SGD (momentum, weight decay) without the cosine
+       learning-rate schedule;
+    3. inference is the run's ``model.classifier`` (``ncm``: Euclidean nearest prototype, as
+       protofed's SimpleCIL) instead of the cosine similarity to the prototypes;
+    4. both branches exist from the start, the frozen one a copy of the initial weights taken when
+       the model is built, where the official code builds the dual-branch network after the
+       fine-tuning and loads the pre-trained weights again (the same weights);
+    5. the first task's prototypes are embedded in a round of their own (the first task's last:
+       the averaged backbone sent frozen, nothing trained), because a client must receive the
+       averaged backbone before it can embed with it; the official code embeds right after its
+       fine-tuning. Its training data is the client's own, so this stays class-incremental.
+    """
 
     def __init__(self, adapted: nn.Module, width: int) -> None:
         super().__init__()
