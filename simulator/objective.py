@@ -43,7 +43,7 @@ from .records import FROZEN_FLAG, has_weights, load_weights, protos_from_arrays,
 class ClientInfo:
     partition_id: int
     num_classes: int
-    embedding_dim: int
+    embedding_dim: int  # the width of features and prototypes: model.feature_dim (2 x model.embedding_dim under model.aper)
     device: str
 
 

@@ -117,10 +117,11 @@ def stats_from_arrays(arrays: ArrayRecord) -> SecondOrderStats | None:
 def shared_state(model: torch.nn.Module, include_head: bool) -> dict[str, torch.Tensor]:
     """The tensors of a model that weight-sharing strategies average (float tensors only:
     BatchNorm's integer step counter stays local; with ``model.norm: batch_local`` (FedBN) every
-    BatchNorm layer stays local)."""
-    local: tuple[str, ...] = ()
+    BatchNorm layer stays local; APER's frozen branch (``model.aper``) never travels: every party
+    builds it alike from the run's seed and ``model.pretrained``)."""
+    local: tuple[str, ...] = tuple(getattr(model, "never_shared", ()))
     if getattr(model, "local_norm", False):
-        local = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+        local += tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
     out = {}
     for k, v in model.state_dict().items():
         if not include_head and k.startswith("head."):

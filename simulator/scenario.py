@@ -202,7 +202,7 @@ class ModelConfig(Strict):
         description="feature extractor (registry name; `protofed list`); a list is assigned to clients round-robin; "
         "a mapping gives each backbone its client ids (model heterogeneity: all share embedding_dim)",
     )
-    embedding_dim: int = Field(64, ge=1, le=65_536, description="dimension of embeddings and prototypes (resnets: a linear projection of the pooled feature only when this differs from its width, 64 / 512)")
+    embedding_dim: int = Field(64, ge=1, le=65_536, description="dimension of embeddings and prototypes (resnets: a linear projection of the pooled feature only when this differs from its width, 64 / 512); model.aper doubles the prototypes' width")
     norm: Literal["batch", "batch_local", "group", "none"] = Field(
         "batch",
         description="normalisation layers of cnn1d, cnn and the resnets; under weight sharing BatchNorm running mean/var are FedAvg-averaged with the weights; batch_local: BatchNorm kept local as in FedBN (its weights and statistics never travel); group/none keep no running statistics",
@@ -223,6 +223,21 @@ class ModelConfig(Strict):
         None, description="a PyTorch state dict of the backbone (torch.save) loaded into every client's initial model; strict key and shape check; never downloaded; "
         "or imagenet: the ImageNet weights a backbone ships in a package (efficientnet_lite0, extra protofed[pretrained])"
     )
+
+    aper: bool = Field(
+        False,
+        description="APER (Zhou et al., IJCV 2024, APER-finetune): the backbone is two branches, a frozen copy of the initial (model.pretrained or "
+        "as-initialised) backbone that never trains or travels, and the backbone that adapts during the first task only; the embedding, "
+        "prototypes and head input are their concatenation [frozen(x), adapted(x)], 2 x embedding_dim wide. Needs a backbone that stops training "
+        "after the first task: strategy.params.share_weights: first_task (federated fine-tuning; the first task's last round then computes its "
+        "prototypes with the frozen averaged backbone, so training.rounds_per_task >= 2) or continual.backbone: freeze_after_first_task (each "
+        "client adapts its own); a prototype strategy without loss terms of its own, no continual loss terms",
+    )
+
+    @property
+    def feature_dim(self) -> int:
+        """The width of embeddings, prototypes and the head's input: ``embedding_dim``, doubled by ``aper``."""
+        return 2 * self.embedding_dim if self.aper else self.embedding_dim
 
     @field_validator("backbone")
     @classmethod
@@ -803,6 +818,7 @@ def validate_scenario(data: dict[str, Any], source: str = "<scenario>") -> Scena
             except UserError as exc:
                 problems += [Problem(f"compare.{label}.set: {p.field}", p.message) for p in exc.problems]
     problems += _model_problems(scenario)
+    problems += _aper_problems(scenario)
     if problems:
         raise UserError(source, problems)
     return scenario
@@ -848,6 +864,45 @@ def _model_problems(scenario: Scenario) -> list[Problem]:
                         "strategy with share_weights: false",
                     )
                 )
+    return out
+
+
+def _aper_problems(scenario: Scenario) -> list[Problem]:
+    """``model.aper`` needs an adapted branch that trains during the first task and then stops
+    (APER trains nothing after it), and a client objective whose loss sees only the features
+    (the adapted branch trains on its own half: loss terms of a strategy or a continual mechanism,
+    or a head, would meet features of two widths)."""
+    if not scenario.model.aper:
+        return []
+    from strategies import STRATEGIES
+
+    cls = STRATEGIES[scenario.strategy.name]
+    try:
+        share = getattr(cls.Params.model_validate(scenario.strategy.params), "share_weights", False)
+    except ValidationError:
+        return []  # reported on its own field already
+    c, out = scenario.continual, []
+    if c.backbone == "frozen":
+        out.append(Problem("model.aper", "continual.backbone is frozen, so the adapted branch would never adapt (a copy of the "
+                           "frozen one); use continual.backbone: train with strategy.params.share_weights: first_task, or "
+                           "continual.backbone: freeze_after_first_task"))
+    elif c.backbone == "train" and share != "first_task":
+        out.append(Problem("model.aper", "the adapted branch must stop training after the first task: set "
+                           "strategy.params.share_weights: first_task (a strategy that has it) or continual.backbone: "
+                           f"freeze_after_first_task (now {scenario.strategy.name} with share_weights: {share})"))
+    if share == "first_task" and scenario.training.rounds_per_task < 2:
+        out.append(Problem("training.rounds_per_task", "model.aper with share_weights: first_task spends the first task's last "
+                           "round on prototypes of the frozen averaged backbone, so it needs at least 2 rounds per task"))
+    obj = cls.Objective
+    if obj.needs_head() or obj.adds_own_loss() or obj.train_loss != "prototype":
+        out.append(Problem("model.aper", f"{scenario.strategy.name} trains a head or adds loss terms of its own; model.aper "
+                           "supports prototype strategies whose loss sees only the features (e.g. proto_avg)"))
+    mechanisms = [k for k in ("lwf", "ewc", "prd", "ope", "apf") if getattr(c, k) is not None]
+    if c.feature_distillation > 0:
+        mechanisms.append("feature_distillation")
+    if mechanisms:
+        out.append(Problem("model.aper", f"continual.{', continual.'.join(mechanisms)} add loss terms on the features; "
+                           "APER trains its adapted branch on the first task only, without them"))
     return out
 
 

@@ -75,7 +75,7 @@ class RunInfo:
     seed: int
     participation: float
     num_classes: int
-    embedding_dim: int
+    embedding_dim: int  # the width of features and prototypes: model.feature_dim (2 x model.embedding_dim under model.aper)
     partitions: Mapping[int, int] = field(default_factory=dict)  # partition id -> node id (computed, not a dict, at scale)
     eval_subset: list[int] | None = None  # the clients evaluated all run long, drawn once by the engine (None: all)
     # for strategies that run the model on the server (target): a fresh model as the clients
@@ -84,6 +84,10 @@ class RunInfo:
     input_shape: tuple[int, ...] = ()
     text_names: list[str] | None = None  # each class's name in words (index = class id); None: the source has none
     classifier: str = "ncm"  # model.classifier (ranpac: the global statistics travel pooled)
+    # model.aper with share_weights: first_task: the first task's last round is APER's prototype
+    # pass (the averaged backbone frozen and sent, nothing trained, prototypes embedded by it)
+    aper: bool = False
+    rounds_per_task: int = 1
 
 
 @dataclass
@@ -136,6 +140,7 @@ class FederatedStrategy(Strategy):
         self.available: list[int] | None = None  # clients present this step (None: all); set by the engine
         self._present_cache: tuple | None = None  # (available, population, ids, ids as an array): _present_pool
         self.step = 0  # the federation's current task (step), from the train config
+        self.round_in_task = 0  # the round within the step, from the train config
         self.holding_frozen: set[int] = set()  # clients that hold the frozen backbone (share_weights: first_task)
 
     @classmethod
@@ -155,8 +160,15 @@ class FederatedStrategy(Strategy):
 
     @property
     def backbone_frozen(self) -> bool:
-        """``share_weights: first_task`` after the first task: weights are no longer averaged."""
-        return getattr(self.params, "share_weights", False) == "first_task" and self.step > 0
+        """``share_weights: first_task`` after the first task: weights are no longer averaged. Under
+        ``model.aper`` (:attr:`RunInfo.aper`) from the first task's last round on: that round
+        sends the backbone averaged by the round before, frozen, and the clients embed their
+        first-task data with it (APER computes the first task's prototypes with the final model)."""
+        if getattr(self.params, "share_weights", False) != "first_task":
+            return False
+        if self.step > 0:
+            return True
+        return self.run.aper and self.round_in_task >= self.run.rounds_per_task - 1
 
     # ------------------------------------------------------------------ global state
     def initial_arrays(self, initial_weights: dict[str, Array]) -> ArrayRecord:
@@ -213,6 +225,8 @@ class FederatedStrategy(Strategy):
     ) -> Iterable[Message]:
         if "task" in config:
             self.step = int(config["task"])  # type: ignore[arg-type]
+        if "round" in config:
+            self.round_in_task = int(config["round"])  # type: ignore[arg-type]
         return self._messages(self.sample(server_round), arrays, config, MessageType.TRAIN, server_round)
 
     def present(self) -> list[int]:

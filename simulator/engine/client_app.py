@@ -120,7 +120,7 @@ def _load(rt: Runtime, pid: int):
     model.to(rt.device)
     objective = rt.strategy_cls.Objective(
         rt.params,
-        ClientInfo(pid, rt.stream.dataset.num_classes, rt.scenario.model.embedding_dim, rt.device),
+        ClientInfo(pid, rt.stream.dataset.num_classes, rt.scenario.model.feature_dim, rt.device),
     )
     objective.load_state_dict(state.get("objective") or {})
     lap("model_build")
@@ -152,7 +152,7 @@ def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, 
     cfg = rt.scenario.continual
     continual = objective.uses_continual
     if prev is not None and continual:
-        _remember(rt, pid, state, prev, model)
+        _remember(rt, pid, state, prev, model, objective)
     if stack:
         new = [c for c in seen if c not in set(rt.stream.tasks[task])]
         ended = _task_data(rt, objective, pid, prev, new) if prev is not None else None
@@ -170,7 +170,7 @@ def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, 
     state["task"] = task
 
 
-def _remember(rt: Runtime, pid: int, state: dict[str, Any], task: int, model) -> None:
+def _remember(rt: Runtime, pid: int, state: dict[str, Any], task: int, model, objective) -> None:
     """Keep exemplars of a finished task in the replay memory (``continual.memory_selection``;
     classes already held are kept as they are, so calling this again for the same task changes
     nothing)."""
@@ -185,7 +185,7 @@ def _remember(rt: Runtime, pid: int, state: dict[str, Any], task: int, model) ->
     state["memory"] = mechanisms.select_memory(
         cfg.memory_selection, state["memory"], idx, labels, cfg.memory_per_class,
         rng(rt.scenario.seed, "memory", pid, task),
-        lambda i: embed(model, rt.stream.dataset.x_train[i], rt.device, cache=rt.frozen_features).cpu().numpy(),
+        lambda i: embed(model, rt.stream.dataset.x_train[i], rt.device, cache=rt.feature_cache(getattr(objective, "backbone_frozen", False))).cpu().numpy(),
     )
 
 
@@ -288,7 +288,7 @@ def _train_body(setup: RunSetup, msg: Message, context: Context):
     if task is not None and state["task"] != task:
         _begin_task(rt, pid, state, model, objective, task, stack, seen)
     if stale and task is not None and continual:
-        _remember(rt, pid, state, task, model)  # its task is over: what it keeps of it is its memory
+        _remember(rt, pid, state, task, model, objective)  # its task is over: what it keeps of it is its memory
 
     no_data = np.zeros(0, np.int64)
     task_idx = _task_indices(rt, objective, task, pid) if task is not None and not stale else no_data
@@ -425,7 +425,7 @@ def _upload(rt: Runtime, model, objective, x: np.ndarray, y: np.ndarray, private
     calibration or second-order statistics computed from the private data are added to it (the
     privacy check refuses those combinations), and the data is not embedded a second time."""
     s = rt.scenario
-    feats = None if private is not None else embed(model, x, rt.device, cache=rt.frozen_features)
+    feats = None if private is not None else embed(model, x, rt.device, cache=rt.feature_cache(getattr(objective, "backbone_frozen", False)))
     local_protos = private if feats is None else class_means(feats, y)
     if feats is not None:
         objective.observe_embeddings(feats, y)
@@ -469,7 +469,7 @@ def _reply(msg: Message, context: Context, rt: Runtime, pid: int, state: dict[st
     """Save the client's state and build its training reply. Without ``upload`` (the client had
     nothing to train on) the upload holds zero prototypes and no weights."""
     if upload is None:
-        upload = protos_to_arrays(PrototypeSet.empty(rt.scenario.model.embedding_dim))
+        upload = protos_to_arrays(PrototypeSet.empty(rt.scenario.model.feature_dim))
     with phase("state_save"):
         rt.store.save(pid, state)
     meta = context.state.config_records.get("meta", ConfigRecord({"rounds": 0}))
@@ -514,7 +514,7 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
     unknown = [int(t) for t in config[OPEN_WORLD_TASKS]] if OPEN_WORLD_TASKS in config else []
     scoring = bool(unknown) and (objective.inference == "head" or usable_prototypes(protos, seen) is not None)
     # shared with the prediction: embedded once
-    feats = embed(model, x, rt.device, cache=rt.frozen_features) if scoring else None
+    feats = embed(model, x, rt.device, cache=rt.feature_cache(getattr(objective, "backbone_frozen", False))) if scoring else None
     pred = client_predict(
         model,
         x,
@@ -526,7 +526,7 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
         second_order=rt.scenario.model.classifier,
         stats=stats_from_arrays(msg.content[GLOBAL]),
         projection=rt.classifier_projection,
-        cache=rt.frozen_features,
+        cache=rt.feature_cache(getattr(objective, "backbone_frozen", False)),
         features=feats,
         protos=protos,
     )
@@ -571,7 +571,7 @@ def _open_world(rt: Runtime, pid: int, step: int, objective, model, protos, seen
             return own
         return open_world_scores(model, f, inference=objective.inference, seen_classes=seen, protos=protos)
 
-    others = embed(model, stream.dataset.x_test[unknown_idx], rt.device, cache=rt.frozen_features)
+    others = embed(model, stream.dataset.x_test[unknown_idx], rt.device, cache=rt.feature_cache(getattr(objective, "backbone_frozen", False)))
     return open_world_metrics(score(feats)[known], score(others))
 
 

@@ -70,7 +70,7 @@ def model_from_saved(saved: dict[str, Any], norm: str):
     """The client's final model (eval mode, CPU), built as the run built it (``model.norm``)."""
     with_head = any(k.startswith("head.") for k in saved["model"])
     model = build_model(saved["backbone"], saved["input_shape"], saved["embedding_dim"], saved["num_classes"],
-                        with_head, 0, norm=norm)
+                        with_head, 0, norm=norm, aper=bool(saved.get("aper", False)))
     model.load_state_dict(saved["model"])
     model.eval()
     return model
@@ -151,10 +151,10 @@ class FinalEvaluation:
             pretrained = read_pretrained(s.model.pretrained, backbone)
         return build_model(backbone, data.input_shape, s.model.embedding_dim, data.num_classes,
                            self.strategy_cls.Objective.needs_head(), derive_seed(s.seed, "model_init"),
-                           norm=s.model.norm, pretrained=pretrained)
+                           norm=s.model.norm, pretrained=pretrained, aper=s.model.aper)
 
     def _objective(self, client: int, state: dict[str, Any]):
-        info = ClientInfo(client, self.stream.dataset.num_classes, self.scenario.model.embedding_dim, self.device)
+        info = ClientInfo(client, self.stream.dataset.num_classes, self.scenario.model.feature_dim, self.device)
         objective = self.strategy_cls.Objective(self.params, info)
         objective.load_state_dict(state)
         return objective
@@ -248,10 +248,10 @@ class FinalEvaluation:
             was_training = model.training
             out = model(torch.as_tensor(self.x[:1], dtype=torch.float32, device=device))
             model.train(was_training)
-        dim = self.scenario.model.embedding_dim
+        dim = self.scenario.model.feature_dim
         if out.ndim != 2 or out.shape[1] != dim:
             raise UserError.single("model=", "model", f"the model maps an input to shape {tuple(out.shape[1:])}; "
-                                   f"the run's prototypes have {dim} dimensions (model.embedding_dim)")
+                                   f"the run's prototypes have {dim} dimensions (model.embedding_dim, doubled by model.aper)")
         info = ClientInfo(GIVEN_MODEL, self.stream.dataset.num_classes, dim, str(device))
         objective = ClientObjective(self.params, info)
         objective.receive(arrays, model)

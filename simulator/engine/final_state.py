@@ -68,7 +68,8 @@ def save_final(run_dir: Path, strategy: Any, setup: RunSetup, mode: str) -> None
         # on the clients' device: the driver recomputing every client's prototypes on the CPU was
         # most of a GPU run's end-of-run writes (issue "On GPUs": task_end_writes 45% of the GPU check)
         protos = compute_prototypes(model.to(rt.device), data.x_train[idx], data.y_train[idx], rt.device,
-                                    cache=rt.frozen_features)
+                                    cache=rt.feature_cache(bool(getattr(strategy, "backbone_frozen", False)
+                                                                and pid in getattr(strategy, "holding_frozen", ()))))
         rows_client += [pid] * len(protos.classes)
         rows_class += list(protos.classes)
         rows_count += list(protos.counts)
@@ -81,6 +82,7 @@ def save_final(run_dir: Path, strategy: Any, setup: RunSetup, mode: str) -> None
                     "backbone": rt.scenario.model.backbone_of(pid),
                     "input_shape": tuple(int(d) for d in data.input_shape),
                     "embedding_dim": rt.scenario.model.embedding_dim,
+                    "aper": rt.scenario.model.aper,
                     "num_classes": int(data.num_classes),
                     "model": state["model"],
                     "prototypes": {"classes": protos.classes, "vectors": protos.vectors, "counts": protos.counts},
@@ -92,7 +94,7 @@ def save_final(run_dir: Path, strategy: Any, setup: RunSetup, mode: str) -> None
                 buf,
             )
             atomic_write_bytes(final / "clients" / f"{pid}.pt", buf.getvalue())
-    dim = rt.scenario.model.embedding_dim
+    dim = rt.scenario.model.feature_dim
     atomic_write_bytes(
         final / "client_prototypes.npz",
         _npz(

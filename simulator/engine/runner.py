@@ -239,7 +239,7 @@ def check_strategy_setup(scenario: Scenario, stream, source: str) -> None:
 
     cls = STRATEGIES[scenario.strategy.name]
     run = RunInfo(seed=scenario.seed, participation=scenario.clients.participation,
-                  num_classes=stream.dataset.num_classes, embedding_dim=scenario.model.embedding_dim,
+                  num_classes=stream.dataset.num_classes, embedding_dim=scenario.model.feature_dim,
                   input_shape=tuple(stream.dataset.input_shape), text_names=stream.dataset.text_names)
     problems = cls.check_setup(cls.Params.model_validate(scenario.strategy.params), run)
     if problems:
@@ -270,7 +270,7 @@ def why_not_vectorized(scenario: Scenario, stream, engine: str) -> str | None:
     # two clients of the first architecture (under model heterogeneity each architecture's
     # clients are trained together; different architectures never are)
     models = [build_model(m.backbone_of(0), d.input_shape, m.embedding_dim, d.num_classes, objective.needs_head(), 0,
-                          norm=m.norm) for _ in range(2)]
+                          norm=m.norm, aper=m.aper) for _ in range(2)]
     cfg = TrainConfig(classifier=objective.train_loss, distill_weight=scenario.continual.feature_distillation)
     return why_not_vectorizable(models, cfg, hooks_have_losses=objective.adds_own_loss() or bool(stack), teacher=None,
                                 private=True if scenario.privacy.dp else None)

@@ -47,7 +47,7 @@ def classifier_projection(scenario: Scenario) -> np.ndarray | None:
         return None
     from ..learner.second_order import ranpac_projection
 
-    return ranpac_projection(m.embedding_dim, m.ranpac_dim, derive_seed(scenario.seed, "ranpac_projection"))
+    return ranpac_projection(m.feature_dim, m.ranpac_dim, derive_seed(scenario.seed, "ranpac_projection"))
 
 
 class Runtime:
@@ -93,9 +93,10 @@ class Runtime:
 
     @cached_property
     def frozen_features(self) -> "FrozenFeatures | None":
-        """``continual.backbone: frozen``: every sample embedded once per backbone, shared through
-        the run's state folder (:mod:`simulator.learner.frozen_features`); otherwise ``None``."""
-        if self.scenario.continual.backbone != "frozen":
+        """``continual.backbone: frozen`` (and ``model.aper``, see :meth:`feature_cache`): every
+        sample embedded once per backbone, shared through the run's state folder
+        (:mod:`simulator.learner.frozen_features`); otherwise ``None``."""
+        if self.scenario.continual.backbone != "frozen" and not self.scenario.model.aper:
             return None
         from ..learner.frozen_features import FrozenFeatures
 
@@ -107,7 +108,7 @@ class Runtime:
         runs, so clients read the tables instead of computing them at once (or reads them from a
         study's shared folder, ``PROTOFED_FEATURE_CACHE``); how many it computed."""
         cache = self.frozen_features
-        if cache is None:
+        if cache is None or self.scenario.continual.backbone != "frozen":  # aper: the initial backbone is not the frozen one
             return 0
         from ..learner.frozen_features import SHARED_ENV
 
@@ -117,6 +118,18 @@ class Runtime:
         for pid in sorted(backbones.values()):
             cache.table(self.new_model(pid).to(self.device), self.device, shared=shared)
         return cache.passes - before
+
+    def feature_cache(self, backbone_frozen: bool) -> "FrozenFeatures | None":
+        """The feature table for a client whose backbone is ``backbone_frozen`` by the server
+        (``share_weights: first_task``): always under ``continual.backbone: frozen``; under
+        ``model.aper`` once the server froze it (every client then holds the same dual-branch
+        backbone, embedded once per run instead of at every round: the first client to need the
+        table computes it); never for a backbone that still moves (a new table per round)."""
+        if self.scenario.continual.backbone == "frozen":
+            return self.frozen_features
+        if self.scenario.model.aper and backbone_frozen:
+            return self.frozen_features
+        return None
 
     @property
     def with_head(self) -> bool:
@@ -135,6 +148,7 @@ class Runtime:
             derive_seed(s.seed, "model_init"),
             norm=s.model.norm,
             pretrained=self.pretrained(s.model.backbone_of(partition_id)),
+            aper=s.model.aper,
         )
 
     def pretrained(self, backbone: str) -> dict[str, torch.Tensor] | None:

@@ -202,9 +202,10 @@ class _ServerLoop:
         t_phase = time.perf_counter()
         self.strategy = strategy = rt.strategy_cls(rt.params, RunInfo(
             seed=s.seed, participation=s.clients.participation, num_classes=stream.dataset.num_classes,
-            embedding_dim=s.model.embedding_dim, partitions=partitions, eval_subset=evaluation_subset(s, stream),
+            embedding_dim=s.model.feature_dim, partitions=partitions, eval_subset=evaluation_subset(s, stream),
             new_model=rt.new_model, input_shape=tuple(stream.dataset.input_shape), text_names=stream.dataset.text_names,
-            classifier=s.model.classifier,
+            classifier=s.model.classifier, aper=s.model.aper,
+            rounds_per_task=s.training.rounds_per_task,
         ))
         self.delivery = Delivery(grid, s, recorder, partitions)
         self.secure = SecureSum(s, stream.dataset.num_classes, None) if s.privacy.secure_aggregation else None

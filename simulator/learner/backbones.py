@@ -29,6 +29,8 @@ normalises with its own statistics); ``group`` or ``none`` avoid running statist
 
 from __future__ import annotations
 
+import copy
+
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -204,8 +206,60 @@ def _check_plugin(name: str, obj: Any) -> BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = Registry(BUILTIN_BACKBONES, BACKBONE_GROUP, "backbone", _check_plugin)
 
 
+class DualBranch(nn.Module):
+    """APER's dual-branch feature extractor (``model.aper``; Zhou et al., IJCV 2024, APER-finetune;
+    official ``RevisitingCIL`` ``models/aper_finetune.py`` and ``MultiBranchCosineIncrementalNet``):
+    a frozen copy of the backbone as it was built (pre-trained, or as initialised) beside the
+    backbone that adapts, the embedding being their concatenation ``[frozen(x), adapted(x)]``.
+
+    The frozen branch never trains (no gradients; always in eval mode, whatever ``train()`` is
+    called with) and never travels: :attr:`ProtoModel.never_shared` keeps its tensors out of
+    :func:`simulator.records.shared_state`. Local training sees the adapted branch alone
+    (:meth:`ProtoModel.train_features`), as the official fine-tuning does before the dual-branch
+    network exists. Under ``share_weights: first_task`` the server freezes the averaged backbone
+    for the first task's last round, in which every client embeds its first-task data with it
+    (:attr:`strategies.base.FederatedStrategy.backbone_frozen`).
+
+    Deviations from the official code:
+
+    1. federated: the first task's fine-tuning is FedAvg of the clients' local training
+       (``rounds_per_task - 1`` rounds of ``local_epochs``), not central training on the task's data;
+    2. the loss is protofed's prototypical loss on the adapted features (with the known
+       prototypes' adapted half), not cross-entropy of a cosine linear classifier with a learned
+       scale; the optimiser is the scenario's SGD (momentum, weight decay) without the cosine
+       learning-rate schedule;
+    3. inference is the run's ``model.classifier`` (``ncm``: Euclidean nearest prototype, as
+       protofed's SimpleCIL) instead of the cosine similarity to the prototypes;
+    4. both branches exist from the start, the frozen one a copy of the initial weights taken when
+       the model is built, where the official code builds the dual-branch network after the
+       fine-tuning and loads the pre-trained weights again (the same weights);
+    5. the first task's prototypes are embedded in a round of their own (the first task's last:
+       the averaged backbone sent frozen, nothing trained), because a client must receive the
+       averaged backbone before it can embed with it; the official code embeds right after its
+       fine-tuning. Its training data is the client's own, so this stays class-incremental.
+    """
+
+    def __init__(self, adapted: nn.Module, width: int) -> None:
+        super().__init__()
+        self.width = width  # each branch's embedding width (model.embedding_dim)
+        self.frozen = copy.deepcopy(adapted)
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+        self.frozen.eval()
+        self.adapted = adapted
+
+    def train(self, mode: bool = True) -> "DualBranch":
+        super().train(mode)
+        self.frozen.eval()  # running statistics of the frozen branch never move
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.frozen(x), self.adapted(x)], dim=1)
+
+
 class ProtoModel(nn.Module):
-    """A backbone plus an optional linear head over all classes of the dataset."""
+    """A backbone plus an optional linear head over all classes of the dataset (its input width is
+    the feature width: ``embedding_dim``, twice that with APER's :class:`DualBranch`)."""
 
     def __init__(self, backbone: nn.Module, embedding_dim: int, num_classes: int, with_head: bool) -> None:
         super().__init__()
@@ -215,6 +269,34 @@ class ProtoModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
+
+    @property
+    def aper(self) -> bool:
+        return isinstance(self.backbone, DualBranch)
+
+    @property
+    def never_shared(self) -> tuple[str, ...]:
+        """State-dict prefixes that never travel (APER's frozen branch)."""
+        return ("backbone.frozen.",) if self.aper else ()
+
+    def adaptable_parameters(self) -> list[nn.Parameter]:
+        """The backbone parameters local training may change (APER: the adapted branch only)."""
+        net = self.backbone.adapted if isinstance(self.backbone, DualBranch) else self.backbone
+        return list(net.parameters())
+
+    def train_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the task loss sees while the backbone trains: the embedding, or under APER
+        the adapted branch's half of it (:attr:`train_columns` of the prototypes)."""
+        if isinstance(self.backbone, DualBranch):
+            return self.backbone.adapted(x)
+        return self.backbone(x)
+
+    @property
+    def train_columns(self) -> slice:
+        """The columns of an embedding (or prototype) that :meth:`train_features` gives."""
+        if isinstance(self.backbone, DualBranch):
+            return slice(self.backbone.width, None)
+        return slice(None)
 
 
 def build_model(
@@ -226,18 +308,24 @@ def build_model(
     init_seed: int,
     norm: str = "batch",
     pretrained: dict[str, torch.Tensor] | None = None,
+    aper: bool = False,
 ) -> ProtoModel:
     """Build a model whose initial weights depend only on ``init_seed`` (and ``pretrained``, a
-    backbone state dict checked by :func:`load_pretrained`)."""
+    backbone state dict checked by :func:`load_pretrained`). With ``aper`` the backbone becomes a
+    :class:`DualBranch` whose frozen branch copies the backbone just built (pretrained weights
+    loaded); the adapted branch starts from the very weights the model without ``aper`` has."""
     spec = BACKBONES[backbone]
     devices: list[int] = []
     layers = "batch" if norm == "batch_local" else norm
+    width = 2 * embedding_dim if aper else embedding_dim
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(init_seed)
-        model = ProtoModel(spec.make(tuple(input_shape), embedding_dim, layers), embedding_dim, num_classes, with_head)
+        model = ProtoModel(spec.make(tuple(input_shape), embedding_dim, layers), width, num_classes, with_head)
     model.local_norm = norm == "batch_local"  # FedBN: BatchNorm layers never travel (records.shared_state)
     if pretrained is not None:
         load_pretrained(model.backbone, pretrained)
+    if aper:
+        model.backbone = DualBranch(model.backbone, embedding_dim)
     return model
 
 

@@ -43,10 +43,16 @@ SHARED_ENV = "PROTOFED_FEATURE_CACHE"  # a folder shared by the runs of a study 
 
 def backbone_key(model: nn.Module) -> str:
     """A hash of everything the embedding depends on: the backbone's class and every tensor of
-    its state (parameters and buffers, e.g. BatchNorm's running statistics)."""
+    its state (parameters and buffers, e.g. BatchNorm's running statistics), except BatchNorm's
+    step counters (``num_batches_tracked``): an embedding is computed in eval mode, which reads
+    the running statistics only, and the counters stay local under weight sharing (they count
+    each client's own steps), so clients holding one averaged, frozen backbone (``model.aper``
+    with ``share_weights: first_task``) share one table."""
     net = getattr(model, "backbone", model)
     h = hashlib.blake2b(type(net).__qualname__.encode(), digest_size=16)
     for name, t in net.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
         a = t.detach().cpu().contiguous()
         h.update(f"{name}:{a.dtype}:{tuple(a.shape)}".encode())
         h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b"")

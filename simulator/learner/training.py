@@ -123,7 +123,7 @@ def head_loss(logits: torch.Tensor, labels: torch.Tensor, seen_mask: torch.Tenso
 
 def _trainable(model: ProtoModel, cfg: TrainConfig) -> list[nn.Parameter]:
     params: list[nn.Parameter] = []
-    for p in model.backbone.parameters():
+    for p in model.adaptable_parameters():  # APER: never the frozen branch
         p.requires_grad_(not cfg.freeze_backbone)
         if not cfg.freeze_backbone:
             params.append(p)
@@ -170,6 +170,8 @@ def train_local(
     if known is not None and len(known) > 0:
         known_v = torch.as_tensor(known.vectors, device=device)
         known_c = torch.as_tensor(known.classes, device=device)
+        if getattr(model, "aper", False) and not cfg.freeze_backbone:  # APER: the loss sees the adapted half
+            known_v = known_v[:, model.train_columns]
     if teacher is not None:
         teacher.eval()
     n = len(y)
@@ -203,6 +205,7 @@ def _train_steps(model, xt, yt, cfg: TrainConfig, opt, batches: Iterator[torch.T
                  teacher, hooks: Sequence[LossHook], private: PrivateSteps | None,
                  params: list[nn.Parameter] | None = None) -> TrainStats:
     total, steps = 0.0, 0
+    adapting = getattr(model, "aper", False) and not cfg.freeze_backbone  # APER's first-task fine-tuning
     for idx in batches:
         if private is not None and len(idx) == 0:
             private.empty_step()  # nothing sampled: the update is the noise alone
@@ -213,7 +216,8 @@ def _train_steps(model, xt, yt, cfg: TrainConfig, opt, batches: Iterator[torch.T
             before = getattr(hook, "before_batch", None)
             if before is not None:
                 before(xb)
-        feats = model(xb)
+        # APER's adapted branch trains on its own features; a frozen backbone gives the whole embedding
+        feats = model.train_features(xb) if adapting else model(xb)
         if cfg.classifier == "head":
             assert model.head is not None, "the head classifier needs a model with a head"
             loss = head_loss(model.head(feats), yb, seen_mask)

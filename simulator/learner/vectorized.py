@@ -112,6 +112,8 @@ def why_not_vectorizable(
         return "feature distillation from a teacher model"
     if not all(isinstance(m, ProtoModel) for m in models):
         return "not a ProtoModel"
+    if models[0].aper and not cfg.freeze_backbone:
+        return "APER's dual-branch backbone (its adapted branch trains on its own features)"
     first = architecture(models[0])
     for i, m in enumerate(models[1:], start=1):
         if architecture(m) != first:

@@ -192,7 +192,8 @@ def _model_from(t: dict[str, np.ndarray]):
     for i, norm in enumerate(norms):
         model = build_model(str(t["model.spec.backbone"]), tuple(int(v) for v in t["model.spec.input_shape"]),
                             int(t["model.spec.embedding_dim"]), int(t["model.spec.num_classes"]),
-                            bool(t["model.spec.with_head"]), 0, norm=norm)
+                            bool(t["model.spec.with_head"]), 0, norm=norm,
+                            aper=bool(t["model.spec.aper"]) if "model.spec.aper" in t else False)
         try:
             model.load_state_dict(state)
             break

@@ -112,6 +112,7 @@ def client_truth(setup, rt, pid: int, task: int, rnd: int, server_round: int, mo
         "spec.num_classes": np.array(data.num_classes),
         "spec.with_head": np.array(bool(rt.with_head)),
         "spec.norm": np.array(s.model.norm),
+        "spec.aper": np.array(bool(s.model.aper)),
     }
     weights = {f"w.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     record_truth(setup.state_dir, pid, server_round, member, y, other, yt, derive_seed(s.seed, "audit", pid, server_round),

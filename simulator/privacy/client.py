@@ -81,7 +81,7 @@ def private_prototypes(
     if plan is None:
         return None
     if len(y) == 0:  # a client with nothing to train on still releases (pure noise): its silence would tell
-        emb = np.zeros((0, scenario.model.embedding_dim), dtype=np.float64)
+        emb = np.zeros((0, scenario.model.feature_dim), dtype=np.float64)
     else:
         with np.errstate(all="ignore"):
             emb = embed(model, x, device).detach().cpu().numpy()

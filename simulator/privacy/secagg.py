@@ -181,8 +181,8 @@ def _fit_through_handler(setup, msg: Message, context: Context, handler) -> Mess
         raise RuntimeError(reply.error.reason)
     metrics = reply.content[METRICS]
     counts = metrics["proto.counts"] if "proto.counts" in metrics else None
-    protos = protos_from_arrays(reply.content[UPLOAD], counts=counts) or PrototypeSet.empty(rt.scenario.model.embedding_dim)
-    vec = encode_upload(protos, rt.stream.dataset.num_classes, rt.scenario.model.embedding_dim,
+    protos = protos_from_arrays(reply.content[UPLOAD], counts=counts) or PrototypeSet.empty(rt.scenario.model.feature_dim)
+    vec = encode_upload(protos, rt.stream.dataset.num_classes, rt.scenario.model.feature_dim,
                         rt.scenario.privacy.secure_range,
                         train_loss=float(metrics["train_loss"]) if "train_loss" in metrics else None,
                         num_examples=int(metrics["num_examples"]))
@@ -318,7 +318,7 @@ class SecureSum:
     def __init__(self, scenario, num_classes: int, on_failure) -> None:
         self.scenario = scenario
         self.num_classes = num_classes
-        self.dim = scenario.model.embedding_dim
+        self.dim = scenario.model.feature_dim
         self.bound = scenario.privacy.secure_range
         self.on_failure = on_failure  # f(reply) for each error reply (failure accounting)
         self.last = RoundStats()

@@ -65,12 +65,18 @@ def _resolve_label(raw: dict[str, Any], label: str) -> dict[str, Any] | None:
 
 
 def _label_overrides(raw: dict[str, Any], label: str) -> dict[str, Any]:
-    """``raw`` with the scenario keys of a ``compare:`` label's ``set:`` applied."""
+    """``raw`` with the scenario keys of a ``compare:`` label's ``set:`` applied. Its ``compare:``
+    section then keeps that label alone: the other labels were validated on the file's own
+    scenario, and on this one they would inherit the label's keys (``model.aper`` from the aper
+    label makes the prototype-only labels invalid). ``compare`` is result-neutral: a recorded
+    run is still recognised as the same."""
     from ..scenario import set_dotted
 
     entries = raw.get("compare") if isinstance(raw.get("compare"), dict) else {}
     entry = entries.get(label) if isinstance(entries.get(label), dict) else {}
     sets = entry.get("set") if isinstance(entry.get("set"), dict) else {}
+    if sets:
+        raw = dict(raw, compare={label: entry})
     for key, value in sets.items():
         raw = set_dotted(raw, str(key), value)
     return raw
