@@ -58,8 +58,8 @@ def test_dual_branch_concatenates_a_frozen_copy_that_never_trains_or_travels():
     y = np.repeat([0, 1], 10)
     from simulator.learner.prototypes import PrototypeSet
 
-    protos = PrototypeSet(  # a known prototype of another class, 2 x DIM wide: the loss uses its adapted half
-np.array([2]), np.ones((1, 2 * DIM), np.float32), np.array([5]))
+    # a known prototype of another class, 2 x DIM wide: the loss uses its adapted half
+    protos = PrototypeSet(np.array([2]), np.ones((1, 2 * DIM), np.float32), np.array([5]))
     stats = train_local(model, x.numpy(), y, TrainConfig(epochs=2, batch_size=10, lr=0.1), seen_classes=[0, 1, 2],
                         num_classes=6, known=protos)
     assert stats.steps == 4
