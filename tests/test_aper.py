@@ -22,17 +22,13 @@ DIM = 16
 
 def aper_raw(**over) -> dict:
     """The tiny scenario (synthetic data, mlp, 3 clients, tasks of 2 classes) as federated APER."""
-    raw = tiny(model={"backbone": "mlp", "embedding_dim": DIM, "aper": True},
-               continual={"backbone": "train", "memory_per_class": 0},
-               strategy={"name": "proto_avg", "params": {"share_weights": "first_task"}},
-               training={"rounds_per_task": 3, "local_epochs": 2, "batch_size": 16, "lr": 0.05})
-    for key, value in over.items():
-        node = raw
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return raw
+    base = {
+        "model": {"backbone": "mlp", "embedding_dim": DIM, "aper": True},
+        "continual": {"backbone": "train", "memory_per_class": 0},
+        "strategy": {"name": "proto_avg", "params": {"share_weights": "first_task"}},
+        "training": {"rounds_per_task": 3, "local_epochs": 2, "batch_size": 16, "lr": 0.05},
+    }
+    return tiny(**{**base, **over})  # whole sections first, then section__key overrides, in order
 
 
 # --------------------------------------------------------------------------- the model

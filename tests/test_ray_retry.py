@@ -5,6 +5,7 @@ uninterrupted run, each retry recorded; Ray's own logging stays off the terminal
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -146,7 +147,9 @@ def test_a_killed_raylet_is_survived_by_resuming_the_run(tmp_path, reference):
     res, run_dir = _run_and_kill_raylet(tmp_path, "task 2/4 · round 1/")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("protofed: ")]
-    assert len(lines) == 1 and "raylet died" in lines[0] and "retry 1 of 2" in lines[0], res.stdout
+    # "Ray's raylet died" or, when the GCS is found dead too before the supervisor looks (seen
+    # once on a loaded 2-core machine), "Ray's raylet and GCS died": both name the raylet
+    assert len(lines) == 1 and re.search(r"raylet( and GCS)? died", lines[0]) and "retry 1 of 2" in lines[0], res.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] is True and summary["retries"] == 1
     infra = pd.read_csv(run_dir / "failures.csv").query("kind == 'infrastructure'")
