@@ -14,6 +14,7 @@ import torch
 from helpers import tiny
 
 from simulator.engine.runner import run_scenario
+from simulator.learner.prototypes import PrototypeSet
 from simulator.scenario import validate_scenario
 from strategies.palm import (
     Objective,
@@ -246,7 +247,7 @@ def test_the_servers_merge_of_two_uploads_is_what_a_client_receives():
         g = torch.Generator().manual_seed(seed)
         obj.extra_loss(torch.randn(8, 3, generator=g), torch.tensor([0, 1] * 4), None)
         obj.observe_embeddings(torch.randn(6, 3, generator=g), np.array([0, 0, 0, 1, 1, 1]))
-        arrays = ArrayRecord(obj.upload(None, obj_protos(obj)))
+        arrays = ArrayRecord(obj.upload(None, PrototypeSet.empty(3)))
         uploads.append(Upload(pid, 6, arrays, MetricRecord({}), None))
         sent.append(mixtures_from_arrays(arrays))
     server = PALM(params, RunInfo(seed=0, participation=1.0, num_classes=4, embedding_dim=3))
@@ -257,8 +258,3 @@ def test_the_servers_merge_of_two_uploads_is_what_a_client_receives():
         want = merge_mixtures([sent[0][0][c], sent[1][0][c]], [sent[0][1][c], sent[1][1][c]])
         np.testing.assert_allclose(client.mixtures[c].numpy(), want, atol=1e-6)
 
-
-def obj_protos(obj):
-    from simulator.learner.prototypes import PrototypeSet
-
-    return PrototypeSet.empty(obj.info.embedding_dim)

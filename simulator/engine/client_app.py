@@ -170,6 +170,11 @@ def _begin_task(rt: Runtime, pid: int, state: dict[str, Any], model, objective, 
     state["task"] = task
 
 
+def _feature_cache(rt: Runtime, objective):
+    """The feature table this client's embeddings may use now (:meth:`Runtime.feature_cache`)."""
+    return rt.feature_cache(objective.backbone_frozen)
+
+
 def _remember(rt: Runtime, pid: int, state: dict[str, Any], task: int, model, objective) -> None:
     """Keep exemplars of a finished task in the replay memory (``continual.memory_selection``;
     classes already held are kept as they are, so calling this again for the same task changes
@@ -185,7 +190,7 @@ def _remember(rt: Runtime, pid: int, state: dict[str, Any], task: int, model, ob
     state["memory"] = mechanisms.select_memory(
         cfg.memory_selection, state["memory"], idx, labels, cfg.memory_per_class,
         rng(rt.scenario.seed, "memory", pid, task),
-        lambda i: embed(model, rt.stream.dataset.x_train[i], rt.device, cache=rt.feature_cache(getattr(objective, "backbone_frozen", False))).cpu().numpy(),
+        lambda i: embed(model, rt.stream.dataset.x_train[i], rt.device, cache=_feature_cache(rt, objective)).cpu().numpy(),
     )
 
 
@@ -425,7 +430,7 @@ def _upload(rt: Runtime, model, objective, x: np.ndarray, y: np.ndarray, private
     calibration or second-order statistics computed from the private data are added to it (the
     privacy check refuses those combinations), and the data is not embedded a second time."""
     s = rt.scenario
-    feats = None if private is not None else embed(model, x, rt.device, cache=rt.feature_cache(getattr(objective, "backbone_frozen", False)))
+    feats = None if private is not None else embed(model, x, rt.device, cache=_feature_cache(rt, objective))
     local_protos = private if feats is None else class_means(feats, y)
     if feats is not None:
         objective.observe_embeddings(feats, y)
@@ -514,7 +519,7 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
     unknown = [int(t) for t in config[OPEN_WORLD_TASKS]] if OPEN_WORLD_TASKS in config else []
     scoring = bool(unknown) and (objective.inference == "head" or usable_prototypes(protos, seen) is not None)
     # shared with the prediction: embedded once
-    feats = embed(model, x, rt.device, cache=rt.feature_cache(getattr(objective, "backbone_frozen", False))) if scoring else None
+    feats = embed(model, x, rt.device, cache=_feature_cache(rt, objective)) if scoring else None
     pred = client_predict(
         model,
         x,
@@ -526,7 +531,7 @@ def _evaluate(setup: RunSetup, msg: Message, context: Context) -> Message:
         second_order=rt.scenario.model.classifier,
         stats=stats_from_arrays(msg.content[GLOBAL]),
         projection=rt.classifier_projection,
-        cache=rt.feature_cache(getattr(objective, "backbone_frozen", False)),
+        cache=_feature_cache(rt, objective),
         features=feats,
         protos=protos,
     )
@@ -571,7 +576,7 @@ def _open_world(rt: Runtime, pid: int, step: int, objective, model, protos, seen
             return own
         return open_world_scores(model, f, inference=objective.inference, seen_classes=seen, protos=protos)
 
-    others = embed(model, stream.dataset.x_test[unknown_idx], rt.device, cache=rt.feature_cache(getattr(objective, "backbone_frozen", False)))
+    others = embed(model, stream.dataset.x_test[unknown_idx], rt.device, cache=_feature_cache(rt, objective))
     return open_world_metrics(score(feats)[known], score(others))
 
 
