@@ -43,9 +43,10 @@ def scenario(**resources) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """An uninterrupted Ray run of :func:`scenario`."""
+    """An uninterrupted run of :func:`scenario` on the inline engine: Ray gives the inline
+    numbers byte for byte (tests/test_engine.py), so a resumed Ray run must give these too."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    run_scenario(validate_scenario(scenario()), run_dir=run_dir, plots=False)
+    run_scenario(validate_scenario(scenario()), run_dir=run_dir, plots=False, engine="inline")
     return run_dir
 
 

@@ -131,7 +131,10 @@ def test_sigterm_keeps_finished_tasks_and_leaves_no_ray_process(tmp_path):
     and workers), so another Ray run on the same machine does not matter."""
     import psutil
 
-    raw = tiny(resources={"engine": "ray"}, training={"rounds_per_task": 3, "local_epochs": 3, "batch_size": 8})
+    # ten rounds a task: after the line the test waits for, 29 rounds (several seconds) are left,
+    # so the signal lands mid-run even when a loaded machine is slow to pass the line on (with 3
+    # rounds, 8 rounds of 0.3 s were left, and a CI run once finished before the signal came)
+    raw = tiny(resources={"engine": "ray"}, training={"rounds_per_task": 10, "local_epochs": 1, "batch_size": 8})
     raw["tasks"] = {"initial_classes": 2, "classes_per_task": 1}
     scen = tmp_path / "s.yaml"
     scen.write_text(yaml.safe_dump(raw))
@@ -150,7 +153,7 @@ def test_sigterm_keeps_finished_tasks_and_leaves_no_ray_process(tmp_path):
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=120)
     err = proc.stderr.read()
-    assert rc == 143, err
+    assert rc == 143, f"exit code {rc} (0: the run had finished before the signal reached it)\n{err}"
     assert f"--resume {run_dir}" in err  # the real path, not a placeholder
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] is False and summary["tasks_completed"] >= 2
